@@ -1,0 +1,204 @@
+"""Configuration of Mask DINO: every behaviour switch of the official model as a typed field.
+
+Defaults are those of the official R50 COCO instance configuration with hidden size 256, encoder FFN 2048,
+three backbone scales plus one downsampled level (``maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml``).
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+INITIALIZE_BOX_TYPES = ("no", "bitmask", "mask2box")
+FEATURE_ORDERS = ("low2high", "high2low")
+DENOISING_TYPES = ("seg", "det", "no")
+BACKBONE_FEATURES = ("res2", "res3", "res4", "res5")
+
+
+@strict
+class MaskDINOConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MaskDINOModel`] and [`MaskDINOForUniversalSegmentation`].
+
+    Model:
+        backbone_config: backbone given to `load_backbone` (`AutoBackbone`); a ResNet-50 with the official
+            detectron2 layout (stride in the 3x3 conv, frozen batch norm) by default. Its `out_features` must be
+            `stage1..stage4` (ResNet/Swin) so that they map to `res2..res5`.
+        hidden_size: width of the decoder and of the query-selection heads. The official sine query embedding
+            hard-codes 128 features per coordinate, so only 256 reproduces the official model.
+        feature_size: width of the pixel decoder (`SEM_SEG_HEAD.CONVS_DIM`).
+        mask_feature_size: width of the per-pixel embedding (`SEM_SEG_HEAD.MASK_DIM`).
+        encoder_layers / encoder_attention_heads / encoder_ffn_dim / encoder_n_points: the multi-scale deformable
+            encoder of the pixel decoder.
+        decoder_layers / decoder_attention_heads / decoder_ffn_dim / decoder_n_points: the DINO decoder. The
+            official decoder always uses 8 heads whatever `NHEADS` says; keep 8 for official checkpoints.
+        num_queries: number of selected queries (`NUM_OBJECT_QUERIES`).
+        encoder_in_features: backbone maps fed to the deformable encoder.
+        num_feature_levels: total encoder levels, the extra ones made by strided convs (`TOTAL_NUM_FEATURE_LEVELS`).
+        feature_order: `low2high` puts the finest map first in the encoder, `high2low` the coarsest.
+        common_stride: stride of the mask features (4).
+        two_stage: unified query selection from encoder tokens; otherwise learned queries.
+        initial_pred: predict from the selected queries before the first decoder layer.
+        initialize_box_type: mask-enhanced box initialisation, `mask2box`, `bitmask` or `no`.
+        learn_tgt: learned content queries instead of the selected encoder tokens.
+        semantic_ce_loss: softmax classifier with a no-object logit (semantic models).
+        denoising: unified denoising type `seg`, `det` or `no`; `denoising_noise_scale`, `denoising_num`.
+        stuff_labels: class ids that are "stuff" (no instances); used by panoptic inference and decoupled box loss.
+        panoptic_box_loss: decoupled box prediction: box losses skip stuff classes.
+    Loss (see `loss_maskdino.py`): `class_weight`, `mask_weight`, `dice_weight`, `box_weight`, `giou_weight`,
+        `no_object_weight`, the matcher's `cost_*` weights, `train_num_points`, `oversample_ratio`,
+        `importance_sample_ratio`, `focal_alpha`, `focal_gamma`.
+    Inference: `instance_on`, `panoptic_on`, `semantic_on`, `test_topk_per_image`, `object_mask_threshold`,
+        `overlap_threshold`, `panoptic_temperature`, `panoptic_transform_eval`, `focus_on_box`,
+        `semantic_postprocessing_before_inference`.
+    """
+
+    model_type = "maskdino"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="resnet",
+            init_kwargs={
+                "embedding_size": 64,
+                "hidden_sizes": [256, 512, 1024, 2048],
+                "depths": [3, 4, 6, 3],
+                "layer_type": "bottleneck",
+                "downsample_in_bottleneck": False,
+                "out_features": ["stage1", "stage2", "stage3", "stage4"],
+            },
+        ),
+    }
+    attribute_map = {"d_model": "hidden_size"}
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    freeze_backbone_batch_norms: bool = True
+
+    hidden_size: int = 256
+    feature_size: int = 256
+    mask_feature_size: int = 256
+    encoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    encoder_n_points: int = 4
+    decoder_layers: int = 9
+    decoder_attention_heads: int = 8
+    decoder_ffn_dim: int = 2048
+    decoder_n_points: int = 4
+    num_queries: int = 300
+    encoder_in_features: list[str] | tuple[str, ...] = ("res3", "res4", "res5")
+    num_feature_levels: int = 4
+    feature_order: str = "low2high"
+    common_stride: int = 4
+    enforce_input_projection: bool = False
+    dropout: float | int = 0.0
+    activation_function: str = "relu"
+    layer_norm_eps: float = 1e-5
+
+    two_stage: bool = True
+    initial_pred: bool = True
+    initialize_box_type: str = "mask2box"
+    learn_tgt: bool = False
+    semantic_ce_loss: bool = False
+
+    denoising: str = "seg"
+    denoising_noise_scale: float = 0.4
+    denoising_num: int = 100
+
+    stuff_labels: list[int] | tuple[int, ...] = ()
+    panoptic_box_loss: bool = False
+
+    class_weight: float = 4.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    box_weight: float = 5.0
+    giou_weight: float = 2.0
+    no_object_weight: float = 0.1
+    cost_class_weight: float = 4.0
+    cost_mask_weight: float = 5.0
+    cost_dice_weight: float = 5.0
+    cost_box_weight: float = 5.0
+    cost_giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    train_num_points: int = 112 * 112
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+
+    instance_on: bool = True
+    panoptic_on: bool = False
+    semantic_on: bool = False
+    test_topk_per_image: int = 100
+    object_mask_threshold: float = 0.25
+    overlap_threshold: float = 0.8
+    panoptic_temperature: float = 0.06
+    panoptic_transform_eval: bool = True
+    focus_on_box: bool = False
+    semantic_postprocessing_before_inference: bool = False
+
+    size_divisibility: int = 32
+    init_std: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.encoder_in_features = list(self.encoder_in_features)
+        self.stuff_labels = sorted(int(label) for label in self.stuff_labels)
+
+    def validate_architecture(self):
+        """Refuse values the model cannot run with, naming the field and what is allowed."""
+        if self.initialize_box_type not in INITIALIZE_BOX_TYPES:
+            raise ValueError(
+                f"initialize_box_type must be one of {INITIALIZE_BOX_TYPES}, got {self.initialize_box_type!r}"
+            )
+        if self.feature_order not in FEATURE_ORDERS:
+            raise ValueError(f"feature_order must be one of {FEATURE_ORDERS}, got {self.feature_order!r}")
+        if self.denoising not in DENOISING_TYPES:
+            raise ValueError(f"denoising must be one of {DENOISING_TYPES}, got {self.denoising!r}")
+        unknown = [name for name in self.encoder_in_features if name not in BACKBONE_FEATURES]
+        if unknown or not self.encoder_in_features:
+            raise ValueError(
+                f"encoder_in_features must be a non-empty subset of {BACKBONE_FEATURES}, got {self.encoder_in_features}"
+            )
+        if self.num_feature_levels < len(self.encoder_in_features):
+            raise ValueError(
+                f"num_feature_levels ({self.num_feature_levels}) must be at least the number of encoder_in_features "
+                f"({len(self.encoder_in_features)})"
+            )
+        if self.hidden_size != 256:
+            raise ValueError(
+                f"hidden_size must be 256: the sine query embedding has 128 features per box coordinate, got "
+                f"{self.hidden_size}"
+            )
+        for name in ("feature_size", "hidden_size"):
+            heads = self.encoder_attention_heads if name == "feature_size" else self.decoder_attention_heads
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be divisible by its number of heads ({heads})")
+        if self.feature_size % 32:
+            raise ValueError(f"feature_size must be a multiple of 32 (GroupNorm(32)), got {self.feature_size}")
+        if self.initialize_box_type != "no" and not (self.two_stage and self.initial_pred):
+            raise ValueError(
+                "initialize_box_type "
+                f"{self.initialize_box_type!r} needs two_stage=True and initial_pred=True (got two_stage="
+                f"{self.two_stage}, initial_pred={self.initial_pred})"
+            )
+        if not self.two_stage and self.initialize_box_type != "no":
+            raise ValueError("learned queries (two_stage=False) need initialize_box_type='no'")
+        if self.num_queries < 1 or self.decoder_layers < 1:
+            raise ValueError("num_queries and decoder_layers must be positive")
+        bad_stuff = [label for label in self.stuff_labels if not 0 <= label < self.num_labels]
+        if bad_stuff:
+            raise ValueError(f"stuff_labels {bad_stuff} are outside 0..{self.num_labels - 1} (num_labels)")
+
+    @property
+    def num_classifier_outputs(self) -> int:
+        """Width of the class head: one extra no-object logit for the softmax (semantic) classifier."""
+        return self.num_labels + 1 if self.semantic_ce_loss else self.num_labels
+
+    @property
+    def thing_labels(self) -> list[int]:
+        stuff = set(self.stuff_labels)
+        return [label for label in range(self.num_labels) if label not in stuff]
+
+
+__all__ = ["MaskDINOConfig"]
