@@ -1,0 +1,1092 @@
+"""Image processor for Mask DINO: test-time preprocessing, training targets and the official inference heads.
+
+Mask DINO (Li et al., "Mask DINO: Towards A Unified Transformer-based Framework for Object Detection and
+Segmentation") predicts, per query, class logits, a mask at 1/4 of the padded input and a box. This file holds
+everything around the network:
+
+* preprocessing as the official detectron2 test path does it: shortest-edge resize with a maximum size
+  (`ResizeShortestEdge`, PIL bilinear on uint8), normalisation on the 0-255 scale, zero padding (after
+  normalisation) to a multiple of `size_divisibility`;
+* training targets (`mask_labels`, `class_labels`, `boxes`) from COCO instance, COCO panoptic or semantic
+  annotations, laid out like the official `prepare_targets` (masks padded to the batch, boxes normalised by the
+  unpadded image size);
+* the official inference of the paper's three segmentation tasks plus box-only detection: semantic
+  (`semantic_inference`), panoptic (`panoptic_inference`) and instance (`instance_inference` with
+  `box_postprocess`), all reading back through the padding of every image (crop to the resized size, then resize
+  to the requested size).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as coco_mask
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# detectron2 / Mask DINO defaults (RGB order, 0-255 scale).
+MASKDINO_PIXEL_MEAN = (123.675, 116.28, 103.53)
+MASKDINO_PIXEL_STD = (58.395, 57.12, 57.375)
+# Channel counts an image array may have: grey, RGB, RGBA.
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+class MaskDINOImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    size_divisibility (`int`, *optional*, defaults to 32):
+        The padded batch is rounded up to a multiple of this (0 or 1: no rounding).
+    num_labels (`int`, *optional*):
+        Number of classes. Checks annotation labels and tells a softmax classifier (`num_labels + 1` logits, the
+        last one "no object") from a sigmoid one (`num_labels` logits).
+    ignore_index (`int`, *optional*, defaults to 255):
+        Value of unlabelled pixels in semantic maps.
+    stuff_labels (`list[int]`, *optional*):
+        Class ids that are "stuff" (fused into one panoptic segment, dropped from instance results of a panoptic
+        model).
+    """
+
+    size_divisibility: int
+    num_labels: int | None
+    ignore_index: int
+    stuff_labels: list[int]
+    test_topk_per_image: int
+    object_mask_threshold: float
+    overlap_threshold: float
+    panoptic_temperature: float
+    panoptic_transform_eval: bool
+    focus_on_box: bool
+    semantic_postprocessing_before_inference: bool
+    instance_on: bool
+    panoptic_on: bool
+    semantic_on: bool
+
+
+def get_resize_output_size(
+    height: int, width: int, shortest_edge: int, longest_edge: int | None = None
+) -> tuple[int, int]:
+    """Output size of detectron2's `ResizeShortestEdge` (test time, one short-edge length).
+
+    The short side is scaled to `shortest_edge`; if the long side then exceeds `longest_edge`, both sides are
+    scaled down so that it equals `longest_edge`; each side is finally rounded half up (`int(x + 0.5)`).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got (height, width) = ({height}, {width})")
+    scale = float(shortest_edge) / min(height, width)
+    if height < width:
+        new_height, new_width = float(shortest_edge), scale * width
+    else:
+        new_height, new_width = scale * height, float(shortest_edge)
+    if longest_edge is not None and max(new_height, new_width) > longest_edge:
+        shrink = float(longest_edge) / max(new_height, new_width)
+        new_height, new_width = new_height * shrink, new_width * shrink
+    return int(new_height + 0.5), int(new_width + 0.5)
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return value if divisor <= 1 else (value + divisor - 1) // divisor * divisor
+
+
+def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of an integer (H, W) map with PIL, as detectron2 resizes masks and label maps."""
+    if array.shape == (height, width):
+        return array
+    resized = Image.fromarray(array.astype(np.int32)).resize((width, height), Image.NEAREST)
+    return np.asarray(resized).astype(array.dtype)
+
+
+def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
+    """Tight boxes of binary masks (N, H, W) as detectron2 `BitMasks.get_bounding_boxes`: (x0, y0, x1 + 1, y1 + 1).
+
+    An empty mask gives an all-zero box.
+    """
+    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
+    for index, mask in enumerate(masks.bool()):
+        columns = torch.nonzero(mask.any(dim=0)).flatten()
+        rows = torch.nonzero(mask.any(dim=1)).flatten()
+        if len(columns) and len(rows):
+            boxes[index] = torch.tensor([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=torch.float32)
+    return boxes
+
+
+def rgb_to_id(color: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG colour to segment id: id = R + 256 G + 256^2 B."""
+    color = color.astype(np.int64)
+    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+
+
+def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
+    if isinstance(sizes, (torch.Tensor, np.ndarray)):
+        sizes = sizes.tolist()
+    if not isinstance(sizes, Sequence) or isinstance(sizes, str):
+        raise TypeError(f"{name} must be a list of (height, width) pairs or a (batch, 2) tensor, got {type(sizes)}")
+    pairs = []
+    for size in sizes:
+        if isinstance(size, (torch.Tensor, np.ndarray)):
+            size = size.tolist()
+        if not isinstance(size, Sequence) or len(size) != 2:
+            raise ValueError(f"every entry of {name} must be a (height, width) pair, got {size!r}")
+        height, width = int(size[0]), int(size[1])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"{name} must hold positive sizes, got {size!r}")
+        pairs.append((height, width))
+    return pairs
+
+
+class MaskDINOImageProcessor(BaseImageProcessor):
+    r"""
+    Image processor of Mask DINO, reproducing the official detectron2 test-time input pipeline and inference.
+
+    Preprocessing (`preprocess` / `__call__`), in this order:
+
+    1. convert each image to RGB: a grey image (2-D, one channel, PIL `L`) is repeated three times, a fourth (alpha)
+       channel is dropped, other PIL modes go through PIL's `convert("RGB")`; anything else (1-D or 5-D arrays,
+       2 or 5 channels, non-image types, an empty list) raises;
+    2. resize so that the short side is `size["shortest_edge"]` unless the long side would exceed
+       `size["longest_edge"]` ([`get_resize_output_size`], detectron2 `ResizeShortestEdge`), with PIL bilinear on
+       uint8 images (float images, taken on the 0-255 scale, are resized per channel in PIL mode `F`);
+    3. normalise `(x - image_mean) / image_std` on the 0-255 scale;
+    4. zero-pad bottom/right to the largest image of the batch, rounded up to `size_divisibility`.
+
+    Returns `pixel_values` (batch, 3, H_pad, W_pad) float32 and `pixel_mask` (batch, H_pad, W_pad) int64, 1 on real
+    pixels. The resized size of image i is `pixel_mask[i]`'s extent (see [`image_sizes_from_pixel_mask`]).
+
+    Args:
+        do_resize (`bool`, defaults to `True`): resize with the shortest-edge rule.
+        size (`dict`, defaults to `{"shortest_edge": 800, "longest_edge": 1333}`): `INPUT.MIN_SIZE_TEST` and
+            `INPUT.MAX_SIZE_TEST`; `longest_edge` may be `None` (no cap).
+        resample (`int`, defaults to `PIL.Image.BILINEAR`): PIL filter for images (masks always use nearest).
+        do_normalize (`bool`, defaults to `True`), image_mean / image_std (3 floats, 0-255 scale, RGB order).
+        do_pad (`bool`, defaults to `True`): pad the batch; without padding all resized images must share a size.
+        size_divisibility (`int`, defaults to 32): padded sizes are multiples of it.
+        num_labels (`int`, *optional*): number of classes, see the class-logit rule below.
+        ignore_index (`int`, defaults to 255): unlabelled value of semantic maps.
+        stuff_labels (`list[int]`, defaults to `[]`): stuff class ids; every other class is a thing.
+        test_topk_per_image (`int`, defaults to 100): `TEST.DETECTIONS_PER_IMAGE`.
+        object_mask_threshold (`float`, defaults to 0.25), overlap_threshold (`float`, defaults to 0.8): panoptic
+            query keep threshold and segment overlap ratio.
+        panoptic_temperature (`float`, defaults to 0.06), panoptic_transform_eval (`bool`, defaults to `True`):
+            sharpen sigmoid class scores with `softmax(sigmoid / T)` for semantic and panoptic inference.
+        focus_on_box (`bool`, defaults to `False`): instance scores are not rescored by their mask.
+        semantic_postprocessing_before_inference (`bool`, defaults to `False`): resize the mask logits to the
+            requested size before semantic inference (always the case when `instance_on` or `panoptic_on`).
+        instance_on / panoptic_on / semantic_on (`bool`): the tasks the checkpoint was configured for
+            (`MODEL.MaskDINO.TEST.*_ON`). They select the semantic order above, make instance and detection results
+            of a panoptic model keep thing classes only, and choose what [`post_process_universal_segmentation`]
+            returns.
+
+    Class logits: with `num_labels` known (argument of the post-processing methods, else the processor's), logits of
+    width `num_labels + 1` are a softmax classifier whose last logit is "no object" (`SEMANTIC_CE_LOSS` semantic
+    models); width `num_labels` (or `num_labels` unknown) is the sigmoid (focal) classifier. Any other width raises.
+    """
+
+    valid_kwargs = MaskDINOImageProcessorKwargs
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int | None] | int | None = None,
+        resample: int = Image.BILINEAR,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] = MASKDINO_PIXEL_MEAN,
+        image_std: Sequence[float] = MASKDINO_PIXEL_STD,
+        do_pad: bool = True,
+        size_divisibility: int = 32,
+        num_labels: int | None = None,
+        ignore_index: int = 255,
+        stuff_labels: Iterable[int] | None = None,
+        test_topk_per_image: int = 100,
+        object_mask_threshold: float = 0.25,
+        overlap_threshold: float = 0.8,
+        panoptic_temperature: float = 0.06,
+        panoptic_transform_eval: bool = True,
+        focus_on_box: bool = False,
+        semantic_postprocessing_before_inference: bool = False,
+        instance_on: bool = True,
+        panoptic_on: bool = False,
+        semantic_on: bool = False,
+        **kwargs,
+    ):
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        self.do_resize = do_resize
+        self.size = self._standardize_size(size)
+        self.resample = int(resample)
+        self.do_normalize = do_normalize
+        self.image_mean = [float(value) for value in image_mean]
+        self.image_std = [float(value) for value in image_std]
+        self.do_pad = do_pad
+        self.size_divisibility = int(size_divisibility)
+        self.num_labels = None if num_labels is None else int(num_labels)
+        self.ignore_index = int(ignore_index)
+        self.stuff_labels = sorted(int(label) for label in (stuff_labels or ()))
+        self.test_topk_per_image = int(test_topk_per_image)
+        self.object_mask_threshold = float(object_mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        self.panoptic_temperature = float(panoptic_temperature)
+        self.panoptic_transform_eval = bool(panoptic_transform_eval)
+        self.focus_on_box = bool(focus_on_box)
+        self.semantic_postprocessing_before_inference = bool(semantic_postprocessing_before_inference)
+        self.instance_on = bool(instance_on)
+        self.panoptic_on = bool(panoptic_on)
+        self.semantic_on = bool(semantic_on)
+        self._validate_settings()
+
+    # ------------------------------------------------------------------ settings
+
+    @staticmethod
+    def _standardize_size(size: dict[str, int | None] | int | None) -> dict[str, int | None]:
+        if size is None:
+            return {"shortest_edge": 800, "longest_edge": 1333}
+        if isinstance(size, int):
+            return {"shortest_edge": size, "longest_edge": None}
+        if not isinstance(size, Mapping) or "shortest_edge" not in size:
+            raise ValueError(f"size must be a dict with 'shortest_edge' (and optionally 'longest_edge'), got {size!r}")
+        unknown = set(size) - {"shortest_edge", "longest_edge"}
+        if unknown:
+            raise ValueError(f"size only takes 'shortest_edge' and 'longest_edge', got extra keys {sorted(unknown)}")
+        longest = size.get("longest_edge")
+        return {"shortest_edge": int(size["shortest_edge"]), "longest_edge": None if longest is None else int(longest)}
+
+    def _validate_settings(self):
+        if self.size["shortest_edge"] <= 0:
+            raise ValueError(f"size['shortest_edge'] must be positive, got {self.size['shortest_edge']}")
+        if self.size["longest_edge"] is not None and self.size["longest_edge"] < self.size["shortest_edge"]:
+            raise ValueError(f"size['longest_edge'] must be at least size['shortest_edge'], got {self.size}")
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)}")
+        if any(value == 0 for value in self.image_std):
+            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+        if self.size_divisibility < 0:
+            raise ValueError(f"size_divisibility must be >= 0, got {self.size_divisibility}")
+        if self.num_labels is not None and self.num_labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {self.num_labels}")
+        if self.test_topk_per_image <= 0:
+            raise ValueError(f"test_topk_per_image must be positive, got {self.test_topk_per_image}")
+        if self.panoptic_temperature <= 0:
+            raise ValueError(f"panoptic_temperature must be positive, got {self.panoptic_temperature}")
+        if not 0.0 <= self.object_mask_threshold <= 1.0:
+            raise ValueError(f"object_mask_threshold must be in [0, 1], got {self.object_mask_threshold}")
+        if not 0.0 <= self.overlap_threshold <= 1.0:
+            raise ValueError(f"overlap_threshold must be in [0, 1], got {self.overlap_threshold}")
+        if self.num_labels is not None:
+            bad = [label for label in self.stuff_labels if not 0 <= label < self.num_labels]
+            if bad:
+                raise ValueError(f"stuff_labels {bad} are outside 0..{self.num_labels - 1} (num_labels)")
+        if self.resample not in (Image.NEAREST, Image.BILINEAR, Image.BICUBIC, Image.LANCZOS, Image.BOX, Image.HAMMING):
+            raise ValueError(f"resample must be a PIL resampling filter, got {self.resample}")
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["size"] = dict(self.size)
+        return output
+
+    # ------------------------------------------------------------------ images
+
+    @staticmethod
+    def _image_to_chw(image: Any, input_data_format: str | None) -> np.ndarray:
+        """One image as a (3, H, W) uint8 or float32 array (rules in the class docstring)."""
+        if isinstance(image, Image.Image):
+            if image.mode in ("L", "LA"):
+                array = np.asarray(image.convert("L"))
+            elif image.mode == "RGBA":
+                array = np.asarray(image)[..., :3]
+            else:
+                array = np.asarray(image.convert("RGB"))
+            input_data_format = "channels_last"
+        elif isinstance(image, torch.Tensor):
+            array = image.detach().cpu().numpy()
+        elif isinstance(image, np.ndarray):
+            array = image
+        else:
+            raise TypeError(
+                f"images must be PIL images, numpy arrays or torch tensors (or a list of them), got {type(image)}"
+            )
+
+        if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise TypeError(f"image arrays must have an integer or floating dtype, got {array.dtype}")
+        if array.ndim == 2:
+            array = array[None]
+        elif array.ndim == 3:
+            if input_data_format is None:
+                first, last = array.shape[0] in _CHANNEL_COUNTS, array.shape[-1] in _CHANNEL_COUNTS
+                if not (first or last):
+                    raise ValueError(
+                        f"cannot find the channel axis of an image of shape {tuple(array.shape)}: the first or last "
+                        f"axis must have 1 (grey), 3 (RGB) or 4 (RGBA) channels"
+                    )
+                input_data_format = "channels_first" if first else "channels_last"
+            if input_data_format in ("channels_last", "last"):
+                array = np.moveaxis(array, -1, 0)
+            elif input_data_format not in ("channels_first", "first"):
+                raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}")
+        else:
+            raise ValueError(
+                f"an image must have 2 (H, W) or 3 (channels, H, W / H, W, channels) dimensions, got shape "
+                f"{tuple(array.shape)}"
+            )
+
+        channels = array.shape[0]
+        if channels == 1:
+            array = np.repeat(array, 3, axis=0)
+        elif channels == 4:
+            array = array[:3]
+        elif channels != 3:
+            raise ValueError(f"an image must have 1, 3 or 4 channels, got {channels} (shape {tuple(array.shape)})")
+        if array.shape[1] == 0 or array.shape[2] == 0:
+            raise ValueError(f"an image must not be empty, got shape {tuple(array.shape)}")
+
+        if array.dtype == np.uint8:
+            return np.ascontiguousarray(array)
+        if np.issubdtype(array.dtype, np.integer):
+            if array.min() < 0 or array.max() > 255:
+                raise ValueError(f"integer images must hold values in 0..255, got {array.min()}..{array.max()}")
+            return np.ascontiguousarray(array.astype(np.uint8))
+        array = array.astype(np.float32)
+        if array.size and array.max() <= 1.0:
+            logger.warning_once(
+                "A float image has all values <= 1; MaskDINOImageProcessor expects the 0-255 scale "
+                "(image_mean/image_std are on that scale)."
+            )
+        return np.ascontiguousarray(array)
+
+    def _images_to_list(self, images: Any, input_data_format: str | None) -> list[np.ndarray]:
+        if isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ValueError("images is an empty list: pass at least one image")
+            items = list(images)
+        elif isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            if images.shape[0] == 0:
+                raise ValueError("images is an empty batch: pass at least one image")
+            items = list(images)
+        else:
+            items = [images]
+        for item in items:
+            if isinstance(item, (list, tuple)):
+                raise TypeError("images must be an image or a flat list of images, got a nested list")
+        return [self._image_to_chw(item, input_data_format) for item in items]
+
+    def _resize_image(self, image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+        if image.shape[1:] == (height, width):
+            return image
+        if image.dtype == np.uint8:
+            resized = Image.fromarray(np.moveaxis(image, 0, -1)).resize((width, height), resample)
+            return np.ascontiguousarray(np.moveaxis(np.asarray(resized), -1, 0))
+        channels = [
+            np.asarray(Image.fromarray(channel).resize((width, height), resample)) for channel in image
+        ]
+        return np.stack(channels)
+
+    def get_resized_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
+        """Size after this processor's resize (the identity when `do_resize` is off)."""
+        size = self.size if size is None else self._standardize_size(size)
+        return get_resize_output_size(height, width, size["shortest_edge"], size["longest_edge"])
+
+    @staticmethod
+    def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
+        """Resized (unpadded) size of each image from the `pixel_mask` returned by `preprocess`."""
+        sizes = []
+        for mask in torch.as_tensor(pixel_mask).bool():
+            rows = torch.nonzero(mask.any(dim=1)).flatten()
+            columns = torch.nonzero(mask.any(dim=0)).flatten()
+            sizes.append((int(rows[-1]) + 1 if len(rows) else 0, int(columns[-1]) + 1 if len(columns) else 0))
+        return sizes
+
+    def preprocess(
+        self,
+        images: Any,
+        annotations: dict | Sequence[dict] | None = None,
+        segmentation_maps: Any = None,
+        masks_path: str | os.PathLike | None = None,
+        category_id_to_label: Mapping[int, int] | None = None,
+        do_resize: bool | None = None,
+        size: dict[str, int | None] | int | None = None,
+        resample: int | None = None,
+        do_normalize: bool | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        do_pad: bool | None = None,
+        size_divisibility: int | None = None,
+        num_labels: int | None = None,
+        ignore_index: int | None = None,
+        input_data_format: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Preprocess images (and optionally their annotations) into a padded batch.
+
+        Args:
+            images: a PIL image, numpy array or torch tensor (channels first or last, or (H, W) grey), a list of
+                them (sizes may differ), or a 4-D array/tensor read as a batch.
+            annotations: training annotations, one dict per image, either
+                * COCO instances: `{"annotations": [{"segmentation": polygons | RLE | (H, W) binary mask,
+                  "category_id": int, "iscrowd": 0}, ...]}` (crowd objects are skipped); or
+                * COCO panoptic: `{"segments_info": [{"id": int, "category_id": int, "iscrowd": 0}, ...],
+                  "panoptic_seg": RGB PNG (PIL/array, id = R + 256 G + 256^2 B) or (H, W) id map}`, or with
+                  `"file_name"` instead of `"panoptic_seg"`, read from `masks_path`.
+            segmentation_maps: semantic label maps (H, W), one per image; `ignore_index` pixels are unlabelled.
+            category_id_to_label: maps annotation `category_id`s to contiguous class ids (identity if not given).
+            num_labels: classes allowed in annotations (else the processor's `num_labels`; unchecked if neither).
+            input_data_format: `"channels_first"` or `"channels_last"` for arrays whose channel axis is ambiguous.
+            return_tensors: `"pt"` (default) or `"np"` for `pixel_values` and `pixel_mask`.
+            The other arguments override the processor's attributes for this call.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` and `pixel_mask`, and with annotations also per-image lists
+            `mask_labels` ((N, H_pad, W_pad) float32, zero-padded like the image), `class_labels` ((N,) int64) and
+            `boxes` ((N, 4) float32, cxcywh normalised by the resized, UNPADDED image size as the official
+            `prepare_targets` does). Masks are resized with the image (nearest; polygons are scaled and then
+            rasterised); boxes are the tight boxes of the resized masks (detectron2 `BitMasks` convention, x1 + 1);
+            objects whose mask is empty after resizing are dropped.
+        """
+        if kwargs:
+            raise TypeError(f"preprocess got unexpected arguments {sorted(kwargs)}")
+        if annotations is not None and segmentation_maps is not None:
+            raise ValueError("pass either annotations or segmentation_maps, not both")
+        do_resize = self.do_resize if do_resize is None else do_resize
+        size = self.size if size is None else self._standardize_size(size)
+        resample = self.resample if resample is None else int(resample)
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = self.image_mean if image_mean is None else list(image_mean)
+        image_std = self.image_std if image_std is None else list(image_std)
+        do_pad = self.do_pad if do_pad is None else do_pad
+        size_divisibility = self.size_divisibility if size_divisibility is None else int(size_divisibility)
+        num_labels = self.num_labels if num_labels is None else int(num_labels)
+        ignore_index = self.ignore_index if ignore_index is None else int(ignore_index)
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if len(image_mean) != 3 or len(image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values, got {image_mean} and {image_std}")
+
+        raw_images = self._images_to_list(images, input_data_format)
+        original_sizes = [tuple(image.shape[1:]) for image in raw_images]
+        resized_sizes = [
+            get_resize_output_size(h, w, size["shortest_edge"], size["longest_edge"]) if do_resize else (h, w)
+            for h, w in original_sizes
+        ]
+        mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1)
+        tensors = []
+        for image, (height, width) in zip(raw_images, resized_sizes):
+            if do_resize:
+                image = self._resize_image(image, height, width, resample)
+            tensor = torch.from_numpy(np.ascontiguousarray(image))
+            tensor = (tensor - mean) / std if do_normalize else tensor.float()
+            tensors.append(tensor)
+
+        if do_pad:
+            padded_height = _round_up(max(h for h, _ in resized_sizes), size_divisibility)
+            padded_width = _round_up(max(w for _, w in resized_sizes), size_divisibility)
+        else:
+            if len(set(resized_sizes)) > 1:
+                raise ValueError(
+                    f"do_pad=False needs all resized images to have the same size, got {sorted(set(resized_sizes))}"
+                )
+            padded_height, padded_width = resized_sizes[0]
+        pixel_values = torch.zeros((len(tensors), 3, padded_height, padded_width), dtype=torch.float32)
+        pixel_mask = torch.zeros((len(tensors), padded_height, padded_width), dtype=torch.int64)
+        for index, (tensor, (height, width)) in enumerate(zip(tensors, resized_sizes)):
+            pixel_values[index, :, :height, :width] = tensor
+            pixel_mask[index, :height, :width] = 1
+
+        if return_tensors == "np":
+            data = {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
+        else:
+            data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        encoded = BatchFeature(data=data)
+
+        if annotations is not None or segmentation_maps is not None:
+            targets = self.encode_annotations(
+                original_sizes,
+                resized_sizes,
+                (padded_height, padded_width),
+                annotations=annotations,
+                segmentation_maps=segmentation_maps,
+                masks_path=masks_path,
+                category_id_to_label=category_id_to_label,
+                num_labels=num_labels,
+                ignore_index=ignore_index,
+            )
+            encoded["mask_labels"] = [target["mask_labels"] for target in targets]
+            encoded["class_labels"] = [target["class_labels"] for target in targets]
+            encoded["boxes"] = [target["boxes"] for target in targets]
+        return encoded
+
+    # ------------------------------------------------------------------ training targets
+
+    def encode_annotations(
+        self,
+        original_sizes: Sequence[tuple[int, int]],
+        resized_sizes: Sequence[tuple[int, int]],
+        padded_size: tuple[int, int],
+        annotations: dict | Sequence[dict] | None = None,
+        segmentation_maps: Any = None,
+        masks_path: str | os.PathLike | None = None,
+        category_id_to_label: Mapping[int, int] | None = None,
+        num_labels: int | None = None,
+        ignore_index: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per-image `mask_labels`, `class_labels`, `boxes` (see `preprocess`) from annotations of images of
+        `original_sizes`, resized to `resized_sizes` and padded to `padded_size`."""
+        num_labels = self.num_labels if num_labels is None else num_labels
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        if annotations is not None:
+            per_image = [annotations] if isinstance(annotations, Mapping) else list(annotations)
+        elif isinstance(segmentation_maps, (list, tuple)):
+            per_image = list(segmentation_maps)
+        elif isinstance(segmentation_maps, (np.ndarray, torch.Tensor)) and segmentation_maps.ndim == 3:
+            per_image = list(segmentation_maps)
+        else:
+            per_image = [segmentation_maps]
+        if len(per_image) != len(original_sizes):
+            kind = "annotations" if annotations is not None else "segmentation_maps"
+            raise ValueError(f"got {len(per_image)} {kind} for {len(original_sizes)} images")
+
+        targets = []
+        for index, (item, (height, width), (new_height, new_width)) in enumerate(
+            zip(per_image, original_sizes, resized_sizes)
+        ):
+            where = f"image {index}"
+            if annotations is None:
+                masks, labels = self._semantic_targets(item, height, width, new_height, new_width, ignore_index, where)
+            elif not isinstance(item, Mapping):
+                raise TypeError(f"annotations for {where} must be a dict, got {type(item)}")
+            elif "segments_info" in item:
+                masks, labels = self._panoptic_targets(
+                    item, height, width, new_height, new_width, masks_path, category_id_to_label, where
+                )
+            elif "annotations" in item:
+                masks, labels = self._instance_targets(
+                    item, height, width, new_height, new_width, category_id_to_label, where
+                )
+            else:
+                raise ValueError(
+                    f"annotations for {where} must have 'annotations' (COCO instances) or 'segments_info' (COCO "
+                    f"panoptic), got keys {sorted(item)}"
+                )
+            for label in labels:
+                if label < 0 or (num_labels is not None and label >= num_labels):
+                    raise ValueError(
+                        f"{where}: class id {label} is outside 0..{num_labels - 1 if num_labels else '?'} (num_labels"
+                        f"={num_labels})"
+                    )
+            keep = [i for i, mask in enumerate(masks) if mask.any()]
+            mask_tensor = torch.zeros((len(keep), *padded_size), dtype=torch.float32)
+            for row, i in enumerate(keep):
+                mask_tensor[row, :new_height, :new_width] = torch.from_numpy(masks[i].astype(np.float32))
+            boxes = masks_to_boxes_xyxy(mask_tensor)
+            scale = torch.tensor([new_width, new_height, new_width, new_height], dtype=torch.float32)
+            targets.append(
+                {
+                    "mask_labels": mask_tensor,
+                    "class_labels": torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+                    "boxes": corners_to_center_format(boxes) / scale,
+                }
+            )
+        return targets
+
+    @staticmethod
+    def _map_category(category_id: int, category_id_to_label: Mapping[int, int] | None, where: str) -> int:
+        category_id = int(category_id)
+        if category_id_to_label is None:
+            return category_id
+        if category_id not in category_id_to_label:
+            raise ValueError(f"{where}: category_id {category_id} is not in category_id_to_label")
+        return int(category_id_to_label[category_id])
+
+    @staticmethod
+    def _label_map(array: Any, where: str, name: str) -> np.ndarray:
+        if isinstance(array, Image.Image):
+            array = np.asarray(array)
+        elif isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        elif not isinstance(array, np.ndarray):
+            raise TypeError(f"{where}: {name} must be a PIL image, numpy array or torch tensor, got {type(array)}")
+        return array
+
+    def _instance_targets(self, item, height, width, new_height, new_width, category_id_to_label, where):
+        masks, labels = [], []
+        for number, obj in enumerate(item["annotations"]):
+            if obj.get("iscrowd", 0):
+                continue
+            what = f"{where}, object {number}"
+            if "segmentation" not in obj or "category_id" not in obj:
+                raise ValueError(f"{what}: an instance annotation needs 'segmentation' and 'category_id'")
+            segmentation = obj["segmentation"]
+            if isinstance(segmentation, list):
+                scale = np.array([new_width / width, new_height / height])
+                polygons = []
+                for polygon in segmentation:
+                    coords = np.asarray(polygon, dtype=np.float64).reshape(-1)
+                    if coords.size < 6 or coords.size % 2:
+                        raise ValueError(f"{what}: a polygon needs at least 3 (x, y) points, got {coords.size} values")
+                    polygons.append((coords.reshape(-1, 2) * scale).reshape(-1).tolist())
+                if not polygons:
+                    raise ValueError(f"{what}: empty polygon list")
+                rle = coco_mask.merge(coco_mask.frPyObjects(polygons, new_height, new_width))
+                mask = coco_mask.decode(rle).astype(bool)
+            elif isinstance(segmentation, Mapping):
+                rle_size = tuple(int(v) for v in segmentation.get("size", ()))
+                if rle_size != (height, width):
+                    raise ValueError(f"{what}: RLE size {rle_size} does not match the image size {(height, width)}")
+                if isinstance(segmentation["counts"], list):
+                    rle = coco_mask.frPyObjects(dict(segmentation), height, width)
+                else:
+                    counts = segmentation["counts"]
+                    rle = {"size": list(rle_size), "counts": counts.encode() if isinstance(counts, str) else counts}
+                mask = _resize_nearest(coco_mask.decode(rle).astype(np.uint8), new_height, new_width).astype(bool)
+            else:
+                array = self._label_map(segmentation, what, "a mask")
+                if array.shape != (height, width):
+                    raise ValueError(f"{what}: mask of shape {array.shape} does not match the image size {(height, width)}")
+                mask = _resize_nearest((array != 0).astype(np.uint8), new_height, new_width).astype(bool)
+            masks.append(mask)
+            labels.append(self._map_category(obj["category_id"], category_id_to_label, what))
+        return masks, labels
+
+    def _panoptic_targets(self, item, height, width, new_height, new_width, masks_path, category_id_to_label, where):
+        if "panoptic_seg" in item:
+            png = item["panoptic_seg"]
+        elif "file_name" in item:
+            path = os.path.join(masks_path, item["file_name"]) if masks_path is not None else item["file_name"]
+            with Image.open(path) as opened:
+                png = np.asarray(opened.convert("RGB"))
+        else:
+            raise ValueError(f"{where}: a panoptic annotation needs 'panoptic_seg' or 'file_name' (with masks_path)")
+        array = self._label_map(png, where, "panoptic_seg")
+        if array.ndim == 3 and array.shape[-1] in (3, 4):
+            ids = rgb_to_id(array[..., :3])
+        elif array.ndim == 2:
+            ids = array.astype(np.int64)
+        else:
+            raise ValueError(f"{where}: panoptic_seg must be an (H, W, 3) RGB PNG or an (H, W) id map, got {array.shape}")
+        if ids.shape != (height, width):
+            raise ValueError(f"{where}: panoptic_seg of size {ids.shape} does not match the image size {(height, width)}")
+        ids = _resize_nearest(ids, new_height, new_width)
+        masks, labels = [], []
+        for segment in item["segments_info"]:
+            if segment.get("iscrowd", 0):
+                continue
+            masks.append(ids == int(segment["id"]))
+            labels.append(self._map_category(segment["category_id"], category_id_to_label, f"{where}, segment {segment['id']}"))
+        return masks, labels
+
+    def _semantic_targets(self, item, height, width, new_height, new_width, ignore_index, where):
+        array = self._label_map(item, where, "a segmentation map")
+        if array.ndim != 2:
+            raise ValueError(f"{where}: a segmentation map must be (H, W), got shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{where}: a segmentation map must hold integer class ids, got {array.dtype}")
+        if array.shape != (height, width):
+            raise ValueError(f"{where}: segmentation map of size {array.shape} does not match the image size {(height, width)}")
+        array = _resize_nearest(array.astype(np.int64), new_height, new_width)
+        classes = [int(value) for value in np.unique(array) if value != ignore_index]
+        return [array == value for value in classes], classes
+
+    # ------------------------------------------------------------------ post-processing helpers
+
+    def _resolve_sizes(self, outputs, target_sizes, image_sizes):
+        """Validated outputs and per-image (target, resized, padded) sizes."""
+        for name in ("class_queries_logits", "masks_queries_logits"):
+            if getattr(outputs, name, None) is None:
+                raise ValueError(f"outputs must have `{name}`")
+        logits, masks = outputs.class_queries_logits, outputs.masks_queries_logits
+        if logits.ndim != 3 or masks.ndim != 4 or logits.shape[:2] != masks.shape[:2]:
+            raise ValueError(
+                "expected class_queries_logits (batch, queries, classes) and masks_queries_logits (batch, queries, h, "
+                f"w) with the same batch and queries, got {tuple(logits.shape)} and {tuple(masks.shape)}"
+            )
+        batch_size = logits.shape[0]
+        # the masks are predicted at 1/4 of the padded input (mask features stride)
+        padded_size = (4 * masks.shape[-2], 4 * masks.shape[-1])
+        if target_sizes is not None:
+            target_sizes = _as_size_pairs(target_sizes, "target_sizes")
+            if len(target_sizes) != batch_size:
+                raise ValueError(
+                    f"target_sizes has {len(target_sizes)} entries but the outputs hold {batch_size} images"
+                )
+        if image_sizes is not None:
+            image_sizes = _as_size_pairs(image_sizes, "image_sizes")
+            if len(image_sizes) != batch_size:
+                raise ValueError(f"image_sizes has {len(image_sizes)} entries but the outputs hold {batch_size} images")
+        elif target_sizes is not None:
+            image_sizes = (
+                [self.get_resized_size(h, w) for h, w in target_sizes] if self.do_resize else list(target_sizes)
+            )
+        else:
+            image_sizes = [padded_size] * batch_size
+        for height, width in image_sizes:
+            if height > padded_size[0] or width > padded_size[1]:
+                raise ValueError(
+                    f"image size {(height, width)} is larger than the padded input {padded_size} (4x the mask size): "
+                    "pass the right image_sizes"
+                )
+        if target_sizes is None:
+            target_sizes = list(image_sizes)
+        return target_sizes, image_sizes, padded_size
+
+    @staticmethod
+    def _upsample_crop_resize(masks: torch.Tensor, padded_size, image_size, target_size) -> torch.Tensor:
+        """(Q, h, w) mask logits -> padded input size -> crop the padding -> target size (bilinear, as official)."""
+        padded = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)
+        cropped = padded[:, :, : image_size[0], : image_size[1]]
+        return F.interpolate(cropped, size=target_size, mode="bilinear", align_corners=False)[0]
+
+    def _classifier_kind(self, logits: torch.Tensor, num_labels: int | None) -> bool:
+        """True for a softmax classifier with a trailing no-object logit (see the class docstring)."""
+        num_labels = self.num_labels if num_labels is None else num_labels
+        width = logits.shape[-1]
+        if num_labels is None or width == num_labels:
+            return False
+        if width == num_labels + 1:
+            return True
+        raise ValueError(
+            f"class_queries_logits has {width} classes but num_labels is {num_labels}: expected {num_labels} (sigmoid "
+            f"classifier) or {num_labels + 1} (softmax classifier with a no-object logit)"
+        )
+
+    def _class_probabilities(self, logits: torch.Tensor, num_labels: int | None) -> torch.Tensor:
+        """Per-class probabilities (Q, C) used for top-k selection: sigmoid, or softmax without the no-object logit."""
+        if self._classifier_kind(logits, num_labels):
+            return logits.softmax(-1)[..., :-1]
+        return logits.sigmoid()
+
+    @staticmethod
+    def _mask_logit_threshold(mask_threshold: float) -> float:
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
+        return math.log(mask_threshold / (1.0 - mask_threshold))
+
+    def _topk_queries(self, probabilities: torch.Tensor, top_k: int | None, drop_labels: Sequence[int]):
+        """Official instance selection: top-k of the flattened (Q x C) scores, unsorted; optionally drop classes."""
+        num_queries, num_classes = probabilities.shape
+        top_k = self.test_topk_per_image if top_k is None else top_k
+        top_k = min(top_k, num_queries * num_classes)
+        scores, indices = probabilities.flatten().topk(top_k, sorted=False)
+        labels = indices % num_classes
+        queries = indices // num_classes
+        if drop_labels:
+            keep = ~torch.isin(labels, torch.tensor(list(drop_labels), device=labels.device))
+            scores, labels, queries = scores[keep], labels[keep], queries[keep]
+        return scores, labels, queries
+
+    def _scaled_boxes(self, pred_boxes: torch.Tensor, padded_size, image_size, target_size) -> torch.Tensor:
+        """Official `box_postprocess`: cxcywh on the padded canvas -> xyxy, the canvas mapped to the target scale."""
+        height = padded_size[0] / image_size[0] * target_size[0]
+        width = padded_size[1] / image_size[1] * target_size[1]
+        scale = torch.tensor([width, height, width, height], dtype=pred_boxes.dtype, device=pred_boxes.device)
+        return center_to_corners_format(pred_boxes) * scale
+
+    def _instance_drop_labels(self, panoptic_on: bool | None) -> list[int]:
+        panoptic_on = self.panoptic_on if panoptic_on is None else panoptic_on
+        return list(self.stuff_labels) if panoptic_on else []
+
+    # ------------------------------------------------------------------ post-processing
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.0,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float | None = None,
+        target_sizes: Any = None,
+        image_sizes: Any = None,
+        top_k: int | None = None,
+        num_labels: int | None = None,
+        panoptic_on: bool | None = None,
+        return_coco_annotation: bool = False,
+    ) -> list[dict[str, Any]]:
+        """
+        Official Mask DINO instance inference (`instance_inference` + `box_postprocess`).
+
+        Per image: top-`top_k` (`test_topk_per_image`) of the flattened (queries x classes) class probabilities;
+        query = index // C, label = index % C; a panoptic model (`panoptic_on`) keeps thing classes only. Mask logits
+        are upsampled to the padded input, cropped to the resized image, resized to the target size (bilinear), then
+        binarised (`sigmoid > mask_threshold`, i.e. logit > 0 by default); the score is multiplied by the mean mask
+        probability inside the binary mask (unless `focus_on_box`). Boxes are the predicted boxes as absolute xyxy at
+        the target size (not clipped; the padded canvas is mapped to the target scale as the official code does).
+        Results are sorted by score (the official top-k order is arbitrary); `threshold` then drops results with a
+        lower score (0 keeps the official top-k).
+
+        Args:
+            outputs: object with `class_queries_logits` (B, Q, C), `masks_queries_logits` (B, Q, h, w) at 1/4 of the
+                padded input and `pred_boxes` (B, Q, 4) sigmoid cxcywh relative to the padded input.
+            target_sizes: original (height, width) per image; `None` keeps the resized size.
+            image_sizes: resized, unpadded (height, width) per image (see `image_sizes_from_pixel_mask`); derived
+                from `target_sizes` with this processor's resize rule if omitted.
+            overlap_mask_area_threshold: accepted for the image-segmentation pipeline; unused.
+            return_coco_annotation: also return the masks as COCO RLE (`rle_masks`).
+
+        Returns:
+            One dict per image: `scores` (N,), `labels` (N,) int64, `boxes` (N, 4), `masks` (N, H, W) bool, and for
+            the Transformers pipeline `segmentation` (H, W) int64 (index of the instance shown at each pixel, the
+            highest-scoring one where they overlap, -1 for none) with `segments_info` (`id`, `label_id`, `was_fused`,
+            `score`).
+        """
+        if getattr(outputs, "pred_boxes", None) is None:
+            raise ValueError("instance segmentation needs `pred_boxes` in the outputs")
+        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        mask_logit_threshold = self._mask_logit_threshold(mask_threshold)
+        drop_labels = self._instance_drop_labels(panoptic_on)
+        results = []
+        for index in range(len(target_sizes)):
+            probabilities = self._class_probabilities(outputs.class_queries_logits[index], num_labels)
+            scores, labels, queries = self._topk_queries(probabilities, top_k, drop_labels)
+            mask_logits = self._upsample_crop_resize(
+                outputs.masks_queries_logits[index], padded_size, image_sizes[index], target_sizes[index]
+            )[queries]
+            binary = (mask_logits > mask_logit_threshold).float()
+            if not self.focus_on_box:
+                mask_scores = (mask_logits.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (
+                    binary.flatten(1).sum(1) + 1e-6
+                )
+                scores = scores * mask_scores
+            boxes = self._scaled_boxes(
+                outputs.pred_boxes[index], padded_size, image_sizes[index], target_sizes[index]
+            )[queries]
+            order = torch.sort(scores, descending=True, stable=True).indices
+            order = order[scores[order] >= threshold]
+            result = {
+                "scores": scores[order],
+                "labels": labels[order],
+                "boxes": boxes[order],
+                "masks": binary[order].bool(),
+            }
+            segmentation = torch.full(target_sizes[index], -1, dtype=torch.int64, device=binary.device)
+            for instance in reversed(range(len(order))):
+                segmentation[result["masks"][instance]] = instance
+            result["segmentation"] = segmentation
+            result["segments_info"] = [
+                {"id": i, "label_id": int(result["labels"][i]), "was_fused": False, "score": float(result["scores"][i])}
+                for i in range(len(order))
+            ]
+            if return_coco_annotation:
+                result["rle_masks"] = [
+                    coco_mask.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8))) for mask in result["masks"]
+                ]
+            results.append(result)
+        return results
+
+    def post_process_object_detection(
+        self,
+        outputs,
+        threshold: float = 0.0,
+        target_sizes: Any = None,
+        image_sizes: Any = None,
+        top_k: int | None = None,
+        num_labels: int | None = None,
+        panoptic_on: bool | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        Box-only results with the instance top-k rule (no mask rescoring): top-`top_k` of the flattened
+        (queries x classes) class probabilities, thing classes only for a panoptic model, boxes as absolute xyxy
+        at the target size (see `post_process_instance_segmentation`), sorted by score, `scores >= threshold` kept.
+
+        Returns:
+            One dict per image with `scores` (N,), `labels` (N,) int64 and `boxes` (N, 4).
+        """
+        if getattr(outputs, "pred_boxes", None) is None:
+            raise ValueError("object detection needs `pred_boxes` in the outputs")
+        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        drop_labels = self._instance_drop_labels(panoptic_on)
+        results = []
+        for index in range(len(target_sizes)):
+            probabilities = self._class_probabilities(outputs.class_queries_logits[index], num_labels)
+            scores, labels, queries = self._topk_queries(probabilities, top_k, drop_labels)
+            boxes = self._scaled_boxes(outputs.pred_boxes[index], padded_size, image_sizes[index], target_sizes[index])
+            order = torch.sort(scores, descending=True, stable=True).indices
+            order = order[scores[order] >= threshold]
+            results.append({"scores": scores[order], "labels": labels[order], "boxes": boxes[queries][order]})
+        return results
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        threshold: float | None = None,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float | None = None,
+        label_ids_to_fuse: Iterable[int] | None = None,
+        target_sizes: Any = None,
+        image_sizes: Any = None,
+        num_labels: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """
+        Official Mask DINO panoptic inference (`panoptic_inference`).
+
+        Mask logits are brought to the target size first (padded size, crop, resize). A query is kept when its best
+        sigmoid class score exceeds `threshold` (`object_mask_threshold`); kept queries then take score and label
+        from `softmax(sigmoid(logits) / panoptic_temperature)` (when `panoptic_transform_eval`). Each pixel goes to
+        the kept query maximising score x mask probability; a query becomes a segment if its pixels with mask
+        probability >= `mask_threshold` are at least `overlap_mask_area_threshold` (`overlap_threshold`) of its
+        mask; segments of the same stuff class (`label_ids_to_fuse`, default `stuff_labels`) share the first id.
+        For a softmax classifier (`num_labels + 1` logits) the Mask2Former rule is used instead: softmax scores, and
+        queries predicting "no object" are dropped.
+
+        Returns:
+            One dict per image: `segmentation` (H, W) int32 with segment ids starting at 1 and **0 for void** (the
+            official convention, unlike the -1 of Transformers' Mask2Former), and `segments_info`: `id`, `label_id`,
+            `was_fused` (the class is fusable stuff), `isthing`, `score`.
+        """
+        threshold = self.object_mask_threshold if threshold is None else threshold
+        overlap = self.overlap_threshold if overlap_mask_area_threshold is None else overlap_mask_area_threshold
+        fuse = set(self.stuff_labels if label_ids_to_fuse is None else (int(label) for label in label_ids_to_fuse))
+        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        results = []
+        for index in range(len(target_sizes)):
+            logits = outputs.class_queries_logits[index]
+            mask_probs = self._upsample_crop_resize(
+                outputs.masks_queries_logits[index], padded_size, image_sizes[index], target_sizes[index]
+            ).sigmoid()
+            if self._classifier_kind(logits, num_labels):
+                scores, labels = logits.softmax(-1).max(-1)
+                keep = labels.ne(logits.shape[-1] - 1) & (scores > threshold)
+            else:
+                scores, labels = logits.sigmoid().max(-1)
+                keep = scores > threshold
+                if self.panoptic_transform_eval:
+                    scores, labels = F.softmax(logits.sigmoid() / self.panoptic_temperature, dim=-1).max(-1)
+            segmentation, segments = self._compute_segments(
+                mask_probs[keep], scores[keep], labels[keep], mask_threshold, overlap, fuse, target_sizes[index]
+            )
+            results.append({"segmentation": segmentation, "segments_info": segments})
+        return results
+
+    @staticmethod
+    def _compute_segments(mask_probs, scores, labels, mask_threshold, overlap, fuse, size):
+        segmentation = torch.zeros(size, dtype=torch.int32, device=mask_probs.device)
+        segments: list[dict[str, Any]] = []
+        if mask_probs.shape[0] == 0:
+            return segmentation, segments
+        owner = (scores.view(-1, 1, 1) * mask_probs).argmax(0)
+        fused_ids: dict[int, int] = {}
+        current_id = 0
+        for k in range(labels.shape[0]):
+            label = int(labels[k])
+            owned = owner == k
+            confident = mask_probs[k] >= mask_threshold
+            owned_area, mask_area = int(owned.sum()), int(confident.sum())
+            segment = owned & confident
+            if owned_area == 0 or mask_area == 0 or not segment.any():
+                continue
+            if owned_area / mask_area < overlap:
+                continue
+            if label in fuse and label in fused_ids:
+                segmentation[segment] = fused_ids[label]
+                continue
+            current_id += 1
+            if label in fuse:
+                fused_ids[label] = current_id
+            segmentation[segment] = current_id
+            segments.append(
+                {
+                    "id": current_id,
+                    "label_id": label,
+                    "was_fused": label in fuse,
+                    "isthing": label not in fuse,
+                    "score": float(scores[k]),
+                }
+            )
+        return segmentation, segments
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: Any = None,
+        image_sizes: Any = None,
+        return_segmentation_scores: bool = False,
+        num_labels: int | None = None,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
+        """
+        Official Mask DINO semantic inference (`semantic_inference`): per-class score map
+        `einsum("qc,qhw->chw", class probabilities, sigmoid(mask logits))`, with class probabilities
+        `softmax(logits)[..., :-1]` for a softmax classifier and `softmax(sigmoid(logits) / panoptic_temperature)`
+        (or plain sigmoid without `panoptic_transform_eval`) for a sigmoid one. When `instance_on`, `panoptic_on` or
+        `semantic_postprocessing_before_inference`, mask logits are brought to the target size (padded size, crop,
+        resize) before inference; otherwise (semantic-only models) the score map is computed on the padded input and
+        then cropped and resized.
+
+        Returns:
+            Per image the (H, W) int64 argmax class map, or with `return_segmentation_scores` a
+            [`SemanticSegmentationPostProcessorOutput`] with `segmentation` and `segmentation_scores` (C, H, W), the
+            official `sem_seg` output.
+        """
+        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        before = self.semantic_postprocessing_before_inference or self.instance_on or self.panoptic_on
+        results = []
+        for index in range(len(target_sizes)):
+            logits = outputs.class_queries_logits[index]
+            if self._classifier_kind(logits, num_labels):
+                class_probs = F.softmax(logits, dim=-1)[..., :-1]
+            else:
+                class_probs = logits.sigmoid()
+                if self.panoptic_transform_eval:
+                    class_probs = F.softmax(class_probs / self.panoptic_temperature, dim=-1)
+            masks = outputs.masks_queries_logits[index]
+            if before:
+                mask_probs = self._upsample_crop_resize(masks, padded_size, image_sizes[index], target_sizes[index])
+                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid())
+            else:
+                mask_probs = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
+                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid())
+                height, width = image_sizes[index]
+                scores = F.interpolate(
+                    scores[None, :, :height, :width], size=target_sizes[index], mode="bilinear", align_corners=False
+                )[0]
+            segmentation = scores.argmax(0)
+            if return_segmentation_scores:
+                results.append(
+                    SemanticSegmentationPostProcessorOutput(
+                        data={"segmentation": segmentation, "segmentation_scores": scores}
+                    )
+                )
+            else:
+                results.append(segmentation)
+        return results
+
+    def post_process_universal_segmentation(
+        self, outputs, target_sizes: Any = None, image_sizes: Any = None, num_labels: int | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        What the official model returns at test time: per image a dict with `sem_seg` (semantic scores (C, H, W),
+        if `semantic_on`), `panoptic_seg` (the panoptic dict, if `panoptic_on`) and `instances` (the instance dict,
+        if `instance_on`), each computed with the processor's settings.
+        """
+        results = [{} for _ in range(outputs.class_queries_logits.shape[0])]
+        if self.semantic_on:
+            semantic = self.post_process_semantic_segmentation(
+                outputs, target_sizes, image_sizes, return_segmentation_scores=True, num_labels=num_labels
+            )
+            for result, item in zip(results, semantic):
+                result["sem_seg"] = item.segmentation_scores
+        if self.panoptic_on:
+            panoptic = self.post_process_panoptic_segmentation(
+                outputs, target_sizes=target_sizes, image_sizes=image_sizes, num_labels=num_labels
+            )
+            for result, item in zip(results, panoptic):
+                result["panoptic_seg"] = item
+        if self.instance_on:
+            instances = self.post_process_instance_segmentation(
+                outputs, target_sizes=target_sizes, image_sizes=image_sizes, num_labels=num_labels
+            )
+            for result, item in zip(results, instances):
+                result["instances"] = item
+        return results
+
+
+__all__ = ["MaskDINOImageProcessor", "get_resize_output_size"]

@@ -1,0 +1,535 @@
+"""Training objective of Mask DINO: the hybrid Hungarian matcher and the set criterion (paper, Sec. 3.4 and 4).
+
+Mask DINO supervises every query set it produces with the same three groups of terms, classification (sigmoid focal
+loss, or softmax cross-entropy for the semantic models), box (L1 + GIoU on normalised cxcywh boxes) and mask
+(binary cross-entropy + dice on PointRend-style sampled points):
+
+* the matching queries of the final decoder layer and of every auxiliary layer (the initial prediction from the
+  selected queries included), each matched to the ground truth by its own *hybrid* bipartite matching whose cost
+  mixes the class, box and mask terms;
+* the encoder proposals picked by query selection (`interm`), also matched on their own;
+* the denoising groups (unified denoising, `seg` or `det`): query `g * single_pad + j` reconstructs ground-truth
+  object `j` of its image, so no matching is needed; their losses are normalised by `num_masks * groups`.
+
+What Transformers already has and is the same math is imported: the focal loss of the DETR family, the dice / point
+BCE losses and their pairwise forms and `sample_point` from Mask2Former, `center_to_corners_format`. What is Mask
+DINO's own lives here: the GIoU with an epsilon in both denominators, the focal *matching* cost, the hybrid matcher
+with one random point set per image, PointRend importance sampling that takes its random numbers from a
+[`~random_source.MaskDINORandomSource`], the denoising terms and the decoupled box loss of panoptic models
+(`config.panoptic_box_loss`: box terms ignore pairs whose ground-truth label is in `config.stuff_labels`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.image_transforms import center_to_corners_format
+from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
+from transformers.models.mask2former.modeling_mask2former import (
+    dice_loss,
+    pair_wise_dice_loss,
+    pair_wise_sigmoid_cross_entropy_loss,
+    sample_point,
+    sigmoid_cross_entropy_loss,
+)
+from transformers.utils import is_accelerate_available, is_scipy_available
+
+from .configuration_maskdino import MaskDINOConfig
+from .random_source import MaskDINORandomSource
+
+
+if is_scipy_available():
+    from scipy.optimize import linear_sum_assignment
+
+logger = logging.getLogger(__name__)
+
+# One entry per image: (indices of the matched predictions, indices of their ground-truth objects), int64.
+Matching = list[tuple[Tensor, Tensor]]
+
+COST_TERMS = ("class", "mask", "dice", "bbox", "giou")
+BASE_LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
+
+
+def generalized_box_iou_with_eps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """Generalized IoU of corner (x0, y0, x1, y1) boxes, broadcast against each other.
+
+    Mask DINO's variant of the DETR function: `eps` is added to the union and to the enclosing area, so degenerate
+    (zero-area) boxes give a finite value. Pass `boxes1[:, None]` and `boxes2[None]` for the pairwise (N, M) matrix,
+    or two (N, 4) tensors for the GIoU of each pair. Computed in float32 at least.
+    """
+    boxes1 = boxes1.float() if boxes1.dtype not in (torch.float32, torch.float64) else boxes1
+    boxes2 = boxes2.to(boxes1.dtype)
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    inter_wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area1 + area2 - inter
+    iou = inter / (union + eps)
+    hull_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return iou - (hull - union) / (hull + eps)
+
+
+def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Matching cost of the sigmoid classifier, (N, num_targets): focal loss of "is the target class" minus focal loss
+    of "is not", evaluated at each prediction's probability of each target's class (1e-8 inside the logs)."""
+    prob = logits.sigmoid()
+    positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+    return positive[:, target_labels] - negative[:, target_labels]
+
+
+def maskdino_weight_dict(config: MaskDINOConfig) -> dict[str, float]:
+    """Weight of every loss term, built like the official model: base terms, `_interm` (two-stage), `_dn` (of the
+    previous keys; `det` denoising has no mask terms), then `_{i}` copies of all of them for i < `decoder_layers`
+    (deep supervision). Keys that are never produced (e.g. `loss_ce_interm_dn`) are harmless."""
+    weights = {
+        "loss_ce": config.class_weight,
+        "loss_mask": config.mask_weight,
+        "loss_dice": config.dice_weight,
+        "loss_bbox": config.box_weight,
+        "loss_giou": config.giou_weight,
+    }
+    if config.two_stage:
+        weights.update({f"{name}_interm": value for name, value in list(weights.items())})
+    if config.denoising == "seg":
+        weights.update({f"{name}_dn": value for name, value in list(weights.items())})
+    elif config.denoising == "det":
+        weights.update(
+            {f"{name}_dn": value for name, value in list(weights.items()) if name not in ("loss_mask", "loss_dice")}
+        )
+    if config.deep_supervision:
+        per_layer = dict(weights)
+        for layer in range(config.decoder_layers):
+            weights.update({f"{name}_{layer}": value for name, value in per_layer.items()})
+    return weights
+
+
+def _concat_target_masks(
+    targets: list[dict[str, Tensor]], indices: Matching | None = None, device=None, dtype=torch.float32
+) -> Tensor:
+    """Target masks of all images (only the matched ones, in matching order, when `indices` is given), as one
+    (N, H, W) tensor of `dtype`; images with smaller masks are zero-padded bottom/right to the largest."""
+    masks = [t["masks"] for t in targets]
+    if indices is not None:
+        masks = [mask[tgt.to(mask.device)] for mask, (_, tgt) in zip(masks, indices)]
+    masks = [mask.to(device=device, dtype=dtype) for mask in masks]
+    height = max(mask.shape[-2] for mask in masks)
+    width = max(mask.shape[-1] for mask in masks)
+    masks = [F.pad(mask, (0, width - mask.shape[-1], 0, height - mask.shape[-2])) for mask in masks]
+    return torch.cat(masks)
+
+
+class MaskDINOHungarianMatcher(nn.Module):
+    """Hybrid bipartite matching of Mask DINO: class, box and mask costs.
+
+    For each image, the cost between prediction q and ground-truth object t is
+    `cost_class_weight * focal_class_cost + cost_box_weight * L1(cxcywh) - cost_giou_weight * GIoU
+    + cost_mask_weight * BCE + cost_dice_weight * dice`, the two mask terms evaluated at `train_num_points` random
+    points drawn once per image (`random_source.rand(1, P, 2)`, images in batch order) and shared by all its
+    predictions and targets. The costs of the whole batch are computed at once, moved to the CPU once, and
+    `scipy.optimize.linear_sum_assignment` is solved per image. The official matcher's `panoptic_on` branch is dead
+    code in the official model (the matcher is always built without it) and is not reproduced.
+    """
+
+    def __init__(self, config: MaskDINOConfig):
+        super().__init__()
+        self.class_cost = config.cost_class_weight
+        self.mask_cost = config.cost_mask_weight
+        self.dice_cost = config.cost_dice_weight
+        self.bbox_cost = config.cost_box_weight
+        self.giou_cost = config.cost_giou_weight
+        self.focal_alpha = config.focal_alpha
+        self.focal_gamma = config.focal_gamma
+        self.num_points = config.train_num_points
+        if self.class_cost == 0 and self.mask_cost == 0 and self.dice_cost == 0:
+            raise ValueError("cost_class_weight, cost_mask_weight and cost_dice_weight cannot all be 0")
+
+    @torch.no_grad()
+    def compute_costs(
+        self,
+        outputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        random_source: MaskDINORandomSource | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted cost and its unweighted terms for the whole batch.
+
+        Returns `(cost, terms)`: `cost` is (batch, num_queries, total_targets) with the targets of all images
+        concatenated in order (only each image's own block is meaningful), `terms` maps `class`, `mask`, `dice`,
+        `bbox`, `giou` to tensors of the same shape. Draws one `rand(1, P, 2)` per image.
+        """
+        random_source = random_source if random_source is not None else MaskDINORandomSource()
+        logits = outputs["pred_logits"].float()
+        batch_size, num_queries = logits.shape[:2]
+        device = logits.device
+        pred_boxes = outputs["pred_boxes"].float().flatten(0, 1)
+        pred_masks = outputs["pred_masks"].float()
+
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        sizes = [len(t["labels"]) for t in targets]
+
+        # one point set per image, drawn in image order like the official per-image loop
+        points = torch.cat(
+            [random_source.rand(1, self.num_points, 2, device=device) for _ in range(batch_size)]
+        ).float()
+        pred_points = sample_point(pred_masks, points, align_corners=False).flatten(0, 1)  # (B*Q, P)
+        if sum(sizes):
+            target_masks = _concat_target_masks(targets, device=device)
+            image_of_target = torch.repeat_interleave(torch.arange(batch_size, device=device), torch.tensor(sizes, device=device))
+            target_points = sample_point(target_masks[:, None], points[image_of_target], align_corners=False)[:, 0]
+        else:
+            target_points = pred_points.new_zeros(0, self.num_points)
+
+        terms = {
+            "class": focal_class_cost(logits.flatten(0, 1), target_labels, self.focal_alpha, self.focal_gamma),
+            "mask": pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points),
+            "dice": pair_wise_dice_loss(pred_points, target_points),
+            "bbox": torch.cdist(pred_boxes, target_boxes, p=1),
+            "giou": -generalized_box_iou_with_eps(
+                center_to_corners_format(pred_boxes)[:, None], center_to_corners_format(target_boxes)[None]
+            ),
+        }
+        cost = (
+            self.class_cost * terms["class"]
+            + self.mask_cost * terms["mask"]
+            + self.dice_cost * terms["dice"]
+            + self.bbox_cost * terms["bbox"]
+            + self.giou_cost * terms["giou"]
+        )
+        shape = (batch_size, num_queries, -1)
+        return cost.view(shape), {name: term.view(shape) for name, term in terms.items()}
+
+    @torch.no_grad()
+    def per_image_costs(
+        self,
+        outputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        random_source: MaskDINORandomSource | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """The cost matrices each image's assignment is solved on: per image a dict with `total` (the weighted cost,
+        (num_queries, num_targets_of_image)) and the unweighted terms `class`, `mask`, `dice`, `bbox`, `giou`."""
+        cost, terms = self.compute_costs(outputs, targets, random_source)
+        sizes = [len(t["labels"]) for t in targets]
+        blocks = {"total": cost.split(sizes, -1), **{name: term.split(sizes, -1) for name, term in terms.items()}}
+        return [{name: block[b][b] for name, block in blocks.items()} for b in range(len(targets))]
+
+    @torch.no_grad()
+    def forward(
+        self,
+        outputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        random_source: MaskDINORandomSource | None = None,
+    ) -> Matching:
+        """Match the predictions of one layer to the targets.
+
+        Args:
+            outputs: `pred_logits` (batch, num_queries, num_classes), `pred_boxes` (batch, num_queries, 4) sigmoid
+                cxcywh, `pred_masks` (batch, num_queries, h, w) logits.
+            targets: one dict per image with `labels` (n,), `boxes` (n, 4) normalised cxcywh and `masks` (n, H, W).
+            random_source: where the mask points come from (torch's global RNG by default).
+
+        Returns:
+            Per image `(pred_idx, tgt_idx)`, int64 CPU tensors of length min(num_queries, n), `pred_idx` ascending
+            (the official layout); empty for an image without targets.
+        """
+        cost, _ = self.compute_costs(outputs, targets, random_source)
+        cost = cost.cpu()
+        sizes = [len(t["labels"]) for t in targets]
+        indices = []
+        for image, block in enumerate(cost.split(sizes, -1)):
+            if block.shape[-1] == 0:
+                empty = torch.zeros(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            pred_idx, tgt_idx = linear_sum_assignment(block[image].numpy())
+            indices.append(
+                (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64))
+            )
+        return indices
+
+
+class MaskDINOLoss(nn.Module):
+    """Set criterion of Mask DINO.
+
+    Call it with the decoder's outputs in the official dict layout and the per-image targets:
+
+    * `outputs`:
+        * `pred_logits` (batch, num_queries, C), `pred_boxes` (batch, num_queries, 4) sigmoid cxcywh normalised to
+          the padded input, `pred_masks` (batch, num_queries, h, w) mask logits (any resolution; they are sampled at
+          normalised coordinates): the final decoder layer, denoising queries removed;
+        * `aux_outputs`: list of dicts with the same three keys, one per earlier prediction (with `initial_pred`,
+          entry 0 is the prediction from the selected queries before the first decoder layer, entry i after
+          decoder layer i-1);
+        * `interm_outputs` (two-stage only): the same three keys for the selected encoder proposals.
+    * `targets`: one dict per image with `labels` (n,) int64, `boxes` (n, 4) cxcywh normalised by the UNPADDED
+      image size, `masks` (n, H, W) bool/uint8/float zero-padded to the padded batch size. n may be 0.
+    * `denoising_meta` (the official `mask_dict`; `None` when no denoising queries were built, e.g. no image has a
+      target): `scalar` (int, number of denoising groups), `pad_size` (int, scalar * single_pad, single_pad = the
+      largest target count of the batch), `output_known_lbs_bboxes` (dict with `pred_logits`, `pred_boxes`,
+      `pred_masks` of shape (batch, pad_size, ...) for the final layer and `aux_outputs`, a list aligned with
+      `outputs["aux_outputs"]`). The model also stores `known_indice`, `batch_idx`, `map_known_indice`,
+      `known_lbs_bboxes` (noised-free labels and boxes) there; the loss does not need them: denoising query
+      `g * single_pad + j` of image b reconstructs `targets[b]` object j.
+    * `random_source`: the source of the matcher and PointRend points (torch's global RNG by default).
+
+    Returns `(loss, loss_dict)`: `loss_dict` holds every produced term multiplied by its weight (`weight_dict`,
+    built like the official one), with the official names `loss_{ce,mask,dice,bbox,giou}` plus `_{i}` (auxiliary
+    layer i), `_interm`, `_dn`, `_dn_{i}`; `loss` is their sum. [`compute_loss_terms`] gives the unweighted terms
+    and the matchings.
+
+    Predictions of any floating dtype are accepted; every term is computed in float32.
+    """
+
+    def __init__(self, config: MaskDINOConfig, matcher: MaskDINOHungarianMatcher | None = None):
+        super().__init__()
+        self.num_labels = config.num_labels
+        self.matcher = matcher if matcher is not None else MaskDINOHungarianMatcher(config)
+        self.weight_dict = maskdino_weight_dict(config)
+        self.denoising = config.denoising
+        if config.denoising == "seg":
+            self.denoising_losses = ("labels", "masks", "boxes")
+        elif config.denoising == "det":
+            self.denoising_losses = ("labels", "boxes")
+        else:
+            self.denoising_losses = ()
+        self.deep_supervision = config.deep_supervision
+        self.semantic_ce_loss = config.semantic_ce_loss
+        self.panoptic_box_loss = config.panoptic_box_loss
+        self.focal_alpha = config.focal_alpha
+        self.focal_gamma = config.focal_gamma
+        self.num_points = config.train_num_points
+        self.oversample_ratio = config.oversample_ratio
+        self.importance_sample_ratio = config.importance_sample_ratio
+
+        empty_weight = torch.ones(config.num_labels + 1)
+        empty_weight[-1] = config.no_object_weight
+        self.register_buffer("empty_weight", empty_weight)
+        self.register_buffer("stuff_labels", torch.tensor(list(config.stuff_labels), dtype=torch.int64), persistent=False)
+        if config.panoptic_box_loss and not config.stuff_labels:
+            logger.warning("panoptic_box_loss=True but config.stuff_labels is empty: no box term is skipped")
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _prediction_index(indices: Matching, device: torch.device) -> tuple[Tensor, Tensor]:
+        batch_idx = torch.cat([torch.full_like(pred, image) for image, (pred, _) in enumerate(indices)])
+        pred_idx = torch.cat([pred for pred, _ in indices])
+        return batch_idx.to(device), pred_idx.to(device)
+
+    @staticmethod
+    def _matched_targets(targets: list[dict[str, Tensor]], indices: Matching, key: str, device) -> Tensor:
+        return torch.cat([t[key][tgt.to(t[key].device)] for t, (_, tgt) in zip(targets, indices)]).to(device)
+
+    def _num_masks(self, targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+        """Number of target masks in the batch, averaged over processes, at least 1 (a 0-dim float tensor)."""
+        num_masks = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if is_accelerate_available():
+            from accelerate import PartialState
+            from accelerate.utils import reduce
+
+            if distributed or PartialState._shared_state != {}:
+                num_masks = reduce(num_masks, reduction="mean")
+        elif distributed:
+            torch.distributed.all_reduce(num_masks)
+            num_masks = num_masks / torch.distributed.get_world_size()
+        return num_masks.clamp(min=1)[0]
+
+    def sample_points_using_uncertainty(self, mask_logits: Tensor, random_source: MaskDINORandomSource) -> Tensor:
+        """PointRend point selection for (N, 1, h, w) mask logits: draw `num_points * oversample_ratio` candidates,
+        keep the `importance_sample_ratio * num_points` most uncertain ones (smallest |logit|), fill up with fresh
+        uniform points. Returns (N, num_points, 2) coordinates in [0, 1]. Two draws: `rand(N, 3P, 2)` then
+        `rand(N, P - int(0.75 P), 2)` (for the default ratios)."""
+        num_masks = mask_logits.shape[0]
+        num_candidates = int(self.num_points * self.oversample_ratio)
+        num_uncertain = int(self.importance_sample_ratio * self.num_points)
+        num_random = self.num_points - num_uncertain
+        candidates = random_source.rand(num_masks, num_candidates, 2, device=mask_logits.device).float()
+        uncertainty = -sample_point(mask_logits, candidates, align_corners=False)[:, 0].abs()
+        top = torch.topk(uncertainty, k=num_uncertain, dim=1).indices
+        points = candidates.gather(1, top[..., None].expand(-1, -1, 2))
+        if num_random > 0:
+            extra = random_source.rand(num_masks, num_random, 2, device=mask_logits.device).float()
+            points = torch.cat([points, extra], dim=1)
+        return points
+
+    # ------------------------------------------------------------------------------------------ loss terms
+    def loss_labels(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+        """`loss_ce`: sigmoid focal loss over all queries and classes, `.mean(1).sum() / num_masks * num_queries`;
+        with `semantic_ce_loss`, softmax cross-entropy with the no-object class weighted `no_object_weight`."""
+        logits = outputs["pred_logits"].float()
+        batch_size, num_queries, num_logits = logits.shape
+        batch_idx, pred_idx = self._prediction_index(indices, logits.device)
+        matched_labels = self._matched_targets(targets, indices, "labels", logits.device).long()
+        if self.semantic_ce_loss:
+            target_classes = torch.full((batch_size, num_queries), self.num_labels, dtype=torch.int64, device=logits.device)
+            target_classes[batch_idx, pred_idx] = matched_labels
+            return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.float())}
+        one_hot = torch.zeros_like(logits)
+        one_hot[batch_idx, pred_idx, matched_labels] = 1.0
+        loss = sigmoid_focal_loss(logits, one_hot, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        return {"loss_ce": loss * num_queries}
+
+    def loss_boxes(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+        """`loss_bbox` (L1 on cxcywh) and `loss_giou` (1 - GIoU) summed over matched pairs / num_masks. With
+        `panoptic_box_loss`, pairs whose ground-truth label is a stuff label contribute nothing (the normaliser still
+        counts them)."""
+        pred_boxes = outputs["pred_boxes"]
+        batch_idx, pred_idx = self._prediction_index(indices, pred_boxes.device)
+        source = pred_boxes[batch_idx, pred_idx].float()
+        target = self._matched_targets(targets, indices, "boxes", source.device).float()
+        l1 = F.l1_loss(source, target, reduction="none").sum(-1)
+        giou = 1 - generalized_box_iou_with_eps(center_to_corners_format(source), center_to_corners_format(target))
+        if self.panoptic_box_loss and self.stuff_labels.numel():
+            labels = self._matched_targets(targets, indices, "labels", source.device)
+            is_thing = ~torch.isin(labels, self.stuff_labels.to(labels.device))
+            l1 = torch.where(is_thing, l1, torch.zeros_like(l1))
+            giou = torch.where(is_thing, giou, torch.zeros_like(giou))
+        return {"loss_bbox": l1.sum() / num_masks, "loss_giou": giou.sum() / num_masks}
+
+    def loss_masks(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+        """`loss_mask` (BCE) and `loss_dice` on `train_num_points` points per matched mask, chosen by uncertainty
+        (see `sample_points_using_uncertainty`); no upsampling, points are in normalised coordinates."""
+        pred_masks = outputs["pred_masks"]
+        batch_idx, pred_idx = self._prediction_index(indices, pred_masks.device)
+        source = pred_masks[batch_idx, pred_idx].float()[:, None]
+        with torch.no_grad():
+            target = _concat_target_masks(targets, indices, device=source.device)[:, None]
+            points = self.sample_points_using_uncertainty(source, random_source)
+            point_labels = sample_point(target, points, align_corners=False)[:, 0]
+        point_logits = sample_point(source, points, align_corners=False)[:, 0]
+        return {
+            "loss_mask": sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
+
+    def _terms(self, kinds, outputs, targets, indices, num_masks, random_source) -> dict[str, Tensor]:
+        loss_functions = {"labels": self.loss_labels, "masks": self.loss_masks, "boxes": self.loss_boxes}
+        terms = {}
+        for kind in kinds:
+            terms.update(loss_functions[kind](outputs, targets, indices, num_masks, random_source))
+        return terms
+
+    def _zero_denoising_terms(self, device) -> dict[str, Tensor]:
+        names = ["loss_ce", "loss_bbox", "loss_giou"] + (["loss_mask", "loss_dice"] if self.denoising == "seg" else [])
+        return {name: torch.zeros((), device=device) for name in names}
+
+    @staticmethod
+    def denoising_indices(targets: list[dict[str, Tensor]], scalar: int, pad_size: int) -> Matching:
+        """Fixed assignment of the denoising queries: query `g * single_pad + j` <-> target j, for every group g."""
+        if pad_size % scalar:
+            raise ValueError(f"denoising pad_size ({pad_size}) must be a multiple of scalar ({scalar})")
+        single_pad = pad_size // scalar
+        indices = []
+        for t in targets:
+            num_targets = len(t["labels"])
+            target_idx = torch.arange(num_targets, dtype=torch.int64).repeat(scalar)
+            query_idx = (torch.arange(scalar, dtype=torch.int64)[:, None] * single_pad + torch.arange(num_targets)).flatten()
+            indices.append((query_idx, target_idx))
+        return indices
+
+    # --------------------------------------------------------------------------------------------- forward
+    def compute_loss_terms(
+        self,
+        outputs: dict,
+        targets: list[dict[str, Tensor]],
+        denoising_meta: dict | None = None,
+        random_source: MaskDINORandomSource | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Matching]]:
+        """Unweighted loss terms (the official criterion's output) and the matching of every matched layer.
+
+        Returns `(terms, matchings)`; `matchings` maps `final`, `aux{i}` and `interm` to the matcher's output.
+        Random draws happen in the official order: final layer (matcher points image by image, then the PointRend
+        points of the matched masks), its denoising queries, then for each auxiliary layer the same, then `interm`.
+        """
+        random_source = random_source if random_source is not None else MaskDINORandomSource()
+        device = outputs["pred_logits"].device
+        missing = [key for key in ("labels", "boxes", "masks") for t in targets if key not in t]
+        if missing:
+            raise ValueError(f"every target needs 'labels', 'boxes' and 'masks'; missing {sorted(set(missing))}")
+        num_masks = self._num_masks(targets, device)
+
+        use_denoising = self.denoising != "no" and denoising_meta is not None
+        dn_outputs = dn_indices = dn_norm = None
+        if use_denoising:
+            dn_outputs = denoising_meta["output_known_lbs_bboxes"]
+            scalar = int(denoising_meta["scalar"])
+            dn_indices = self.denoising_indices(targets, scalar, int(denoising_meta["pad_size"]))
+            dn_norm = num_masks * scalar
+
+        terms: dict[str, Tensor] = {}
+        matchings: dict[str, Matching] = {}
+        all_kinds = ("labels", "masks", "boxes")
+
+        def matched_layer(layer_outputs, name, suffix):
+            indices = self.matcher(layer_outputs, targets, random_source)
+            matchings[name] = indices
+            layer_terms = self._terms(all_kinds, layer_outputs, targets, indices, num_masks, random_source)
+            terms.update({key + suffix: value for key, value in layer_terms.items()})
+
+        def denoising_layer(layer_outputs, suffix):
+            if use_denoising:
+                layer_terms = self._terms(
+                    self.denoising_losses, layer_outputs, targets, dn_indices, dn_norm, random_source
+                )
+            elif self.denoising != "no":
+                layer_terms = self._zero_denoising_terms(device)
+            else:
+                return
+            terms.update({key + suffix: value for key, value in layer_terms.items()})
+
+        final = {key: outputs[key] for key in ("pred_logits", "pred_masks", "pred_boxes")}
+        matched_layer(final, "final", "")
+        denoising_layer(dn_outputs, "_dn")
+
+        if self.deep_supervision and outputs.get("aux_outputs"):
+            # without query selection the first auxiliary prediction gets no denoising loss (official behaviour)
+            first_denoised = 0 if "interm_outputs" in outputs else 1
+            for layer, aux_outputs in enumerate(outputs["aux_outputs"]):
+                matched_layer(aux_outputs, f"aux{layer}", f"_{layer}")
+                if layer >= first_denoised:
+                    dn_aux = dn_outputs["aux_outputs"][layer] if use_denoising else None
+                    denoising_layer(dn_aux, f"_dn_{layer}")
+
+        if outputs.get("interm_outputs") is not None:
+            matched_layer(outputs["interm_outputs"], "interm", "_interm")
+        return terms, matchings
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict[str, Tensor]],
+        denoising_meta: dict | None = None,
+        random_source: MaskDINORandomSource | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and the weighted terms (terms without a weight are dropped, as in the official model)."""
+        terms, _ = self.compute_loss_terms(outputs, targets, denoising_meta, random_source)
+        loss_dict = {name: value * self.weight_dict[name] for name, value in terms.items() if name in self.weight_dict}
+        loss = torch.stack(list(loss_dict.values())).sum()
+        return loss, loss_dict
+
+
+def MaskDINOForUniversalSegmentationLoss(
+    outputs: dict,
+    targets: list[dict[str, Tensor]],
+    config: MaskDINOConfig,
+    denoising_meta: dict | None = None,
+    random_source: MaskDINORandomSource | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Functional entry point (Transformers' `*Loss` function style): build the criterion from `config` on the
+    predictions' device and return `(loss, loss_dict)`; see [`MaskDINOLoss`] for the layouts."""
+    criterion = MaskDINOLoss(config).to(outputs["pred_logits"].device)
+    return criterion(outputs, targets, denoising_meta, random_source)
+
+
+__all__ = [
+    "MaskDINOHungarianMatcher",
+    "MaskDINOLoss",
+    "MaskDINOForUniversalSegmentationLoss",
+    "generalized_box_iou_with_eps",
+    "focal_class_cost",
+    "maskdino_weight_dict",
+]

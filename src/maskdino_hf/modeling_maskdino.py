@@ -1,0 +1,957 @@
+"""Mask DINO: a unified DETR-style detector and segmenter (Li et al., CVPR 2023).
+
+Parts, in the order of the paper and of the forward pass:
+- backbone through `load_backbone` (`AutoBackbone`: ResNet, Swin or timm);
+- pixel decoder (`MaskDINOPixelDecoder`): multi-scale deformable-attention encoder plus an FPN-style 1/4-scale
+  per-pixel embedding (the mask features);
+- unified query selection (`MaskDINODecoder.query_selection`): the top-k encoder tokens predict class, box and
+  mask, and become the decoder's queries;
+- mask-enhanced box initialisation (`mask_enhanced_box_init`): the selected queries' masks give the initial anchors;
+- unified denoising (`MaskDINODecoder.denoising_queries`): noised ground-truth labels and boxes in groups, which
+  also reconstruct masks;
+- DINO decoder with deformable cross-attention and look-forward-twice box refinement; every layer predicts a class,
+  a box and a mask (query embedding · per-pixel embedding).
+The loss (hybrid matching and the criterion) lives in `loss_maskdino.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.deformable_detr.modeling_deformable_detr import (
+    DeformableDetrFrozenBatchNorm2d,
+    inverse_sigmoid,
+)
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
+from transformers.utils import ModelOutput
+from transformers.backbone_utils import load_backbone
+
+from .configuration_maskdino import BACKBONE_FEATURES, MaskDINOConfig
+from .ms_deform_attn import MaskDINOMultiscaleDeformableAttention
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class MaskDINOModelOutput(ModelOutput):
+    r"""
+    Outputs of [`MaskDINOModel`]. Q = queries (denoising queries excluded), C = classifier width, L = decoder layers,
+    (h, w) = 1/4 of the padded input.
+
+    backbone_features (`tuple[torch.Tensor]`): the backbone maps res2..res5, each (batch, channels, H/s, W/s).
+    multi_scale_features (`tuple[torch.Tensor]`): the pixel-decoder encoder output per level (encoder level order),
+        each (batch, feature_size, H_l, W_l).
+    mask_features (`torch.Tensor` of shape (batch, mask_feature_size, h, w)): the per-pixel embedding.
+    enc_outputs_class (`torch.Tensor` of shape (batch, tokens, C)): query-selection class logits of every encoder
+        token (decoder level order); `None` without two-stage.
+    enc_outputs_coord_logits (`torch.Tensor` of shape (batch, tokens, 4)): their boxes in logit space.
+    enc_topk_indices (`torch.Tensor` of shape (batch, Q)): the selected tokens, by descending score.
+    enc_topk_logits (`torch.Tensor` of shape (batch, Q, C)): class logits of the selected proposals.
+    enc_topk_boxes (`torch.Tensor` of shape (batch, Q, 4)): their boxes (sigmoid cxcywh, padded-input frame).
+    enc_topk_masks (`torch.Tensor` of shape (batch, Q, h, w)): their mask logits.
+    init_reference_points (`torch.Tensor` of shape (batch, Q, 4)): initial anchors in logit space (after
+        mask-enhanced box initialisation when enabled).
+    intermediate_hidden_states (`torch.Tensor` of shape (batch, L, Q, hidden)): normed output of every layer.
+    intermediate_reference_points (`torch.Tensor` of shape (batch, L + 1, Q, 4)): sigmoid anchors entering each layer
+        and after the last one.
+    class_logits (`tuple[torch.Tensor]`): L + 1 (with `initial_pred`) tensors (batch, Q, C), initial prediction first.
+    mask_logits (`tuple[torch.Tensor | None]`): the same layers' mask logits (batch, Q, h, w); `None` for the
+        intermediate layers at inference unless `output_auxiliary_masks=True`.
+    box_predictions (`tuple[torch.Tensor]`): the same layers' boxes (batch, Q, 4), sigmoid cxcywh.
+    denoising_outputs (`dict`): per-layer predictions of the denoising queries (training only).
+    denoising_meta (`dict`): how denoising queries map to ground truth (training only).
+    """
+
+    backbone_features: tuple[torch.Tensor, ...] | None = None
+    multi_scale_features: tuple[torch.Tensor, ...] | None = None
+    mask_features: torch.Tensor | None = None
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+    enc_topk_indices: torch.Tensor | None = None
+    enc_topk_logits: torch.Tensor | None = None
+    enc_topk_boxes: torch.Tensor | None = None
+    enc_topk_masks: torch.Tensor | None = None
+    init_reference_points: torch.Tensor | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    class_logits: tuple[torch.Tensor, ...] | None = None
+    mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    box_predictions: tuple[torch.Tensor, ...] | None = None
+    denoising_outputs: dict | None = None
+    denoising_meta: dict | None = None
+
+
+@dataclass
+class MaskDINOForUniversalSegmentationOutput(ModelOutput):
+    r"""
+    Outputs of [`MaskDINOForUniversalSegmentation`].
+
+    loss (`torch.Tensor`, *optional*): total weighted loss, when labels are given.
+    loss_dict (`dict[str, torch.Tensor]`, *optional*): every weighted loss term by its official name.
+    class_queries_logits (`torch.Tensor` of shape (batch, queries, C)): final-layer class logits (C = num_labels,
+        plus one no-object logit for `semantic_ce_loss` models).
+    masks_queries_logits (`torch.Tensor` of shape (batch, queries, H/4, W/4)): final-layer mask logits at 1/4 of the
+        padded input.
+    pred_boxes (`torch.Tensor` of shape (batch, queries, 4)): final-layer boxes, sigmoid (cx, cy, w, h) normalised
+        to the padded input.
+    auxiliary_outputs (`list[dict]`): one dict (`class_queries_logits`, `masks_queries_logits`, `pred_boxes`) per
+        earlier layer, the initial prediction first.
+    enc_topk_logits / enc_topk_boxes / enc_topk_masks: the encoder's selected proposals (see `MaskDINOModelOutput`).
+    mask_features (`torch.Tensor`): the per-pixel embedding.
+    intermediate_hidden_states (`torch.Tensor`, *optional*): decoder states, when `output_hidden_states=True`.
+    backbone_features / multi_scale_features (*optional*): when `output_hidden_states=True`.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_dict: dict | None = None
+    class_queries_logits: torch.Tensor | None = None
+    masks_queries_logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+    auxiliary_outputs: list[dict] | None = None
+    enc_topk_logits: torch.Tensor | None = None
+    enc_topk_boxes: torch.Tensor | None = None
+    enc_topk_masks: torch.Tensor | None = None
+    mask_features: torch.Tensor | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    backbone_features: tuple[torch.Tensor, ...] | None = None
+    multi_scale_features: tuple[torch.Tensor, ...] | None = None
+
+
+class MaskDINOMLP(nn.Module):
+    """A stack of linear layers with ReLU between them (box, mask and query-position heads)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index < len(self.layers) - 1:
+                hidden_states = F.relu(hidden_states)
+        return hidden_states
+
+
+def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine embedding of normalised (cx, cy, w, h) boxes: `num_features` per coordinate in the order (y, x, w, h)."""
+    dim_t = torch.arange(num_features, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
+    scaled = boxes.float()[..., None] * (2 * math.pi) / dim_t
+    embedded = torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
+    x_embed, y_embed, w_embed, h_embed = embedded.unbind(-2)
+    return torch.cat((y_embed, x_embed, w_embed, h_embed), dim=-1).to(boxes.dtype)
+
+
+def mask_enhanced_box_init(mask_logits: torch.Tensor, box_type: str) -> torch.Tensor:
+    """Mask-enhanced anchor box initialisation: boxes around the selected queries' masks, in logit space.
+
+    `mask2box` gives the extent with the last pixel index as x_max/y_max (empty masks: x_min = y_min = 1e8, max 0);
+    `bitmask` adds one to the maxima (empty masks: all zeros). Both as the official implementation.
+    """
+    masks = mask_logits.detach() > 0
+    height, width = masks.shape[-2:]
+    cols = masks.any(dim=-2)
+    rows = masks.any(dim=-1)
+    x_index = torch.arange(width, device=masks.device, dtype=torch.float32)
+    y_index = torch.arange(height, device=masks.device, dtype=torch.float32)
+    x_max = torch.where(cols, x_index, 0.0).amax(-1)
+    y_max = torch.where(rows, y_index, 0.0).amax(-1)
+    if box_type == "mask2box":
+        x_min = torch.where(cols, x_index, 1e8).amin(-1)
+        y_min = torch.where(rows, y_index, 1e8).amin(-1)
+        boxes = torch.stack([x_min, y_min, x_max, y_max], dim=-1)
+    elif box_type == "bitmask":
+        x_min = torch.where(cols, x_index, float(width)).amin(-1)
+        y_min = torch.where(rows, y_index, float(height)).amin(-1)
+        boxes = torch.stack([x_min, y_min, x_max + 1, y_max + 1], dim=-1)
+        boxes = torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
+    else:
+        raise ValueError(f"unknown initialize_box_type {box_type!r}")
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=masks.device)
+    return inverse_sigmoid(corners_to_center_format(boxes) / scale).to(mask_logits.dtype)
+
+
+def encoder_output_proposals(
+    memory: torch.Tensor, spatial_shapes_list: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage anchors: one proposal per encoder token, centred on its cell, size 0.05 * 2**level (decoder level
+    index, so the first (coarsest) level gets the smallest). Proposals touching the border (any coordinate outside
+    (0.01, 0.99)) become +inf and their token is zeroed. Returns (memory, proposals in logit space)."""
+    proposals = []
+    for level, (height, width) in enumerate(spatial_shapes_list):
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(height, dtype=torch.float32, device=memory.device),
+            torch.arange(width, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        centers = torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height], dim=-1).reshape(-1, 2)
+        sizes = torch.full_like(centers, 0.05 * (2.0**level))
+        proposals.append(torch.cat([centers, sizes], dim=-1))
+    proposals = torch.cat(proposals, dim=0)[None].expand(memory.shape[0], -1, -1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
+    memory = memory.masked_fill(~valid, 0.0)
+    return memory, proposals.to(memory.dtype)
+
+
+def _check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, min_size: int) -> None:
+    if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
+        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a 4-d tensor (batch, 3, height, width), got {shape}")
+    if pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point (normalised by the image processor), got {pixel_values.dtype}"
+        )
+    if min(pixel_values.shape[-2:]) < min_size:
+        raise ValueError(
+            f"input of size {tuple(pixel_values.shape[-2:])} is smaller than the coarsest feature stride ({min_size}); "
+            "resize or pad it first"
+        )
+    if pixel_mask is not None and (
+        pixel_mask.ndim != 3 or pixel_mask.shape[0] != pixel_values.shape[0] or pixel_mask.shape[-2:] != pixel_values.shape[-2:]
+    ):
+        raise ValueError(
+            f"pixel_mask must have shape (batch, height, width) = "
+            f"{(pixel_values.shape[0], *pixel_values.shape[-2:])}, got {tuple(pixel_mask.shape)}"
+        )
+
+
+class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
+    """Deformable self-attention over all levels followed by a feed-forward block (post-norm)."""
+
+    def __init__(self, config: MaskDINOConfig):
+        super().__init__()
+        dim = config.feature_size
+        self.self_attn = MaskDINOMultiscaleDeformableAttention(
+            dim, config.num_feature_levels, config.encoder_attention_heads, config.encoder_n_points
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(dim, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.activation = _ACTIVATIONS[config.activation_function]
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        spatial_shapes_list: list[tuple[int, int]],
+        level_start_index: torch.Tensor,
+    ) -> torch.Tensor:
+        attended, _ = self.self_attn(
+            hidden_states=hidden_states,
+            encoder_hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            spatial_shapes_list=spatial_shapes_list,
+            level_start_index=level_start_index,
+        )
+        hidden_states = self.self_attn_layer_norm(
+            hidden_states + F.dropout(attended, self.dropout, self.training)
+        )
+        feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+        return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+
+
+class MaskDINOPixelDecoder(nn.Module):
+    """Multi-scale deformable encoder over the backbone maps (plus strided extra levels) and the 1/4 mask features."""
+
+    def __init__(self, config: MaskDINOConfig, feature_channels: dict[str, int]):
+        super().__init__()
+        dim = config.feature_size
+        self.feature_order = config.feature_order
+        encoder_features = sorted(config.encoder_in_features, key=BACKBONE_FEATURES.index)
+        # Encoder level order: finest first for 'low2high', coarsest first for 'high2low'.
+        self.encoder_features = encoder_features if self.feature_order == "low2high" else encoder_features[::-1]
+        self.num_feature_levels = config.num_feature_levels
+        num_extra = config.num_feature_levels - len(encoder_features)
+        self.input_projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(feature_channels[name], dim, kernel_size=1), nn.GroupNorm(32, dim))
+            for name in self.encoder_features
+        )
+        # Extra coarser levels: strided 3x3 convs chained from the input map with the most channels.
+        self.extra_source = max(encoder_features, key=lambda name: feature_channels[name])
+        extra_in = feature_channels[self.extra_source]
+        self.extra_projections = nn.ModuleList()
+        for _ in range(num_extra):
+            self.extra_projections.append(
+                nn.Sequential(nn.Conv2d(extra_in, dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, dim))
+            )
+            extra_in = dim
+        self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, dim))
+        self.position_embedding = Mask2FormerSinePositionEmbedding(num_position_features=dim // 2, normalize=True)
+        self.layers = nn.ModuleList(MaskDINOPixelDecoderEncoderLayer(config) for _ in range(config.encoder_layers))
+
+        finest_stride = 2 ** (BACKBONE_FEATURES.index(encoder_features[0]) + 2)
+        num_fpn_levels = max(int(math.log2(finest_stride) - math.log2(config.common_stride)), 1)
+        # FPN laterals, coarse to fine (e.g. only res2 for res3..res5 encoder inputs).
+        self.fpn_features = list(BACKBONE_FEATURES[:num_fpn_levels])[::-1]
+        self.lateral_convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(feature_channels[name], dim, kernel_size=1, bias=False), nn.GroupNorm(32, dim))
+            for name in self.fpn_features
+        )
+        self.output_convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False), nn.GroupNorm(32, dim), nn.ReLU())
+            for _ in self.fpn_features
+        )
+        self.mask_projection = nn.Conv2d(dim, config.mask_feature_size, kernel_size=1)
+
+    @staticmethod
+    def reference_points(spatial_shapes_list: list[tuple[int, int]], device, dtype) -> torch.Tensor:
+        """Cell centres of every level, normalised to [0, 1] (no padding mask: valid ratios are 1)."""
+        points = []
+        for height, width in spatial_shapes_list:
+            ref_y, ref_x = torch.meshgrid(
+                (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
+                (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width,
+                indexing="ij",
+            )
+            points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
+        points = torch.cat(points, 0).to(dtype)
+        return points[None, :, None].expand(1, -1, len(spatial_shapes_list), 2)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        sources = [proj(features[name]) for proj, name in zip(self.input_projections, self.encoder_features)]
+        extra = []
+        previous = features[self.extra_source]
+        for proj in self.extra_projections:
+            previous = proj(previous)
+            extra.append(previous)
+        # Extra levels are coarser than any backbone level.
+        sources = sources + extra if self.feature_order == "low2high" else extra[::-1] + sources
+
+        spatial_shapes_list = [(src.shape[2], src.shape[3]) for src in sources]
+        batch_size = sources[0].shape[0]
+        flat, position = [], []
+        for level, src in enumerate(sources):
+            flat.append(src.flatten(2).transpose(1, 2))
+            pos = self.position_embedding(src.shape, src.device, src.dtype)
+            position.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
+        hidden_states = torch.cat(flat, 1)
+        position_embeddings = torch.cat(position, 1)
+        spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long, device=hidden_states.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        reference_points = self.reference_points(spatial_shapes_list, hidden_states.device, hidden_states.dtype)
+        reference_points = reference_points.expand(batch_size, -1, -1, -1)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
+                level_start_index,
+            )
+
+        sizes = [height * width for height, width in spatial_shapes_list]
+        outputs = [
+            level.transpose(1, 2).reshape(batch_size, -1, height, width)
+            for level, (height, width) in zip(hidden_states.split(sizes, dim=1), spatial_shapes_list)
+        ]
+        multi_scale_features = list(outputs)
+        finest = 0 if self.feature_order == "low2high" else -1
+        for name, lateral, output_conv in zip(self.fpn_features, self.lateral_convs, self.output_convs):
+            lateral_map = lateral(features[name])
+            upsampled = F.interpolate(outputs[finest], size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(output_conv(lateral_map + upsampled))
+        return multi_scale_features, self.mask_projection(outputs[-1])
+
+
+class MaskDINODecoderLayer(GradientCheckpointingLayer):
+    """DINO decoder layer: query self-attention, deformable cross-attention on the encoder memory, feed-forward."""
+
+    def __init__(self, config: MaskDINOConfig):
+        super().__init__()
+        dim = config.hidden_size
+        heads = config.decoder_attention_heads
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=config.dropout, batch_first=True)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.encoder_attn = MaskDINOMultiscaleDeformableAttention(
+            dim, config.num_feature_levels, heads, config.decoder_n_points
+        )
+        self.encoder_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(dim, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.activation = _ACTIVATIONS[config.activation_function]
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        query_position: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        spatial_shapes_list: list[tuple[int, int]],
+        level_start_index: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        query = hidden_states + query_position
+        attended = self.self_attn(query, query, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
+        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        attended, _ = self.encoder_attn(
+            hidden_states=hidden_states,
+            encoder_hidden_states=memory,
+            position_embeddings=query_position,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            spatial_shapes_list=spatial_shapes_list,
+            level_start_index=level_start_index,
+        )
+        hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+        return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+
+
+class MaskDINODecoder(nn.Module):
+    """Query selection, denoising, the DINO decoder and the class/box/mask heads shared by every layer."""
+
+    def __init__(self, config: MaskDINOConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.input_projections = nn.ModuleList(
+            nn.Conv2d(config.feature_size, dim, kernel_size=1)
+            if config.feature_size != dim or config.enforce_input_projection
+            else nn.Identity()
+            for _ in range(config.num_feature_levels)
+        )
+        if config.two_stage:
+            self.enc_output = nn.Linear(dim, dim)
+            self.enc_output_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        if not config.two_stage or config.learn_tgt:
+            self.query_feat = nn.Embedding(config.num_queries, dim)
+        if not config.two_stage:
+            self.query_embed = nn.Embedding(config.num_queries, 4)
+        self.class_embed = nn.Linear(dim, config.num_classifier_outputs)
+        self.label_enc = nn.Embedding(config.num_labels, dim)
+        self.mask_embed = MaskDINOMLP(dim, dim, config.mask_feature_size, 3)
+        self.bbox_embed = MaskDINOMLP(dim, dim, 4, 3)
+        self.ref_point_head = MaskDINOMLP(2 * dim, dim, dim, 2)
+        # The official decoder normalises each layer's output with this norm and the heads apply it once more.
+        self.layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(MaskDINODecoderLayer(config) for _ in range(config.decoder_layers))
+
+    def prediction_heads(
+        self, hidden_states: torch.Tensor, mask_features: torch.Tensor, predict_masks: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class logits and mask logits (query embedding · per-pixel embedding) of decoder states."""
+        normed = self.layer_norm(hidden_states)
+        class_logits = self.class_embed(normed)
+        if not predict_masks:
+            return class_logits, None
+        mask_embeddings = self.mask_embed(normed)
+        return class_logits, torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
+
+    def query_selection(
+        self, memory: torch.Tensor, spatial_shapes_list: list[tuple[int, int]], mask_features: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Unified query selection: score every encoder token, keep the top-k as content queries and anchors."""
+        memory, proposals = encoder_output_proposals(memory, spatial_shapes_list)
+        memory = self.enc_output_norm(self.enc_output(memory))
+        class_logits = self.class_embed(memory)
+        coord_logits = self.bbox_embed(memory) + proposals
+        topk = torch.topk(class_logits.max(-1).values, self.config.num_queries, dim=1).indices
+        selected_coords = torch.gather(coord_logits, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
+        selected_memory = torch.gather(memory, 1, topk.unsqueeze(-1).expand(-1, -1, memory.shape[-1]))
+        topk_logits, topk_masks = self.prediction_heads(selected_memory, mask_features)
+        return {
+            "enc_outputs_class": class_logits,
+            "enc_outputs_coord_logits": coord_logits,
+            "topk_indices": topk,
+            "content": selected_memory,
+            "anchors": selected_coords,
+            "topk_logits": topk_logits,
+            "topk_boxes": selected_coords.sigmoid(),
+            "topk_masks": topk_masks,
+        }
+
+    def denoising_queries(self, targets: list[dict], random_source) -> dict | None:
+        """Unified denoising: noised ground-truth labels and boxes repeated in groups.
+
+        Returns `None` when no image has a target. Otherwise the denoising content queries and anchors
+        (batch, pad_size, ...), the self-attention mask (True = blocked) over [denoising; matching] queries,
+        and the bookkeeping the loss needs (official `mask_dict` layout).
+        """
+        config = self.config
+        counts = [len(target["labels"]) for target in targets]
+        max_count = max(counts) if counts else 0
+        if max_count == 0:
+            return None
+        groups = config.denoising_num // max_count
+        if groups == 0:
+            return None
+        device = self.label_enc.weight.device
+        labels = torch.cat([target["labels"] for target in targets]).to(device)
+        boxes = torch.cat([target["boxes"] for target in targets]).to(device)
+        batch_index = torch.cat(
+            [torch.full((count,), index, dtype=torch.long, device=device) for index, count in enumerate(counts)]
+        )
+        known_labels = labels.repeat(groups)
+        known_boxes = boxes.repeat(groups, 1)
+        known_batch = batch_index.repeat(groups)
+        noised_labels = known_labels.clone()
+        noised_boxes = known_boxes.clone()
+        scale = config.denoising_noise_scale
+        if scale > 0:
+            flip = random_source.rand_like(noised_labels.float()) < (scale * 0.5)
+            flip_index = torch.nonzero(flip).view(-1)
+            new_labels = random_source.randint_like(flip_index, 0, config.num_labels)
+            noised_labels.scatter_(0, flip_index, new_labels)
+            jitter = torch.cat([noised_boxes[:, 2:] / 2, noised_boxes[:, 2:]], dim=1)
+            noise = random_source.rand_like(noised_boxes) * 2 - 1.0
+            noised_boxes = (noised_boxes + noise * jitter * scale).clamp(0.0, 1.0)
+
+        pad_size = max_count * groups
+        batch_size = len(targets)
+        dim = config.hidden_size
+        content = torch.zeros(batch_size, pad_size, dim, device=device, dtype=self.label_enc.weight.dtype)
+        anchors = torch.zeros(batch_size, pad_size, 4, device=device, dtype=boxes.dtype)
+        slot = torch.cat([torch.arange(count, device=device) for count in counts])
+        slot = torch.cat([slot + max_count * group for group in range(groups)]).long()
+        content[known_batch, slot] = self.label_enc(noised_labels.long())
+        anchors[known_batch, slot] = inverse_sigmoid(noised_boxes)
+
+        size = pad_size + config.num_queries
+        group_id = torch.arange(size, device=device) // max_count
+        is_dn = torch.arange(size, device=device) < pad_size
+        # Matching queries cannot see denoising ones; a denoising group sees only itself (and matching queries).
+        attn_mask = is_dn[None, :] & (~is_dn[:, None] | (group_id[:, None] != group_id[None, :]))
+        return {
+            "content": content,
+            "anchors": anchors,
+            "attn_mask": attn_mask,
+            "known_indice": torch.arange(len(labels), device=device).repeat(groups),
+            "batch_idx": batch_index,
+            "map_known_indice": slot,
+            "known_lbs_bboxes": (known_labels, known_boxes),
+            "pad_size": pad_size,
+            "scalar": groups,
+        }
+
+    def forward(
+        self,
+        multi_scale_features: list[torch.Tensor],
+        mask_features: torch.Tensor,
+        targets: list[dict] | None = None,
+        random_source=None,
+        output_auxiliary_masks: bool = False,
+    ) -> dict:
+        config = self.config
+        levels = len(multi_scale_features)
+        # The decoder reads the levels in reverse encoder order.
+        sources = [self.input_projections[levels - 1 - i](multi_scale_features[levels - 1 - i]) for i in range(levels)]
+        spatial_shapes_list = [(src.shape[2], src.shape[3]) for src in sources]
+        memory = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
+        spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long, device=memory.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        batch_size = memory.shape[0]
+
+        selection = None
+        if config.two_stage:
+            selection = self.query_selection(memory, spatial_shapes_list, mask_features)
+            content = selection["content"].detach()
+            anchors = selection["anchors"].detach()
+            if config.learn_tgt:
+                content = self.query_feat.weight[None].expand(batch_size, -1, -1)
+            if config.initialize_box_type != "no":
+                anchors = mask_enhanced_box_init(selection["topk_masks"], config.initialize_box_type)
+        else:
+            content = self.query_feat.weight[None].expand(batch_size, -1, -1)
+            anchors = self.query_embed.weight[None].expand(batch_size, -1, -1)
+        init_reference = anchors
+
+        denoising = None
+        if self.training and config.denoising != "no" and targets is not None:
+            denoising = self.denoising_queries(targets, random_source)
+        attn_mask = None
+        if denoising is not None:
+            content = torch.cat([denoising["content"], content], dim=1)
+            anchors = torch.cat([denoising["anchors"].to(anchors.dtype), anchors], dim=1)
+            attn_mask = denoising["attn_mask"]
+            if self.layers[0].self_attn.num_heads > 1:
+                attn_mask = attn_mask
+
+        class_logits, mask_logits, boxes = [], [], []
+        predict_all_masks = self.training or output_auxiliary_masks
+        if config.initial_pred:
+            logits, masks = self.prediction_heads(content, mask_features, predict_all_masks or not config.two_stage)
+            class_logits.append(logits)
+            mask_logits.append(masks)
+            boxes.append(anchors.sigmoid())
+
+        hidden_states = content
+        reference_points = anchors.sigmoid()
+        references = [reference_points]
+        intermediate = []
+        for index, layer in enumerate(self.layers):
+            query_position = self.ref_point_head(box_sine_embedding(reference_points))
+            hidden_states = layer(
+                hidden_states,
+                query_position,
+                reference_points[:, :, None].expand(-1, -1, levels, -1),
+                memory,
+                spatial_shapes,
+                spatial_shapes_list,
+                level_start_index,
+                attn_mask,
+            )
+            normed = self.layer_norm(hidden_states)
+            intermediate.append(normed)
+            last = index == len(self.layers) - 1
+            logits, masks = self.prediction_heads(normed, mask_features, predict_all_masks or last)
+            class_logits.append(logits)
+            mask_logits.append(masks)
+            # Look forward twice: the reported box uses the normed state, the next layer's anchor the raw one.
+            reference_logits = inverse_sigmoid(reference_points)
+            boxes.append((self.bbox_embed(normed) + reference_logits).sigmoid())
+            refined = (self.bbox_embed(hidden_states) + reference_logits).sigmoid()
+            reference_points = refined.detach()
+            references.append(refined)
+
+        if config.initial_pred and config.two_stage and not predict_all_masks:
+            mask_logits[0] = selection["topk_masks"]
+        if self.training and denoising is None:
+            class_logits[-1] = class_logits[-1] + 0.0 * self.label_enc.weight.sum()
+
+        outputs = {
+            "class_logits": class_logits,
+            "mask_logits": mask_logits,
+            "boxes": boxes,
+            "intermediate": intermediate,
+            "references": references,
+            "init_reference": init_reference,
+            "selection": selection,
+            "denoising": denoising,
+            "spatial_shapes_list": spatial_shapes_list,
+        }
+        if denoising is not None:
+            pad = denoising["pad_size"]
+            outputs["denoising_predictions"] = [
+                (logits[:, :pad], masks[:, :pad] if masks is not None else None, box[:, :pad])
+                for logits, masks, box in zip(class_logits, mask_logits, boxes)
+            ]
+            outputs["class_logits"] = [logits[:, pad:] for logits in class_logits]
+            outputs["mask_logits"] = [masks[:, pad:] if masks is not None else None for masks in mask_logits]
+            outputs["boxes"] = [box[:, pad:] for box in boxes]
+            outputs["intermediate"] = [state[:, pad:] for state in intermediate]
+            outputs["references"] = [ref[:, pad:] for ref in references]
+        return outputs
+
+
+class MaskDINOPreTrainedModel(PreTrainedModel):
+    config_class = MaskDINOConfig
+    config: MaskDINOConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MaskDINOPixelDecoderEncoderLayer", "MaskDINODecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, MaskDINOMultiscaleDeformableAttention):
+            nn.init.zeros_(module.sampling_offsets.weight)
+            thetas = torch.arange(module.n_heads, dtype=torch.float32) * (2.0 * math.pi / module.n_heads)
+            grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+            grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(module.n_heads, 1, 1, 2)
+            grid = grid.repeat(1, module.n_levels, module.n_points, 1)
+            grid = grid * torch.arange(1, module.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+            module.sampling_offsets.bias.copy_(grid.view(-1))
+            nn.init.zeros_(module.attention_weights.weight)
+            nn.init.zeros_(module.attention_weights.bias)
+            nn.init.xavier_uniform_(module.value_proj.weight)
+            nn.init.zeros_(module.value_proj.bias)
+            nn.init.xavier_uniform_(module.output_proj.weight)
+            nn.init.zeros_(module.output_proj.bias)
+        elif isinstance(module, MaskDINOPixelDecoder):
+            nn.init.normal_(module.level_embed)
+        elif isinstance(module, MaskDINODecoder):
+            nn.init.zeros_(module.bbox_embed.layers[-1].weight)
+            nn.init.zeros_(module.bbox_embed.layers[-1].bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not getattr(module, "_is_hf_initialized", False):
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            nn.init.xavier_uniform_(module.in_proj_weight)
+            nn.init.zeros_(module.in_proj_bias)
+
+
+class MaskDINOFrozenBatchNorm2d(DeformableDetrFrozenBatchNorm2d):
+    """Batch norm with fixed statistics and affine parameters, evaluated as detectron2's `FrozenBatchNorm2d`
+    (`F.batch_norm` in inference mode) so converted backbones give the official features to the last bit."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            hidden_states, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=1e-5
+        )
+
+
+def freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every `nn.BatchNorm2d` below `module` with `MaskDINOFrozenBatchNorm2d`, keeping its values."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = MaskDINOFrozenBatchNorm2d(child.num_features)
+            if child.weight.device != torch.device("meta"):
+                for buffer in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norms(child)
+
+
+class MaskDINOModel(MaskDINOPreTrainedModel):
+    """Backbone, pixel decoder and transformer decoder with its prediction heads."""
+
+    def __init__(self, config: MaskDINOConfig):
+        super().__init__(config)
+        self.backbone = load_backbone(config)
+        if config.freeze_backbone_batch_norms:
+            freeze_batch_norms(self.backbone)
+        if hasattr(self.backbone, "swin"):
+            # Transformers' Swin backbone carries the classifier's final norm, which the feature maps never use.
+            self.backbone.swin.layernorm = nn.Identity()
+        channels = dict(zip(BACKBONE_FEATURES, self.backbone.num_features[-4:]))
+        if len(self.backbone.out_features) != 4:
+            raise ValueError(
+                f"the backbone must return 4 maps (strides 4, 8, 16, 32 = res2..res5), got {self.backbone.out_features}"
+            )
+        self.pixel_decoder = MaskDINOPixelDecoder(config, channels)
+        self.decoder = MaskDINODecoder(config)
+        self.post_init()
+
+    @property
+    def min_input_size(self) -> int:
+        """The coarsest feature stride (extra levels halve the res5 map each)."""
+        return 32 * 2 ** (self.config.num_feature_levels - len(self.config.encoder_in_features))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        targets: list[dict] | None = None,
+        random_source=None,
+        output_auxiliary_masks: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskDINOModelOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape (batch, 3, height, width)): normalised images, padded to the size
+            divisibility. pixel_mask (`torch.Tensor` of shape (batch, height, width), *optional*): 1 on real pixels;
+            validated only, since the official model attends to padded pixels too.
+        targets (`list[dict]`, *optional*): per image `labels` and `boxes` (normalised cxcywh), for denoising.
+        random_source: where the denoising noise is drawn (see `random_source.py`).
+        output_auxiliary_masks (`bool`): also compute the intermediate layers' masks at inference.
+        """
+        _check_pixel_inputs(pixel_values, pixel_mask, self.min_input_size)
+        backbone_maps = self.backbone(pixel_values).feature_maps[-4:]
+        features = dict(zip(BACKBONE_FEATURES, backbone_maps))
+        multi_scale_features, mask_features = self.pixel_decoder(features)
+        if random_source is None and self.training:
+            from .random_source import MaskDINORandomSource
+
+            random_source = MaskDINORandomSource()
+        decoded = self.decoder(multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks)
+        selection = decoded["selection"] or {}
+        return MaskDINOModelOutput(
+            backbone_features=tuple(backbone_maps),
+            multi_scale_features=tuple(multi_scale_features),
+            mask_features=mask_features,
+            enc_outputs_class=selection.get("enc_outputs_class"),
+            enc_outputs_coord_logits=selection.get("enc_outputs_coord_logits"),
+            enc_topk_indices=selection.get("topk_indices"),
+            enc_topk_logits=selection.get("topk_logits"),
+            enc_topk_boxes=selection.get("topk_boxes"),
+            enc_topk_masks=selection.get("topk_masks"),
+            init_reference_points=decoded["init_reference"],
+            intermediate_hidden_states=torch.stack(decoded["intermediate"], 1),
+            intermediate_reference_points=torch.stack(decoded["references"], 1),
+            class_logits=tuple(decoded["class_logits"]),
+            mask_logits=tuple(decoded["mask_logits"]),
+            box_predictions=tuple(decoded["boxes"]),
+            denoising_outputs=decoded.get("denoising_predictions"),
+            denoising_meta=decoded["denoising"],
+        )
+
+
+class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
+    """Mask DINO with its loss: instance, panoptic and semantic segmentation and detection from one model."""
+
+    def __init__(self, config: MaskDINOConfig):
+        super().__init__(config)
+        self.model = MaskDINOModel(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        boxes: list[torch.Tensor] | None = None,
+        random_source=None,
+        output_auxiliary_masks: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskDINOForUniversalSegmentationOutput:
+        r"""
+        mask_labels (`list[torch.Tensor]`, *optional*): per image (num_targets, height, width) binary masks at the
+            padded input size. class_labels (`list[torch.Tensor]`, *optional*): per image (num_targets,) class ids.
+        boxes (`list[torch.Tensor]`, *optional*): per image (num_targets, 4) normalised cxcywh boxes (of the unpadded
+            image); computed from the masks when omitted.
+        """
+        targets = None
+        if class_labels is not None:
+            targets = self._build_targets(pixel_values, mask_labels, class_labels, boxes)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        outputs = self.model(
+            pixel_values,
+            pixel_mask,
+            targets=targets,
+            random_source=random_source,
+            output_auxiliary_masks=bool(output_auxiliary_masks) or targets is not None,
+        )
+        auxiliary = [
+            {"class_queries_logits": logits, "masks_queries_logits": masks, "pred_boxes": box}
+            for logits, masks, box in zip(outputs.class_logits[:-1], outputs.mask_logits[:-1], outputs.box_predictions[:-1])
+        ]
+        loss = loss_dict = None
+        if targets is not None:
+            from .loss_maskdino import MaskDINOLoss
+
+            loss, loss_dict = MaskDINOLoss(self.config)(
+                self._loss_inputs(outputs), targets, self._denoising_inputs(outputs), random_source
+            )
+        return MaskDINOForUniversalSegmentationOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            class_queries_logits=outputs.class_logits[-1],
+            masks_queries_logits=outputs.mask_logits[-1],
+            pred_boxes=outputs.box_predictions[-1],
+            auxiliary_outputs=auxiliary,
+            enc_topk_logits=outputs.enc_topk_logits,
+            enc_topk_boxes=outputs.enc_topk_boxes,
+            enc_topk_masks=outputs.enc_topk_masks,
+            mask_features=outputs.mask_features,
+            intermediate_hidden_states=outputs.intermediate_hidden_states if output_hidden_states else None,
+            backbone_features=outputs.backbone_features if output_hidden_states else None,
+            multi_scale_features=outputs.multi_scale_features if output_hidden_states else None,
+        )
+
+    def _build_targets(self, pixel_values, mask_labels, class_labels, boxes) -> list[dict]:
+        batch_size = pixel_values.shape[0]
+        if len(class_labels) != batch_size:
+            raise ValueError(f"class_labels has {len(class_labels)} entries for a batch of {batch_size}")
+        if mask_labels is not None and len(mask_labels) != batch_size:
+            raise ValueError(f"mask_labels has {len(mask_labels)} entries for a batch of {batch_size}")
+        if boxes is None and mask_labels is None:
+            raise ValueError("training needs boxes or mask_labels besides class_labels")
+        targets = []
+        for index in range(batch_size):
+            labels = class_labels[index].to(pixel_values.device).long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_labels):
+                raise ValueError(
+                    f"class_labels[{index}] has ids outside 0..{self.config.num_labels - 1}: {labels.tolist()}"
+                )
+            target = {"labels": labels}
+            if mask_labels is not None:
+                masks = mask_labels[index].to(pixel_values.device)
+                if masks.shape[0] != labels.shape[0] or masks.shape[-2:] != pixel_values.shape[-2:]:
+                    raise ValueError(
+                        f"mask_labels[{index}] must have shape ({labels.shape[0]}, "
+                        f"{pixel_values.shape[-2]}, {pixel_values.shape[-1]}), got {tuple(masks.shape)}"
+                    )
+                target["masks"] = masks.to(pixel_values.dtype)
+            if boxes is not None:
+                box = boxes[index].to(pixel_values.device, pixel_values.dtype)
+                if box.shape != (labels.shape[0], 4):
+                    raise ValueError(f"boxes[{index}] must have shape ({labels.shape[0]}, 4), got {tuple(box.shape)}")
+                target["boxes"] = box
+            else:
+                height, width = pixel_values.shape[-2:]
+                scale = torch.tensor([width, height, width, height], device=pixel_values.device, dtype=torch.float32)
+                corners = _mask_extents(target["masks"] > 0.5)
+                target["boxes"] = (corners_to_center_format(corners) / scale).to(pixel_values.dtype)
+            targets.append(target)
+        return targets
+
+    @staticmethod
+    def _loss_inputs(outputs: MaskDINOModelOutput) -> dict:
+        def layer(logits, masks, box):
+            return {"pred_logits": logits, "pred_masks": masks, "pred_boxes": box}
+
+        layers = [layer(*values) for values in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)]
+        result = dict(layers[-1])
+        result["aux_outputs"] = layers[:-1]
+        if outputs.enc_topk_logits is not None:
+            result["interm_outputs"] = layer(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
+        return result
+
+    @staticmethod
+    def _denoising_inputs(outputs: MaskDINOModelOutput) -> dict | None:
+        meta = outputs.denoising_meta
+        if meta is None:
+            return None
+        layers = [
+            {"pred_logits": logits, "pred_masks": masks, "pred_boxes": box}
+            for logits, masks, box in outputs.denoising_outputs
+        ]
+        known = dict(layers[-1])
+        known["aux_outputs"] = layers[:-1]
+        result = {key: value for key, value in meta.items() if key not in ("content", "anchors", "attn_mask")}
+        result["output_known_lbs_bboxes"] = known
+        return result
+
+
+def _mask_extents(masks: torch.Tensor) -> torch.Tensor:
+    """Tight (x1, y1, x2 + 1, y2 + 1) boxes of binary masks (N, H, W); empty masks give zeros."""
+    return center_to_corners_format(corners_to_center_format(_bitmask_corners(masks)))
+
+
+def _bitmask_corners(masks: torch.Tensor) -> torch.Tensor:
+    height, width = masks.shape[-2:]
+    cols, rows = masks.any(-2), masks.any(-1)
+    x_index = torch.arange(width, device=masks.device, dtype=torch.float32)
+    y_index = torch.arange(height, device=masks.device, dtype=torch.float32)
+    boxes = torch.stack(
+        [
+            torch.where(cols, x_index, float(width)).amin(-1),
+            torch.where(rows, y_index, float(height)).amin(-1),
+            torch.where(cols, x_index, 0.0).amax(-1) + 1,
+            torch.where(rows, y_index, 0.0).amax(-1) + 1,
+        ],
+        -1,
+    )
+    return torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
+
+
+__all__ = [
+    "MaskDINOModel",
+    "MaskDINOForUniversalSegmentation",
+    "MaskDINOPreTrainedModel",
+    "MaskDINOModelOutput",
+    "MaskDINOForUniversalSegmentationOutput",
+]
