@@ -35,7 +35,6 @@ from transformers.image_transforms import center_to_corners_format, corners_to_c
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 # detectron2 / Mask DINO defaults (RGB order, 0-255 scale).
@@ -272,6 +271,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)}")
         if any(value == 0 for value in self.image_std):
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+        if max(self.image_mean) <= 1.0 and max(self.image_std) <= 1.0:
+            raise ValueError(
+                "image_mean and image_std are on the 0-255 scale of the official MODEL.PIXEL_MEAN/PIXEL_STD (e.g. "
+                f"123.675 / 58.395); got {self.image_mean} / {self.image_std}, which look like the 0-1 scale"
+            )
         if self.size_divisibility < 0:
             raise ValueError(f"size_divisibility must be >= 0, got {self.size_divisibility}")
         if self.num_labels is not None and self.num_labels <= 0:
@@ -288,7 +292,14 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             bad = [label for label in self.stuff_labels if not 0 <= label < self.num_labels]
             if bad:
                 raise ValueError(f"stuff_labels {bad} are outside 0..{self.num_labels - 1} (num_labels)")
-        if self.resample not in (Image.NEAREST, Image.BILINEAR, Image.BICUBIC, Image.LANCZOS, Image.BOX, Image.HAMMING):
+        if self.resample not in (
+            Image.NEAREST,
+            Image.BILINEAR,
+            Image.BICUBIC,
+            Image.LANCZOS,
+            Image.BOX,
+            Image.HAMMING,
+        ):
             raise ValueError(f"resample must be a PIL resampling filter, got {self.resample}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,7 +321,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 array = np.asarray(image.convert("RGB"))
             input_data_format = "channels_last"
         elif isinstance(image, torch.Tensor):
-            array = image.detach().cpu().numpy()
+            image = image.detach().cpu()
+            array = (image.float() if image.dtype == torch.bfloat16 else image).numpy()
         elif isinstance(image, np.ndarray):
             array = image
         else:
@@ -318,7 +330,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 f"images must be PIL images, numpy arrays or torch tensors (or a list of them), got {type(image)}"
             )
 
-        if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        if array.dtype == np.bool_ or not (
+            np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        ):
             raise TypeError(f"image arrays must have an integer or floating dtype, got {array.dtype}")
         if array.ndim == 2:
             array = array[None]
@@ -334,7 +348,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             if input_data_format in ("channels_last", "last"):
                 array = np.moveaxis(array, -1, 0)
             elif input_data_format not in ("channels_first", "first"):
-                raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}")
+                raise ValueError(
+                    f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}"
+                )
         else:
             raise ValueError(
                 f"an image must have 2 (H, W) or 3 (channels, H, W / H, W, channels) dimensions, got shape "
@@ -387,13 +403,13 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if image.dtype == np.uint8:
             resized = Image.fromarray(np.moveaxis(image, 0, -1)).resize((width, height), resample)
             return np.ascontiguousarray(np.moveaxis(np.asarray(resized), -1, 0))
-        channels = [
-            np.asarray(Image.fromarray(channel).resize((width, height), resample)) for channel in image
-        ]
+        channels = [np.asarray(Image.fromarray(channel).resize((width, height), resample)) for channel in image]
         return np.stack(channels)
 
     def get_resized_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
         """Size after this processor's resize (the identity when `do_resize` is off)."""
+        if not self.do_resize:
+            return height, width
         size = self.size if size is None else self._standardize_size(size)
         return get_resize_output_size(height, width, size["shortest_edge"], size["longest_edge"])
 
@@ -483,7 +499,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1)
         tensors = []
-        for image, (height, width) in zip(raw_images, resized_sizes):
+        for image, (height, width) in zip(raw_images, resized_sizes, strict=True):
             if do_resize:
                 image = self._resize_image(image, height, width, resample)
             tensor = torch.from_numpy(np.ascontiguousarray(image))
@@ -501,7 +517,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             padded_height, padded_width = resized_sizes[0]
         pixel_values = torch.zeros((len(tensors), 3, padded_height, padded_width), dtype=torch.float32)
         pixel_mask = torch.zeros((len(tensors), padded_height, padded_width), dtype=torch.int64)
-        for index, (tensor, (height, width)) in enumerate(zip(tensors, resized_sizes)):
+        for index, (tensor, (height, width)) in enumerate(zip(tensors, resized_sizes, strict=True)):
             pixel_values[index, :, :height, :width] = tensor
             pixel_mask[index, :height, :width] = 1
 
@@ -560,7 +576,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
         targets = []
         for index, (item, (height, width), (new_height, new_width)) in enumerate(
-            zip(per_image, original_sizes, resized_sizes)
+            zip(per_image, original_sizes, resized_sizes, strict=True)
         ):
             where = f"image {index}"
             if annotations is None:
@@ -654,7 +670,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             else:
                 array = self._label_map(segmentation, what, "a mask")
                 if array.shape != (height, width):
-                    raise ValueError(f"{what}: mask of shape {array.shape} does not match the image size {(height, width)}")
+                    raise ValueError(
+                        f"{what}: mask of shape {array.shape} does not match the image size {(height, width)}"
+                    )
                 mask = _resize_nearest((array != 0).astype(np.uint8), new_height, new_width).astype(bool)
             masks.append(mask)
             labels.append(self._map_category(obj["category_id"], category_id_to_label, what))
@@ -675,16 +693,22 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         elif array.ndim == 2:
             ids = array.astype(np.int64)
         else:
-            raise ValueError(f"{where}: panoptic_seg must be an (H, W, 3) RGB PNG or an (H, W) id map, got {array.shape}")
+            raise ValueError(
+                f"{where}: panoptic_seg must be an (H, W, 3) RGB PNG or an (H, W) id map, got {array.shape}"
+            )
         if ids.shape != (height, width):
-            raise ValueError(f"{where}: panoptic_seg of size {ids.shape} does not match the image size {(height, width)}")
+            raise ValueError(
+                f"{where}: panoptic_seg of size {ids.shape} does not match the image size {(height, width)}"
+            )
         ids = _resize_nearest(ids, new_height, new_width)
         masks, labels = [], []
         for segment in item["segments_info"]:
             if segment.get("iscrowd", 0):
                 continue
             masks.append(ids == int(segment["id"]))
-            labels.append(self._map_category(segment["category_id"], category_id_to_label, f"{where}, segment {segment['id']}"))
+            labels.append(
+                self._map_category(segment["category_id"], category_id_to_label, f"{where}, segment {segment['id']}")
+            )
         return masks, labels
 
     def _semantic_targets(self, item, height, width, new_height, new_width, ignore_index, where):
@@ -694,7 +718,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if not np.issubdtype(array.dtype, np.integer):
             raise TypeError(f"{where}: a segmentation map must hold integer class ids, got {array.dtype}")
         if array.shape != (height, width):
-            raise ValueError(f"{where}: segmentation map of size {array.shape} does not match the image size {(height, width)}")
+            raise ValueError(
+                f"{where}: segmentation map of size {array.shape} does not match the image size {(height, width)}"
+            )
         array = _resize_nearest(array.astype(np.int64), new_height, new_width)
         classes = [int(value) for value in np.unique(array) if value != ignore_index]
         return [array == value for value in classes], classes
@@ -724,11 +750,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if image_sizes is not None:
             image_sizes = _as_size_pairs(image_sizes, "image_sizes")
             if len(image_sizes) != batch_size:
-                raise ValueError(f"image_sizes has {len(image_sizes)} entries but the outputs hold {batch_size} images")
+                raise ValueError(
+                    f"image_sizes has {len(image_sizes)} entries but the outputs hold {batch_size} images"
+                )
         elif target_sizes is not None:
-            image_sizes = (
-                [self.get_resized_size(h, w) for h, w in target_sizes] if self.do_resize else list(target_sizes)
-            )
+            image_sizes = [self.get_resized_size(h, w) for h, w in target_sizes]
         else:
             image_sizes = [padded_size] * batch_size
         for height, width in image_sizes:
@@ -836,8 +862,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         Returns:
             One dict per image: `scores` (N,), `labels` (N,) int64, `boxes` (N, 4), `masks` (N, H, W) bool, and for
             the Transformers pipeline `segmentation` (H, W) int64 (index of the instance shown at each pixel, the
-            highest-scoring one where they overlap, -1 for none) with `segments_info` (`id`, `label_id`, `was_fused`,
-            `score`).
+            highest-scoring one where they overlap, -1 for none) with `segments_info` (`id` = that index,
+            `label_id`, `was_fused`, `score`) for the instances visible in it; instances hidden by higher-scoring
+            ones or with an empty mask are only in `masks`.
         """
         if getattr(outputs, "pred_boxes", None) is None:
             raise ValueError("instance segmentation needs `pred_boxes` in the outputs")
@@ -872,13 +899,20 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             for instance in reversed(range(len(order))):
                 segmentation[result["masks"][instance]] = instance
             result["segmentation"] = segmentation
+            visible = torch.unique(segmentation[segmentation >= 0]).tolist()
             result["segments_info"] = [
-                {"id": i, "label_id": int(result["labels"][i]), "was_fused": False, "score": float(result["scores"][i])}
-                for i in range(len(order))
+                {
+                    "id": i,
+                    "label_id": int(result["labels"][i]),
+                    "was_fused": False,
+                    "score": float(result["scores"][i]),
+                }
+                for i in visible
             ]
             if return_coco_annotation:
                 result["rle_masks"] = [
-                    coco_mask.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8))) for mask in result["masks"]
+                    coco_mask.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+                    for mask in result["masks"]
                 ]
             results.append(result)
         return results
@@ -1072,19 +1106,19 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             semantic = self.post_process_semantic_segmentation(
                 outputs, target_sizes, image_sizes, return_segmentation_scores=True, num_labels=num_labels
             )
-            for result, item in zip(results, semantic):
+            for result, item in zip(results, semantic, strict=True):
                 result["sem_seg"] = item.segmentation_scores
         if self.panoptic_on:
             panoptic = self.post_process_panoptic_segmentation(
                 outputs, target_sizes=target_sizes, image_sizes=image_sizes, num_labels=num_labels
             )
-            for result, item in zip(results, panoptic):
+            for result, item in zip(results, panoptic, strict=True):
                 result["panoptic_seg"] = item
         if self.instance_on:
             instances = self.post_process_instance_segmentation(
                 outputs, target_sizes=target_sizes, image_sizes=image_sizes, num_labels=num_labels
             )
-            for result, item in zip(results, instances):
+            for result, item in zip(results, instances, strict=True):
                 result["instances"] = item
         return results
 

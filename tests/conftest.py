@@ -1,0 +1,49 @@
+"""Shared helpers: the official fixtures copied under tests/fixtures/official."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+CASES = ["instance_r50_mask2box", "panoptic_r50_batch", "semantic_r50_ade", "instance_swin_4scale", "panoptic_decoupled_box"]
+# Panoptic fixture metadata (case.json `metadata_registered`): the stuff classes of each case.
+STUFF_LABELS = {"panoptic_r50_batch": [7, 8, 9, 10], "panoptic_decoupled_box": [80, 81, 82, 83]}
+# panoptic_r50_batch shares the weights file of instance_r50_mask2box.
+CHECKPOINTS = {"panoptic_r50_batch": FIXTURES / "instance_r50_mask2box" / "model.pth"}
+
+
+def case_dir(case: str) -> Path:
+    return FIXTURES / case
+
+
+def checkpoint_path(case: str) -> Path:
+    return CHECKPOINTS.get(case, FIXTURES / case / "model.pth")
+
+
+def case_info(case: str) -> dict:
+    return json.loads((FIXTURES / case / "case.json").read_text())
+
+
+_MODELS: dict[str, object] = {}
+
+
+def converted_model(case: str):
+    """The case's official checkpoint converted with its config (cached per session)."""
+    if case not in _MODELS:
+        from maskdino_hf.convert_maskdino_to_hf import convert_checkpoint
+
+        model, processor = convert_checkpoint(
+            checkpoint_path(case), case_dir(case) / "config.yaml", stuff_labels=STUFF_LABELS.get(case)
+        )
+        _MODELS[case] = (model, processor)
+    return _MODELS[case]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
