@@ -213,6 +213,7 @@ def processor_kwargs_from_official(cfg: dict, config: MaskDINOConfig) -> dict:
         "focus_on_box": config.focus_on_box,
         "semantic_postprocessing_before_inference": config.semantic_postprocessing_before_inference,
         "stuff_labels": list(config.stuff_labels),
+        "num_labels": config.num_labels,
         "instance_on": config.instance_on,
         "panoptic_on": config.panoptic_on,
         "semantic_on": config.semantic_on,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "build_features",
+    "rows_to_dataset",
     "rgb2id",
     "id2rgb",
     "mask_to_rle",
@@ -98,6 +100,13 @@ def build_features(instances: bool = True, panoptic: bool = True, semantic: bool
     return Features(features)
 
 
+def rows_to_dataset(rows: Sequence[Mapping], features: Features, **kwargs) -> datasets.Dataset:
+    """``Dataset.from_list`` that also accepts an empty list (keeping the columns)."""
+    if not rows:
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features, **kwargs)
+    return datasets.Dataset.from_list(list(rows), features=features, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding helpers
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +156,9 @@ def rle_to_mask(rle: Mapping) -> np.ndarray:
     """Compressed or uncompressed COCO RLE (``counts`` as ``str``, ``bytes`` or list) to a bool ``(H, W)`` mask."""
     from pycocotools import mask as mask_utils
 
-    return mask_utils.decode(_to_compressed_rle(rle)).astype(bool)
+    with warnings.catch_warnings():  # pycocotools + numpy 2 "copy keyword" deprecation, harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(_to_compressed_rle(rle)).astype(bool)
 
 
 def _to_compressed_rle(rle: Mapping) -> dict:
@@ -373,7 +384,7 @@ def load_coco_instances(
                 "objects": objects[image_id],
             }
         )
-    return datasets.Dataset.from_list(rows, features=build_features(instances=True, panoptic=False, semantic=False))
+    return rows_to_dataset(rows, features=build_features(instances=True, panoptic=False, semantic=False))
 
 
 def _parse_panoptic(data: Mapping, where: str, images: Mapping[int, dict], png_dir: Path) -> dict[int, dict]:
@@ -455,7 +466,7 @@ def load_coco_panoptic(
                 "segments_info": panoptic[image_id]["segments_info"],
             }
         )
-    return datasets.Dataset.from_list(rows, features=build_features(instances=False, panoptic=True, semantic=False))
+    return rows_to_dataset(rows, features=build_features(instances=False, panoptic=True, semantic=False))
 
 
 def _list_images(directory: Path, extensions: Sequence[str]) -> list[Path]:
@@ -507,7 +518,7 @@ def load_semantic_folder(
                 "semantic": _image_entry(label_path, embed_images),
             }
         )
-    return datasets.Dataset.from_list(rows, features=build_features(instances=False, panoptic=False, semantic=True))
+    return rows_to_dataset(rows, features=build_features(instances=False, panoptic=False, semantic=True))
 
 
 def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -> datasets.Dataset:
@@ -576,7 +587,7 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
             row["semantic"] = _image_entry(label_path, embed_images)
         rows.append(row)
     features = build_features(instances=has_instances, panoptic=has_panoptic, semantic=has_semantic)
-    return datasets.Dataset.from_list(rows, features=features)
+    return rows_to_dataset(rows, features=features)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -592,13 +603,16 @@ def _categories_or_inferred(categories: Sequence[Mapping] | None, ids: Iterable[
 
 def dataset_to_coco_instances(dataset: datasets.Dataset, categories: Sequence[Mapping] | None = None) -> dict:
     """A COCO instances dict (``images``, ``annotations``, ``categories``) from a data set with an ``objects``
-    column. Annotation ids are renumbered ``1..N`` (pycocotools treats id 0 as "unmatched"). ``categories``
+    column. Object ids are kept when they are all positive and unique, else renumbered ``1..N`` (pycocotools treats
+    id 0 as "unmatched"). ``categories``
     defaults to one entry per category id seen; pass the thing categories to evaluate on a fixed set."""
     for col in ("image_id", "width", "height", "objects"):
         if col not in dataset.column_names:
             raise KeyError(f"dataset_to_coco_instances needs column {col!r}; columns are {dataset.column_names}")
     cols = ["image_id", "width", "height", "objects"] + (["file_name"] if "file_name" in dataset.column_names else [])
     table = dataset.select_columns(cols).to_dict()
+    obj_ids = [o.get("id") for objs in table["objects"] for o in objs]
+    keep_ids = all(i is not None and int(i) > 0 for i in obj_ids) and len(set(obj_ids)) == len(obj_ids)
     images, annotations = [], []
     seen = set()
     for i in range(len(table["image_id"])):
@@ -612,7 +626,7 @@ def dataset_to_coco_instances(dataset: datasets.Dataset, categories: Sequence[Ma
         for obj in table["objects"][i]:
             annotations.append(
                 {
-                    "id": len(annotations) + 1,
+                    "id": int(obj["id"]) if keep_ids else len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": int(obj["category_id"]),
                     "bbox": [float(v) for v in obj["bbox"]],

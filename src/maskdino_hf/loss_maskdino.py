@@ -21,8 +21,6 @@ with one random point set per image, PointRend importance sampling that takes it
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,7 +33,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     sample_point,
     sigmoid_cross_entropy_loss,
 )
-from transformers.utils import is_accelerate_available, is_scipy_available
+from transformers.utils import is_accelerate_available, is_scipy_available, logging
 
 from .configuration_maskdino import MaskDINOConfig
 from .random_source import MaskDINORandomSource
@@ -44,7 +42,7 @@ from .random_source import MaskDINORandomSource
 if is_scipy_available():
     from scipy.optimize import linear_sum_assignment
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # One entry per image: (indices of the matched predictions, indices of their ground-truth objects), int64.
 Matching = list[tuple[Tensor, Tensor]]
@@ -179,7 +177,9 @@ class MaskDINOHungarianMatcher(nn.Module):
         pred_points = sample_point(pred_masks, points, align_corners=False).flatten(0, 1)  # (B*Q, P)
         if sum(sizes):
             target_masks = _concat_target_masks(targets, device=device)
-            image_of_target = torch.repeat_interleave(torch.arange(batch_size, device=device), torch.tensor(sizes, device=device))
+            image_of_target = torch.repeat_interleave(
+                torch.arange(batch_size, device=device), torch.tensor(sizes, device=device)
+            )
             target_points = sample_point(target_masks[:, None], points[image_of_target], align_corners=False)[:, 0]
         else:
             target_points = pred_points.new_zeros(0, self.num_points)
@@ -308,9 +308,10 @@ class MaskDINOLoss(nn.Module):
         empty_weight = torch.ones(config.num_labels + 1)
         empty_weight[-1] = config.no_object_weight
         self.register_buffer("empty_weight", empty_weight)
-        self.register_buffer("stuff_labels", torch.tensor(list(config.stuff_labels), dtype=torch.int64), persistent=False)
+        stuff_labels = torch.tensor(list(config.stuff_labels), dtype=torch.int64)
+        self.register_buffer("stuff_labels", stuff_labels, persistent=False)
         if config.panoptic_box_loss and not config.stuff_labels:
-            logger.warning("panoptic_box_loss=True but config.stuff_labels is empty: no box term is skipped")
+            logger.warning_once("panoptic_box_loss=True but config.stuff_labels is empty: no box term is skipped")
 
     # ----------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -365,9 +366,11 @@ class MaskDINOLoss(nn.Module):
         batch_idx, pred_idx = self._prediction_index(indices, logits.device)
         matched_labels = self._matched_targets(targets, indices, "labels", logits.device).long()
         if self.semantic_ce_loss:
-            target_classes = torch.full((batch_size, num_queries), self.num_labels, dtype=torch.int64, device=logits.device)
+            target_classes = torch.full(
+                (batch_size, num_queries), self.num_labels, dtype=torch.int64, device=logits.device
+            )
             target_classes[batch_idx, pred_idx] = matched_labels
-            return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.float())}
+            return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits))}
         one_hot = torch.zeros_like(logits)
         one_hot[batch_idx, pred_idx, matched_labels] = 1.0
         loss = sigmoid_focal_loss(logits, one_hot, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
@@ -414,7 +417,7 @@ class MaskDINOLoss(nn.Module):
         return terms
 
     def _zero_denoising_terms(self, device) -> dict[str, Tensor]:
-        names = ["loss_ce", "loss_bbox", "loss_giou"] + (["loss_mask", "loss_dice"] if self.denoising == "seg" else [])
+        names = ["loss_bbox", "loss_giou", "loss_ce"] + (["loss_mask", "loss_dice"] if self.denoising == "seg" else [])
         return {name: torch.zeros((), device=device) for name in names}
 
     @staticmethod
@@ -427,7 +430,8 @@ class MaskDINOLoss(nn.Module):
         for t in targets:
             num_targets = len(t["labels"])
             target_idx = torch.arange(num_targets, dtype=torch.int64).repeat(scalar)
-            query_idx = (torch.arange(scalar, dtype=torch.int64)[:, None] * single_pad + torch.arange(num_targets)).flatten()
+            group_offsets = torch.arange(scalar, dtype=torch.int64)[:, None] * single_pad
+            query_idx = (group_offsets + torch.arange(num_targets, dtype=torch.int64)).flatten()
             indices.append((query_idx, target_idx))
         return indices
 

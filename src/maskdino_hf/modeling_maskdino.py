@@ -700,10 +700,13 @@ class MaskDINOPreTrainedModel(PreTrainedModel):
 
 
 class MaskDINOFrozenBatchNorm2d(DeformableDetrFrozenBatchNorm2d):
-    """Batch norm with fixed statistics and affine parameters, evaluated as detectron2's `FrozenBatchNorm2d`
-    (`F.batch_norm` in inference mode) so converted backbones give the official features to the last bit."""
+    """Batch norm with fixed statistics and affine parameters, evaluated as detectron2's `FrozenBatchNorm2d`: an
+    affine map when gradients flow, `F.batch_norm` in inference mode otherwise. Both are the same function; keeping
+    detectron2's choice makes converted backbones give the official features to the last bit."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.requires_grad:
+            return super().forward(hidden_states)
         return F.batch_norm(
             hidden_states, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=1e-5
         )

@@ -3,14 +3,58 @@
 `MultiScaleDeformableAttention` is the op alone: its forward signature is the one a compiled hub kernel
 (`kernels`' `use_kernel_forward_from_hub`) replaces. `MaskDINOMultiscaleDeformableAttention` is the layer with its
 projections; it reuses Transformers' Deformable DETR layer and only swaps in this op.
+
+Three implementations of the op live here or are loaded from here:
+
+* `multi_scale_deformable_attention_reference`: the straightforward one, a `grid_sample` per level (the official
+  PyTorch path). Kept as the numerical reference.
+* `multi_scale_deformable_attention_pytorch`: the default forward. All heads and levels are handled at once: the four
+  bilinear corners of every sampling point are turned into row indices of the flattened value tensor (using the
+  per-level offsets of `level_start_index`) and a per-row weight (bilinear weight x attention weight x validity),
+  and one weighted row-sum (`embedding_bag`) produces the output. No Python loop over heads or levels, no host
+  synchronisation, works in bfloat16 and under `torch.compile`, equal to the reference.
+* A compiled CUDA kernel (sources under `csrc/`, built with Hugging Face kernel-builder), swapped in on CUDA by
+  `load_msda_kernel` through `kernels.kernelize`.
+
+Loading (`load_msda_kernel(model, repo_id=None, revision=None, version=None, local_path=None, ...)`):
+
+* `MASKDINO_FORCE_PYTORCH_MSDA=1` forces the PyTorch path (any kernelized forward is undone).
+* On CPU the PyTorch path is used and nothing is downloaded. A `local_path` given explicitly is still honoured on CPU
+  (it is local, and kernel packages carry their own CPU fallback), which is how the loader is tested without a GPU.
+* On CUDA the kernel comes from `local_path` (a kernel-builder build directory, e.g. `csrc/build` or any directory
+  `kernels.get_local_kernel` accepts) when given, else from the Hub: `repo_id` (default `DEFAULT_MSDA_REPO_ID`,
+  `kernels-community/deformable-detr`, the trusted repository Transformers' Deformable DETR uses; its layer has this
+  op's forward signature) at `revision` / `version` (default version 1).
+  Environment overrides: `MASKDINO_MSDA_REPO_ID`, `MASKDINO_MSDA_REVISION`, `MASKDINO_MSDA_LOCAL_PATH`.
+  A repository named explicitly (argument or environment) is trusted to run its code; the default one is trusted by
+  `kernels` already. Our own build of `csrc/` can be published to a repository and selected this way.
+* Any failure (no network, no build for this torch / CUDA / GPU, a layer whose output does not match the PyTorch
+  path on a small check) falls back to PyTorch. Exactly one log line from this module states the path taken.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
 
 import torch
 from kernels import use_kernel_forward_from_hub
 from torch import nn
 from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MSDA_REPO_ID = "kernels-community/deformable-detr"
+DEFAULT_MSDA_VERSION = 1
+MSDA_LAYER_NAME = "MultiScaleDeformableAttention"
+FORCE_PYTORCH_ENV = "MASKDINO_FORCE_PYTORCH_MSDA"
+REPO_ID_ENV = "MASKDINO_MSDA_REPO_ID"
+REVISION_ENV = "MASKDINO_MSDA_REVISION"
+LOCAL_PATH_ENV = "MASKDINO_MSDA_LOCAL_PATH"
+
+_TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
 def multi_scale_deformable_attention_reference(
@@ -40,9 +84,141 @@ def multi_scale_deformable_attention_reference(
     return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
-@use_kernel_forward_from_hub("MultiScaleDeformableAttention")
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast PyTorch path
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Elements of the (bags x corners x head_dim) intermediates the eager backward materialises per chunk.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
+
+
+def _corner_rows_and_weights(
+    value_spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_value_tokens: int,
+    num_heads: int,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices into value.view(batch * tokens * heads, head_dim) and weights of the 4 bilinear corners of every point.
+
+    Returns rows (int64) and weights (compute_dtype), both (batch * queries * heads, levels * points * 4), bag-major in
+    (batch, query, head) order so that the weighted row-sum of a bag is one output row of (batch, queries, heads, dim).
+    Corners outside their level's map get weight 0 (and an arbitrary valid row), which is grid_sample's zero padding.
+    """
+    batch_size, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    device = sampling_locations.device
+    shapes = value_spatial_shapes.to(device=device, dtype=torch.int64)  # (levels, 2) as (H, W)
+    sizes_xy = shapes.flip(-1)  # (levels, 2) as (W, H)
+    half_sizes = (sizes_xy.to(compute_dtype) / 2).view(num_levels, 1, 2)
+
+    # Pixel coordinates exactly as grid_sample(align_corners=False) computes them on CPU:
+    # grid = 2 * loc - 1, pixel = (grid + 1) * size / 2 - 0.5.
+    grid = 2 * sampling_locations.to(compute_dtype) - 1  # (B, Q, M, L, P, 2)
+    pixel = (grid + 1) * half_sizes - 0.5
+    low = pixel.floor()
+    frac_high = pixel - low  # weight of the high corner along each axis
+    frac_low = 1 - frac_high
+    low_index = low.to(torch.int64)
+    limit = sizes_xy.view(num_levels, 1, 2)
+    low_inside = (low_index >= 0) & (low_index < limit)
+    high_inside = (low_index >= -1) & (low_index < limit - 1)
+    axis_weights = torch.stack((frac_low * low_inside, frac_high * high_inside), dim=-1)  # (B, Q, M, L, P, 2 axes, 2)
+    weight_x = axis_weights[..., 0, :]
+    weight_y = axis_weights[..., 1, :] * attention_weights.to(compute_dtype).unsqueeze(-1)
+    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2)  # corners (y0x0, y0x1, y1x0, y1x1)
+
+    widths = shapes[:, 1].view(num_levels, 1)
+    starts = level_start_index.to(device=device, dtype=torch.int64).view(num_levels, 1)
+    token = low_index[..., 1] * widths + low_index[..., 0] + starts  # token of the (y0, x0) corner, (B, Q, M, L, P)
+    head_offset = torch.arange(num_heads, device=device).view(1, 1, num_heads, 1, 1)
+    batch_offset = torch.arange(batch_size, device=device).view(batch_size, 1, 1, 1, 1) * (num_value_tokens * num_heads)
+    rows = token * num_heads + (head_offset + batch_offset)
+    corner_offsets = torch.stack((torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1), dim=-1)
+    rows = rows.unsqueeze(-1) + (corner_offsets * num_heads).view(num_levels, 1, 4)
+    rows = rows.clamp_(0, batch_size * num_value_tokens * num_heads - 1)
+
+    bags = batch_size * num_queries * num_heads
+    return rows.view(bags, -1), weights.reshape(bags, -1)
+
+
+class _WeightedRowSum(torch.autograd.Function):
+    """out[i] = sum_k weights[i, k] * table[rows[i, k]], with a backward that never materialises all gathered rows."""
+
+    @staticmethod
+    def forward(rows: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rows, table, weights = inputs
+        ctx.save_for_backward(rows, table, weights)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        rows, table, weights = ctx.saved_tensors
+        need_table, need_weights = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_output = grad_output.contiguous()
+        num_bags, corners = rows.shape
+        dim = table.shape[1]
+        budget = _CPU_CHUNK_ELEMENTS if table.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+        chunk = max(1, budget // max(1, corners * dim))
+        grad_table = torch.zeros_like(table) if need_table else None
+        grad_weights = torch.empty_like(weights) if need_weights else None
+        for start in range(0, num_bags, chunk):
+            stop = min(num_bags, start + chunk)
+            rows_chunk = rows[start:stop].reshape(-1)
+            grad_chunk = grad_output[start:stop]
+            if need_weights:
+                gathered = table.index_select(0, rows_chunk).view(stop - start, corners, dim)
+                torch.bmm(gathered, grad_chunk.unsqueeze(-1), out=grad_weights[start:stop].unsqueeze(-1))
+            if need_table:
+                contribution = weights[start:stop].unsqueeze(-1) * grad_chunk.unsqueeze(1)
+                grad_table.index_add_(0, rows_chunk, contribution.view(-1, dim))
+        return None, grad_table, grad_weights
+
+
+def multi_scale_deformable_attention_pytorch(
+    value: torch.Tensor,
+    value_spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """MSDA for all heads and levels at once (see the module docstring); same inputs / output as the reference.
+
+    Only tensors are used for the level geometry (`value_spatial_shapes`, `level_start_index`), so nothing is read
+    back to the host. Half and bfloat16 inputs are computed in float32 and the output is cast back.
+    """
+    batch_size, num_value_tokens, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    compute_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+    rows, weights = _corner_rows_and_weights(
+        value_spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        num_value_tokens,
+        num_heads,
+        compute_dtype,
+    )
+    table = value.to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the gather + weighted sum is fused by the compiler (nothing is materialised).
+        output = (table[rows] * weights.unsqueeze(-1)).sum(1)
+    else:
+        output = _WeightedRowSum.apply(rows, table, weights)
+    return output.view(batch_size, num_queries, num_heads * head_dim).to(value.dtype)
+
+
+@use_kernel_forward_from_hub(MSDA_LAYER_NAME)
 class MultiScaleDeformableAttention(nn.Module):
-    """The MSDA op; a hub kernel layer of the same name replaces `forward` on CUDA."""
+    """The MSDA op; a hub kernel layer of the same name replaces `forward` (see `load_msda_kernel`)."""
+
+    # Which implementation `forward` runs for this instance; set by `load_msda_kernel`.
+    msda_backend = "pytorch"
 
     def forward(
         self,
@@ -54,8 +230,8 @@ class MultiScaleDeformableAttention(nn.Module):
         attention_weights: torch.Tensor,
         im2col_step: int,
     ) -> torch.Tensor:
-        return multi_scale_deformable_attention_reference(
-            value, value_spatial_shapes_list, sampling_locations, attention_weights
+        return multi_scale_deformable_attention_pytorch(
+            value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
 
 
@@ -77,3 +253,151 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
         self.value_proj = nn.Linear(hidden_size, hidden_size)
         self.output_proj = nn.Linear(hidden_size, hidden_size)
         self.disable_custom_kernels = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a compiled kernel
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _msda_modules(model: nn.Module) -> list[MultiScaleDeformableAttention]:
+    return [module for module in model.modules() if isinstance(module, MultiScaleDeformableAttention)]
+
+
+def _use_pytorch(ops: list[MultiScaleDeformableAttention]) -> None:
+    for op in ops:
+        op.__dict__.pop("forward", None)  # undo a kernelized forward: the class forward is the PyTorch path
+        op.msda_backend = "pytorch"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_layer(op: MultiScaleDeformableAttention, device: torch.device) -> None:
+    """Run the swapped-in forward on a small problem (points outside the maps included) against the PyTorch path."""
+    generator = torch.Generator().manual_seed(0)
+    shapes_list = [(6, 5), (3, 3)]
+    batch, queries, heads, head_dim, points = 2, 7, 2, 8, 3
+    tokens = sum(height * width for height, width in shapes_list)
+    value = torch.randn(batch, tokens, heads, head_dim, generator=generator)
+    locations = torch.rand(batch, queries, heads, len(shapes_list), points, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes_list), points, generator=generator)
+    shapes = torch.tensor(shapes_list, dtype=torch.int64)
+    starts = torch.tensor([0, shapes_list[0][0] * shapes_list[0][1]], dtype=torch.int64)
+    value, locations, weights, shapes, starts = (t.to(device) for t in (value, locations, weights, shapes, starts))
+    with torch.no_grad():
+        output = op(value, shapes, shapes_list, starts, locations, weights, 64)
+        expected = multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights)
+    if output.shape != expected.shape or not torch.allclose(output.float(), expected, rtol=1e-3, atol=1e-4):
+        raise RuntimeError("the kernel's output does not match the PyTorch implementation on a small check")
+
+
+def load_msda_kernel(
+    model: nn.Module,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    version: int | None = None,
+    local_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool | None = None,
+    compile: bool = False,
+    verify: bool = True,
+) -> nn.Module:
+    """Swap the forward of every `MultiScaleDeformableAttention` in `model` for a compiled kernel layer when possible.
+
+    Args:
+        model: a module containing MSDA ops (moved to its device first; the device is read from its parameters
+            unless `device` is given).
+        repo_id / revision / version: Hub kernel repository (default `DEFAULT_MSDA_REPO_ID`, env `MASKDINO_MSDA_REPO_ID`)
+            and its revision (env `MASKDINO_MSDA_REVISION`) or kernel version (default 1 when neither is given).
+        local_path: a local kernel build directory (env `MASKDINO_MSDA_LOCAL_PATH`); used instead of the Hub (offline).
+        trust_remote_code: allow a repository outside the organisations `kernels` trusts. Default: trusted when the
+            repository was named explicitly (argument or environment).
+        compile: kernelize for use under `torch.compile` (`Mode.TORCH_COMPILE`).
+        verify: compare the swapped-in forward with the PyTorch path on a small problem before keeping it.
+
+    Returns the model. Each op's `msda_backend` attribute records the path taken ("pytorch" or "kernel: ...");
+    exactly one log line says the same. Environment `MASKDINO_FORCE_PYTORCH_MSDA=1` forces the PyTorch path.
+    """
+    ops = _msda_modules(model)
+    if os.environ.get(FORCE_PYTORCH_ENV, "").strip().lower() in _TRUE_VALUES:
+        _use_pytorch(ops)
+        logger.info("MSDA: using the PyTorch implementation (forced by %s=1).", FORCE_PYTORCH_ENV)
+        return model
+    if not ops:
+        logger.info("MSDA: no MultiScaleDeformableAttention op in the model; nothing to load.")
+        return model
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    local_path = local_path if local_path is not None else os.environ.get(LOCAL_PATH_ENV) or None
+    if local_path is None and device.type != "cuda":
+        _use_pytorch(ops)
+        logger.info(
+            "MSDA: using the PyTorch implementation (model on %s; the compiled kernel needs CUDA).", device.type
+        )
+        return model
+
+    from kernels import KernelizeFallback, LayerRepository, LocalLayerRepository, Mode, kernelize, use_kernel_mapping
+
+    if local_path is not None:
+        repository = LocalLayerRepository(Path(local_path).expanduser().resolve(), layer_name=MSDA_LAYER_NAME)
+        source = f"local build {Path(local_path)}"
+    else:
+        explicit_repo = repo_id is not None or bool(os.environ.get(REPO_ID_ENV))
+        repo_id = repo_id or os.environ.get(REPO_ID_ENV) or DEFAULT_MSDA_REPO_ID
+        revision = revision or os.environ.get(REVISION_ENV) or None
+        if revision is None and version is None:
+            version = DEFAULT_MSDA_VERSION
+        if trust_remote_code is None:
+            trust_remote_code = explicit_repo
+        repository = LayerRepository(
+            repo_id,
+            layer_name=MSDA_LAYER_NAME,
+            revision=revision,
+            version=None if revision is not None else version,
+            trust_remote_code=[repo_id] if trust_remote_code else False,
+        )
+        source = f"{repo_id} ({f'revision {revision}' if revision is not None else f'version {version}'})"
+
+    mode = Mode.TRAINING if model.training else Mode.INFERENCE
+    if compile:
+        mode = mode | Mode.TORCH_COMPILE
+    try:
+        with use_kernel_mapping({MSDA_LAYER_NAME: {device.type: repository}}, inherit_mapping=False):
+            for op in ops:
+                kernelize(op, mode=mode, device=device.type, use_fallback=KernelizeFallback.NONE)
+        if verify:
+            _check_layer(ops[0], device)
+    except Exception as error:  # no network, no compatible build, an import error, a mismatch: all fall back
+        _use_pytorch(ops)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        logger.warning(
+            "MSDA: using the PyTorch implementation (kernel from %s unavailable on %s: %s: %s).",
+            source,
+            device.type,
+            type(error).__name__,
+            reason[:300],
+        )
+        return model
+
+    backend = f"kernel: {source}"
+    for op in ops:
+        op.msda_backend = backend
+    logger.info("MSDA: using the kernel layer from %s on %s for %d op(s).", source, device.type, len(ops))
+    return model
+
+
+__all__ = [
+    "DEFAULT_MSDA_REPO_ID",
+    "MaskDINOMultiscaleDeformableAttention",
+    "MultiScaleDeformableAttention",
+    "load_msda_kernel",
+    "multi_scale_deformable_attention_pytorch",
+    "multi_scale_deformable_attention_reference",
+]

@@ -129,7 +129,7 @@ class ReplayRandomSource(MaskDINORandomSource):
                 f"ReplayRandomSource draw {self._position - 1}: rand requested but the recorded tensor is "
                 f"{recorded.dtype}"
             )
-        return recorded.to(device=device, dtype=dtype)
+        return recorded.to(device=device, dtype=dtype, copy=True)
 
     def randint(
         self, low: int, high: int, shape: Sequence[int], device: torch.device | str | None = None
@@ -143,7 +143,7 @@ class ReplayRandomSource(MaskDINORandomSource):
                 f"ReplayRandomSource draw {self._position - 1}: randint({low}, {high}) requested but the recorded "
                 f"tensor is {recorded.dtype} with values outside [{low}, {high})"
             )
-        return recorded.to(device=device, dtype=torch.int64)
+        return recorded.to(device=device, dtype=torch.int64, copy=True)
 
 
 __all__ = ["MaskDINORandomSource", "ReplayRandomSource"]

@@ -42,6 +42,7 @@ from .data import (
     mask_to_bbox,
     mask_to_rle,
     rgb2id,
+    rows_to_dataset,
 )
 
 __all__ = [
@@ -176,7 +177,7 @@ def _shape_mask(rng: np.random.Generator, kind: str, h: int, w: int, size_range:
 
 def _sample_size(rng: np.random.Generator, image_size) -> tuple[int, int]:
     if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
+        image_size = (int(image_size), int(image_size))
     if len(image_size) != 2:
         raise ValueError(f"image_size must be an int, (h, w) or ((h_min, h_max), (w_min, w_max)); got {image_size}")
     dims = []
@@ -213,6 +214,32 @@ def _png_bytes(array: np.ndarray, mode: str) -> bytes:
     buf = io.BytesIO()
     PILImage.fromarray(array, mode=mode).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _resolve_occlusion(shapes, h, w, min_area, min_visible_fraction):
+    """Visible masks (later shapes on top) after dropping shapes whose visible part is too small; dropping one can
+    uncover others, so iterate until stable."""
+    keep = [int(s["mask"].sum()) >= min_area for s in shapes]
+    while True:
+        visible = []
+        covered = np.zeros((h, w), dtype=bool)
+        for i in reversed(range(len(shapes))):
+            if keep[i]:
+                vis = shapes[i]["mask"] & ~covered
+                covered |= shapes[i]["mask"]
+            else:
+                vis = np.zeros((h, w), dtype=bool)
+            visible.append(vis)
+        visible = visible[::-1]
+        changed = False
+        for i, s in enumerate(shapes):
+            if keep[i]:
+                area = int(visible[i].sum())
+                if area < min_area or area < min_visible_fraction * int(s["mask"].sum()):
+                    keep[i] = False
+                    changed = True
+        if not changed:
+            return keep, visible
 
 
 def generate_shapes_example(
@@ -252,39 +279,22 @@ def generate_shapes_example(
     ground_tex = _texture(rng, h, w, ground_base, str(rng.choice(["noise", "stripes", "gradient"])))
     image = np.where(sky_mask[..., None], sky_tex, ground_tex)
 
-    # --- things: sample, then drop those whose visible part is too small (and never paint them)
-    n = int(rng.integers(num_objects[0], num_objects[1] + 1))
-    shapes = []
-    for _ in range(n):
-        kind = THING_CLASSES[int(rng.integers(len(THING_CLASSES)))]
-        mask = _shape_mask(rng, kind, h, w, object_size)
-        if class_colors:
-            color = _jitter(rng, _CAT[kind]["color"], 30)
-        else:
-            color = rng.uniform(20, 245, size=3).astype(np.float32)
-        shading = rng.uniform(-25, 25, size=2)
-        shapes.append({"kind": kind, "mask": mask, "color": color, "shading": shading})
-
-    keep = [s["mask"].sum() >= min_area for s in shapes]
-    while True:
-        visible = []
-        covered = np.zeros((h, w), dtype=bool)
-        for i in reversed(range(len(shapes))):
-            if keep[i]:
-                vis = shapes[i]["mask"] & ~covered
-                covered |= shapes[i]["mask"]
+    # --- things: sample, then drop those whose visible part is too small (and never paint them); resample the
+    # layout (up to 10 times) if that leaves fewer than num_objects[0] (at most 1) shapes.
+    for _attempt in range(10):
+        n = int(rng.integers(num_objects[0], num_objects[1] + 1))
+        shapes = []
+        for _ in range(n):
+            kind = THING_CLASSES[int(rng.integers(len(THING_CLASSES)))]
+            mask = _shape_mask(rng, kind, h, w, object_size)
+            if class_colors:
+                color = _jitter(rng, _CAT[kind]["color"], 30)
             else:
-                vis = np.zeros((h, w), dtype=bool)
-            visible.append(vis)
-        visible = visible[::-1]
-        changed = False
-        for i, s in enumerate(shapes):
-            if keep[i]:
-                area = int(visible[i].sum())
-                if area < min_area or area < min_visible_fraction * int(s["mask"].sum()):
-                    keep[i] = False
-                    changed = True
-        if not changed:
+                color = rng.uniform(20, 245, size=3).astype(np.float32)
+            shading = rng.uniform(-25, 25, size=2)
+            shapes.append({"kind": kind, "mask": mask, "color": color, "shading": shading})
+        keep, visible = _resolve_occlusion(shapes, h, w, min_area, min_visible_fraction)
+        if sum(keep) >= min(1, num_objects[0]):
             break
 
     yyf, xxf = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -384,7 +394,7 @@ def generate_shapes_split(num_images: int, image_size=(160, 160), seed: int = 0,
         description="maskdino_hf synthetic shapes; categories: " + json.dumps(SHAPES_CATEGORIES),
         features=features,
     )
-    return datasets.Dataset.from_list(rows, features=features, info=info, split=datasets.NamedSplit(split))
+    return rows_to_dataset(rows, features=features, info=info, split=datasets.NamedSplit(split))
 
 
 def generate_shapes_dataset(

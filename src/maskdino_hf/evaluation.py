@@ -1,0 +1,677 @@
+"""Evaluation: COCO box/mask AP (pycocotools), panoptic quality and semantic mean IoU.
+
+All metric functions return plain ``dict[str, float]`` with values in ``[0, 1]`` (not percent). ``nan`` means
+"undefined" (e.g. COCO ``APs`` without small ground-truth objects, or a class absent from both prediction and ground
+truth). Per-category entries are keyed ``"<metric>/<category name>"``; :func:`format_metrics_table` /
+:func:`print_metrics_table` print summary and per-category tables.
+
+* :func:`compute_coco_metrics`: ground truth as a COCO dict (``images``, ``annotations``, ``categories``; see
+  :func:`maskdino_hf.data.dataset_to_coco_instances`), predictions in COCO results format
+  (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, ``segmentation`` compressed RLE). Keys
+  ``bbox_AP, bbox_AP50, bbox_AP75, bbox_APs, bbox_APm, bbox_APl, bbox_AR1, bbox_AR10, bbox_AR100, bbox_ARs,
+  bbox_ARm, bbox_ARl`` (same with ``segm_``) and ``bbox_AP/<name>``.
+* :func:`compute_panoptic_quality` / :class:`PanopticQualityAccumulator`: standard PQ (panopticapi): a predicted and
+  a ground-truth segment of the same category match when IoU > 0.5, where the union leaves out the predicted
+  segment's pixels on ground-truth void. Unmatched predictions that lie more than half on void or on a crowd
+  region of their category are not false positives; crowd ground truth is never a false negative. Keys ``PQ, SQ,
+  RQ, PQ_th, SQ_th, RQ_th, PQ_st, SQ_st, RQ_st`` and ``PQ/<name>, SQ/<name>, RQ/<name>``.
+* :func:`compute_mean_iou` / :class:`ConfusionMatrixAccumulator`: confusion matrix over pixels whose label is not
+  ``ignore_index``. Keys ``mIoU`` (mean over classes present in ground truth or prediction), ``fwIoU``, ``mACC``
+  (mean over classes present in ground truth), ``pACC`` and ``IoU/<name>``, ``ACC/<name>``.
+
+``evaluate`` wrappers of the three live in ``maskdino_hf/metrics/`` and load offline with :func:`load_metric`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from .data import id2rgb, mask_to_rle, rgb2id  # noqa: F401  (re-exported)
+
+__all__ = [
+    "COCO_STAT_NAMES",
+    "METRICS_DIR",
+    "compute_coco_metrics",
+    "instances_to_coco_results",
+    "PanopticQualityAccumulator",
+    "compute_panoptic_quality",
+    "ConfusionMatrixAccumulator",
+    "compute_mean_iou",
+    "format_metrics_table",
+    "print_metrics_table",
+    "load_metric",
+    "metric_path",
+    "conform_to_schema",
+    "rgb2id",
+    "id2rgb",
+]
+
+COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+AVAILABLE_METRICS = ("coco_detection", "panoptic_quality", "mean_iou")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _nan_if_negative(v: float) -> float:
+    v = float(v)
+    return float("nan") if v < 0 else v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COCO box / mask AP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def instances_to_coco_results(
+    image_id: int,
+    scores: Any,
+    labels: Any,
+    masks: Any | None = None,
+    boxes: Any | None = None,
+    label_to_category_id: Mapping[int, int] | None = None,
+    box_format: str = "xyxy",
+) -> list[dict]:
+    """Per-image instance predictions to COCO results dicts.
+
+    Args:
+        scores, labels: ``(N,)`` arrays or tensors.
+        masks: optional ``(N, H, W)`` binary masks (bool/0-1, or probabilities thresholded at 0.5).
+        boxes: optional ``(N, 4)`` absolute-pixel boxes in ``box_format`` (``"xyxy"`` or ``"xywh"``); derived from the
+            masks when not given.
+        label_to_category_id: maps model label ids to COCO category ids (identity by default).
+    """
+    from pycocotools import mask as mask_utils
+
+    scores = _to_numpy(scores).reshape(-1)
+    labels = _to_numpy(labels).reshape(-1)
+    n = len(scores)
+    if len(labels) != n:
+        raise ValueError(f"{n} scores but {len(labels)} labels")
+    rles = None
+    if masks is not None:
+        masks = _to_numpy(masks)
+        if masks.ndim != 3 or masks.shape[0] != n:
+            raise ValueError(f"masks must be (N, H, W) with N={n}, got {masks.shape}")
+        if masks.dtype != bool:
+            masks = masks > 0.5
+        rles = [mask_to_rle(m) for m in masks]
+    if boxes is not None:
+        boxes = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
+        if len(boxes) != n:
+            raise ValueError(f"{n} scores but {len(boxes)} boxes")
+        if box_format == "xyxy":
+            boxes = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        elif box_format != "xywh":
+            raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
+    elif rles is not None:
+        boxes = np.stack(
+            [mask_utils.toBbox({"size": r["size"], "counts": r["counts"].encode("ascii")}) for r in rles]
+        ) if n else np.zeros((0, 4))
+    else:
+        raise ValueError("instances_to_coco_results needs masks or boxes")
+    results = []
+    for i in range(n):
+        label = int(labels[i])
+        res = {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category_id[label]) if label_to_category_id is not None else label,
+            "bbox": [float(v) for v in boxes[i]],
+            "score": float(scores[i]),
+        }
+        if rles is not None:
+            res["segmentation"] = rles[i]
+        results.append(res)
+    return results
+
+
+def _prepare_ground_truth(ground_truth: Mapping, iou_types: Sequence[str]) -> dict:
+    from pycocotools import mask as mask_utils
+
+    for key in ("images", "annotations", "categories"):
+        if key not in ground_truth:
+            raise KeyError(f"COCO ground truth is missing {key!r}; it has {sorted(ground_truth)}")
+    gt = {k: v for k, v in ground_truth.items()}
+    image_sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
+    ids = [a.get("id") for a in gt["annotations"]]
+    renumber = any(i is None or int(i) <= 0 for i in ids) or len(set(ids)) != len(ids)
+    annotations = []
+    for k, ann in enumerate(gt["annotations"]):
+        for key in ("image_id", "category_id"):
+            if key not in ann:
+                raise KeyError(f"COCO ground-truth annotations[{k}] is missing {key!r}")
+        ann = dict(ann)
+        if renumber:
+            ann["id"] = k + 1  # pycocotools uses id 0 as "unmatched"
+        ann.setdefault("iscrowd", 0)
+        seg = ann.get("segmentation")
+        if "segm" in iou_types and not seg:
+            raise ValueError(f"segm evaluation needs 'segmentation' in ground-truth annotation {ann.get('id')}")
+        if isinstance(seg, Mapping) and isinstance(seg.get("counts"), list):
+            h, w = (int(v) for v in seg["size"])
+            ann["segmentation"] = mask_utils.frPyObjects(dict(seg), h, w)
+        if "bbox" not in ann:
+            if not seg:
+                raise KeyError(f"COCO ground-truth annotation {ann.get('id')} has neither bbox nor segmentation")
+            h, w = image_sizes[int(ann["image_id"])]
+            rle = _seg_to_rle(ann["segmentation"], h, w)
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+        if "area" not in ann:
+            if seg:
+                h, w = image_sizes[int(ann["image_id"])]
+                ann["area"] = float(mask_utils.area(_seg_to_rle(ann["segmentation"], h, w)))
+            else:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+        annotations.append(ann)
+    gt["annotations"] = annotations
+    gt.setdefault("info", {})
+    return gt
+
+
+def _seg_to_rle(seg: Any, h: int, w: int) -> dict:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if isinstance(seg.get("counts"), list):
+        return mask_utils.frPyObjects(dict(seg), h, w)
+    counts = seg["counts"]
+    return {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def _results_coco(coco_gt, predictions: Sequence[Mapping], iou_type: str):
+    """What ``COCO.loadRes`` does, without printing, accepting an empty list, and with the detectron2 rule that
+    segm results are evaluated (areas included) on their masks, bbox results on their boxes."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    anns = []
+    for k, p in enumerate(predictions):
+        ann = {"image_id": int(p["image_id"]), "category_id": int(p["category_id"]), "score": float(p["score"])}
+        if iou_type == "segm":
+            seg = p.get("segmentation")
+            if not seg:
+                raise ValueError(f"segm evaluation needs 'segmentation' in every prediction (prediction {k})")
+            h, w = (int(v) for v in seg["size"])
+            rle = _seg_to_rle(seg, h, w)
+            ann["segmentation"] = rle
+            ann["area"] = float(mask_utils.area(rle))
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+        else:
+            if p.get("bbox") is not None:
+                x, y, w, h = (float(v) for v in p["bbox"])
+            elif p.get("segmentation"):
+                seg = p["segmentation"]
+                x, y, w, h = (float(v) for v in mask_utils.toBbox(_seg_to_rle(seg, *seg["size"])))
+            else:
+                raise ValueError(f"bbox evaluation needs 'bbox' (or 'segmentation') in prediction {k}")
+            ann["bbox"] = [x, y, w, h]
+            ann["area"] = w * h
+            ann["segmentation"] = [[x, y, x, y + h, x + w, y + h, x + w, y]]
+        ann["id"] = k + 1
+        ann["iscrowd"] = 0
+        anns.append(ann)
+    res = COCO()
+    res.dataset["info"] = copy.deepcopy(coco_gt.dataset.get("info", {}))
+    res.dataset["images"] = list(coco_gt.dataset["images"])
+    res.dataset["categories"] = copy.deepcopy(coco_gt.dataset["categories"])
+    res.dataset["annotations"] = anns
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def compute_coco_metrics(
+    ground_truth: Mapping,
+    predictions: Sequence[Mapping],
+    iou_types: Sequence[str] | None = ("bbox", "segm"),
+    per_category: bool = True,
+    max_dets: Sequence[int] = (1, 10, 100),
+    verbose: bool = False,
+) -> dict[str, float]:
+    """COCO AP/AR through ``pycocotools.cocoeval.COCOeval``.
+
+    Args:
+        ground_truth: COCO dict with ``images`` (``id``, ``height``, ``width``), ``annotations`` (``id``,
+            ``image_id``, ``category_id``, ``bbox`` xywh, ``area``, ``iscrowd``, ``segmentation`` polygon/RLE) and
+            ``categories`` (``id``, ``name``). Missing ``area``/``bbox``/``iscrowd`` are filled in; annotation ids
+            that are missing, duplicated or 0 are renumbered.
+        predictions: COCO results: ``image_id``, ``category_id``, ``score``, ``bbox`` (xywh, absolute pixels),
+            ``segmentation`` (compressed RLE, ``counts`` str or bytes). Not modified.
+        iou_types: subset of ``("bbox", "segm")``; ``None`` = ``bbox`` plus ``segm`` when every prediction has a
+            segmentation.
+        per_category: add ``"<iou_type>_AP/<category name>"`` entries.
+        max_dets: COCOeval ``maxDets`` (the last one is used for AP).
+        verbose: let pycocotools print its summary.
+
+    Returns:
+        ``{"bbox_AP": ..., ..., "segm_ARl": ...}`` in ``[0, 1]``; ``nan`` where COCOeval reports -1 (no ground truth
+        in that area range / category). Without any prediction every defined value is 0.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    predictions = list(predictions)
+    if iou_types is None:
+        iou_types = ["bbox"]
+        if predictions and all(p.get("segmentation") for p in predictions):
+            iou_types.append("segm")
+    iou_types = list(iou_types)
+    for t in iou_types:
+        if t not in ("bbox", "segm"):
+            raise ValueError(f"Unsupported iou_type {t!r}; use 'bbox' and/or 'segm'")
+    gt = _prepare_ground_truth(ground_truth, iou_types)
+    known_images = {int(img["id"]) for img in gt["images"]}
+    unknown = sorted({int(p["image_id"]) for p in predictions} - known_images)
+    if unknown:
+        raise ValueError(f"Predictions refer to image ids not in the ground truth: {unknown[:10]}")
+    known_cats = {int(c["id"]) for c in gt["categories"]}
+    bad_cats = sorted({int(p["category_id"]) for p in predictions} - known_cats)
+    if bad_cats:
+        raise ValueError(f"Predictions use category ids not in the ground truth categories: {bad_cats[:10]}")
+
+    out = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    results: dict[str, float] = {}
+    with out:
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt["categories"]}
+        for iou_type in iou_types:
+            coco_dt = _results_coco(coco_gt, predictions, iou_type)
+            ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+            ev.params.maxDets = list(max_dets)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            for name, value in zip(COCO_STAT_NAMES, ev.stats):
+                results[f"{iou_type}_{name}"] = _nan_if_negative(value)
+            if per_category:
+                precision = ev.eval["precision"]  # [T, R, K, A, M]
+                for k, cat_id in enumerate(ev.params.catIds):
+                    p = precision[:, :, k, 0, -1]
+                    p = p[p > -1]
+                    results[f"{iou_type}_AP/{names[cat_id]}"] = float(p.mean()) if p.size else float("nan")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Panoptic quality
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _id_map(x: Any) -> np.ndarray:
+    """``(H, W)`` int id map from an id map, an ``(H, W, 3)`` rgb2id-encoded array or a PIL image."""
+    if hasattr(x, "convert") and hasattr(x, "size"):  # PIL image
+        return rgb2id(x)
+    arr = _to_numpy(x)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return rgb2id(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"Expected an (H, W) id map or an (H, W, 3) RGB-encoded map, got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def _segment_category(seg: Mapping) -> int:
+    if "category_id" in seg and seg["category_id"] is not None:
+        return int(seg["category_id"])
+    if "label_id" in seg and seg["label_id"] is not None:
+        return int(seg["label_id"])
+    raise KeyError(f"Segment {seg.get('id')} has no 'category_id' (or 'label_id')")
+
+
+class PanopticQualityAccumulator:
+    """Streaming panoptic quality. ``update`` once per image, then ``compute``.
+
+    Args:
+        categories: ``[{"id", "name", "isthing"}, ...]`` (``name`` optional); every category id of the ground truth
+            and of the predictions must be listed.
+    """
+
+    def __init__(self, categories: Sequence[Mapping]):
+        if not categories:
+            raise ValueError("categories must not be empty")
+        self.categories = [
+            {"id": int(c["id"]), "name": str(c.get("name", c["id"])), "isthing": int(c.get("isthing", 1))}
+            for c in categories
+        ]
+        self._index = {c["id"]: i for i, c in enumerate(self.categories)}
+        k = len(self.categories)
+        self.iou = np.zeros(k, dtype=np.float64)
+        self.tp = np.zeros(k, dtype=np.int64)
+        self.fp = np.zeros(k, dtype=np.int64)
+        self.fn = np.zeros(k, dtype=np.int64)
+        self.num_images = 0
+
+    def _cat_index(self, category_id: int, where: str) -> int:
+        if category_id not in self._index:
+            raise ValueError(f"{where} category id {category_id} is not in the categories {sorted(self._index)}")
+        return self._index[category_id]
+
+    def update(
+        self,
+        pred_map: Any,
+        pred_segments: Sequence[Mapping],
+        gt_map: Any,
+        gt_segments: Sequence[Mapping],
+    ) -> None:
+        """Add one image.
+
+        Args:
+            pred_map, gt_map: ``(H, W)`` segment-id maps (numpy/torch), ``(H, W, 3)`` rgb2id-encoded arrays or PIL
+                images. Ground-truth id 0 is void; predicted ids <= 0 (0 or -1, as Transformers' post-processing
+                writes) are "no segment".
+            pred_segments: ``[{"id", "category_id"}]`` (``label_id`` is accepted instead of ``category_id``).
+            gt_segments: ``[{"id", "category_id", "iscrowd" (optional)}]``.
+        Segments without pixels are ignored; a positive id in a map that is not in its segments list is an error.
+        """
+        pred = _id_map(pred_map)
+        gt = _id_map(gt_map)
+        if pred.shape != gt.shape:
+            raise ValueError(f"Prediction map {pred.shape} and ground-truth map {gt.shape} differ in size")
+
+        def compact(id_map, segments, what):
+            seg_ids = [int(s["id"]) for s in segments]
+            if len(set(seg_ids)) != len(seg_ids):
+                raise ValueError(f"Duplicate segment ids in {what} segments_info")
+            uniq, inverse = np.unique(id_map, return_inverse=True)
+            lookup = {sid: j + 1 for j, sid in enumerate(seg_ids)}
+            table = np.zeros(len(uniq), dtype=np.int64)
+            for u_idx, u in enumerate(uniq.tolist()):
+                if u <= 0:
+                    continue
+                if u not in lookup:
+                    raise ValueError(f"Segment id {u} is in the {what} map but not in its segments_info")
+                table[u_idx] = lookup[u]
+            return table[inverse.reshape(-1)], len(seg_ids)
+
+        g, ng = compact(gt, gt_segments, "ground-truth")
+        p, np_ = compact(pred, pred_segments, "predicted")
+        inter = np.bincount(g * (np_ + 1) + p, minlength=(ng + 1) * (np_ + 1)).reshape(ng + 1, np_ + 1)
+        gt_area = inter.sum(axis=1)
+        pred_area = inter.sum(axis=0)
+        gt_cat = [self._cat_index(_segment_category(s), "Ground-truth") for s in gt_segments]
+        gt_crowd = [int(s.get("iscrowd", 0) or 0) for s in gt_segments]
+        pred_cat = [self._cat_index(_segment_category(s), "Predicted") for s in pred_segments]
+
+        gt_matched = np.zeros(ng + 1, dtype=bool)
+        pred_matched = np.zeros(np_ + 1, dtype=bool)
+        gi, pi = np.nonzero(inter[1:, 1:])
+        for gj, pj in zip((gi + 1).tolist(), (pi + 1).tolist()):
+            if gt_crowd[gj - 1] or gt_cat[gj - 1] != pred_cat[pj - 1]:
+                continue
+            union = pred_area[pj] + gt_area[gj] - inter[gj, pj] - inter[0, pj]
+            iou = inter[gj, pj] / union
+            if iou > 0.5:
+                c = gt_cat[gj - 1]
+                self.tp[c] += 1
+                self.iou[c] += iou
+                gt_matched[gj] = True
+                pred_matched[pj] = True
+        for gj in range(1, ng + 1):
+            if gt_area[gj] > 0 and not gt_matched[gj] and not gt_crowd[gj - 1]:
+                self.fn[gt_cat[gj - 1]] += 1
+        crowd_by_cat: dict[int, list[int]] = {}
+        for gj in range(1, ng + 1):
+            if gt_crowd[gj - 1]:
+                crowd_by_cat.setdefault(gt_cat[gj - 1], []).append(gj)
+        for pj in range(1, np_ + 1):
+            if pred_area[pj] == 0 or pred_matched[pj]:
+                continue
+            c = pred_cat[pj - 1]
+            ignored = inter[0, pj] + sum(inter[gj, pj] for gj in crowd_by_cat.get(c, []))
+            if ignored / pred_area[pj] > 0.5:
+                continue
+            self.fp[c] += 1
+        self.num_images += 1
+
+    def compute(self, per_category: bool = True) -> dict[str, float]:
+        """``PQ, SQ, RQ`` over all categories with at least one TP, FP or FN, and over things (``_th``) and stuff
+        (``_st``); ``nan`` when a group has none. Per category ``PQ/<name>``, ``SQ/<name>``, ``RQ/<name>``
+        (``nan`` for categories absent from both ground truth and predictions)."""
+        denom = self.tp + 0.5 * self.fp + 0.5 * self.fn
+        valid = (self.tp + self.fp + self.fn) > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pq = np.where(valid, self.iou / np.where(denom > 0, denom, 1), np.nan)
+            sq = np.where(valid, np.where(self.tp > 0, self.iou / np.maximum(self.tp, 1), 0.0), np.nan)
+            rq = np.where(valid, self.tp / np.where(denom > 0, denom, 1), np.nan)
+        isthing = np.array([c["isthing"] for c in self.categories], dtype=bool)
+        results: dict[str, float] = {}
+        for suffix, sel in (("", np.ones_like(isthing)), ("_th", isthing), ("_st", ~isthing)):
+            m = sel & valid
+            for name, arr in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
+                results[f"{name}{suffix}"] = float(arr[m].mean()) if m.any() else float("nan")
+        if per_category:
+            for i, c in enumerate(self.categories):
+                for name, arr in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
+                    results[f"{name}/{c['name']}"] = float(arr[i])
+        return results
+
+
+def compute_panoptic_quality(
+    predictions: Iterable[tuple[Any, Sequence[Mapping]]] | Iterable[Mapping],
+    references: Iterable[tuple[Any, Sequence[Mapping]]] | Iterable[Mapping],
+    categories: Sequence[Mapping],
+    per_category: bool = True,
+) -> dict[str, float]:
+    """Panoptic quality over a list of images.
+
+    ``predictions`` and ``references`` are aligned per image; each item is ``(id_map, segments_info)`` or a dict
+    with ``segments_info`` and the map under ``segmentation`` / ``panoptic`` / ``panoptic_seg``. Maps may be id
+    maps, rgb2id-encoded RGB arrays or PIL images. See :class:`PanopticQualityAccumulator`.
+    """
+    acc = PanopticQualityAccumulator(categories)
+    for pred, ref in zip(predictions, references, strict=True):
+        pm, ps = _unpack_panoptic(pred)
+        gm, gs = _unpack_panoptic(ref)
+        acc.update(pm, ps, gm, gs)
+    return acc.compute(per_category=per_category)
+
+
+def _unpack_panoptic(item: Any) -> tuple[Any, Sequence[Mapping]]:
+    if isinstance(item, Mapping):
+        for key in ("segmentation", "panoptic", "panoptic_seg"):
+            if key in item:
+                return item[key], item["segments_info"]
+        raise KeyError(f"Panoptic item needs 'segmentation' (or 'panoptic') and 'segments_info'; got {sorted(item)}")
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    raise TypeError(f"Panoptic item must be (id_map, segments_info) or a dict, got {type(item).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Semantic segmentation: mean IoU
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ConfusionMatrixAccumulator:
+    """Streaming confusion matrix for semantic segmentation.
+
+    ``matrix[gt, pred]`` over pixels whose label is not ``ignore_index``; predictions outside ``[0, num_labels)``
+    land in an extra "invalid" column (they are errors for the true class but false positives of no class).
+    """
+
+    def __init__(self, num_labels: int, ignore_index: int = 255, id2label: Mapping[int, str] | None = None):
+        if num_labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {num_labels}")
+        self.num_labels = int(num_labels)
+        self.ignore_index = ignore_index
+        self.id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
+        self.matrix = np.zeros((self.num_labels, self.num_labels + 1), dtype=np.int64)
+
+    def update(self, prediction: Any, reference: Any) -> None:
+        pred = _to_numpy(prediction).astype(np.int64)
+        ref = _to_numpy(reference).astype(np.int64)
+        if pred.shape != ref.shape:
+            raise ValueError(f"Prediction {pred.shape} and reference {ref.shape} differ in shape")
+        valid = ref != self.ignore_index if self.ignore_index is not None else np.ones(ref.shape, dtype=bool)
+        ref = ref[valid]
+        pred = pred[valid]
+        if ref.size and (ref.min() < 0 or ref.max() >= self.num_labels):
+            bad = sorted(set(np.unique(ref[(ref < 0) | (ref >= self.num_labels)]).tolist()))
+            raise ValueError(f"Reference labels {bad[:10]} are outside [0, {self.num_labels}) and not ignore_index")
+        pred = np.where((pred < 0) | (pred >= self.num_labels), self.num_labels, pred)
+        k1 = self.num_labels + 1
+        self.matrix += np.bincount(ref * k1 + pred, minlength=self.num_labels * k1).reshape(self.num_labels, k1)
+
+    def compute(self, per_category: bool = True) -> dict[str, float]:
+        m = self.matrix
+        k = self.num_labels
+        tp = np.diag(m[:, :k]).astype(np.float64)
+        gt_count = m.sum(axis=1).astype(np.float64)
+        pred_count = m[:, :k].sum(axis=0).astype(np.float64)
+        union = gt_count + pred_count - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+            acc = np.where(gt_count > 0, tp / np.where(gt_count > 0, gt_count, 1), np.nan)
+        total = gt_count.sum()
+        present = union > 0
+        in_gt = gt_count > 0
+        results = {
+            "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
+            "fwIoU": float((gt_count[in_gt] * iou[in_gt]).sum() / total) if total > 0 else float("nan"),
+            "mACC": float(acc[in_gt].mean()) if in_gt.any() else float("nan"),
+            "pACC": float(tp.sum() / total) if total > 0 else float("nan"),
+        }
+        if per_category:
+            for i in range(k):
+                name = self.id2label.get(i, str(i))
+                results[f"IoU/{name}"] = float(iou[i])
+            for i in range(k):
+                name = self.id2label.get(i, str(i))
+                results[f"ACC/{name}"] = float(acc[i])
+        return results
+
+
+def compute_mean_iou(
+    predictions: Iterable[Any],
+    references: Iterable[Any],
+    num_labels: int,
+    ignore_index: int = 255,
+    id2label: Mapping[int, str] | None = None,
+    per_category: bool = True,
+) -> dict[str, float]:
+    """Mean IoU of semantic label maps (each an ``(H, W)`` array/tensor of class ids; reference pixels equal to
+    ``ignore_index`` are skipped). Per class ``IoU = TP / (TP + FP + FN)``; ``mIoU`` averages the classes that appear
+    in the ground truth or the prediction. See :class:`ConfusionMatrixAccumulator`."""
+    acc = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index, id2label=id2label)
+    for pred, ref in zip(predictions, references, strict=True):
+        acc.update(pred, ref)
+    return acc.compute(per_category=per_category)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, percent: bool) -> str:
+    if isinstance(v, (int, float, np.floating, np.integer)):
+        v = float(v)
+        if math.isnan(v):
+            return "-"
+        return f"{100 * v:.2f}" if percent else f"{v:.4f}"
+    return str(v)
+
+
+def format_metrics_table(metrics: Mapping[str, Any], title: str | None = None, percent: bool = True) -> str:
+    """Summary metrics as a two-column table, then per-category entries (``"<metric>/<name>"``) as a grid with one
+    row per category. Values are shown in percent by default; ``nan`` shows as ``-``."""
+    summary = [(k, v) for k, v in metrics.items() if "/" not in k]
+    per_cat: dict[str, dict[str, Any]] = {}
+    metric_names: list[str] = []
+    for k, v in metrics.items():
+        if "/" in k:
+            metric, name = k.split("/", 1)
+            per_cat.setdefault(name, {})[metric] = v
+            if metric not in metric_names:
+                metric_names.append(metric)
+    lines = []
+    if title:
+        lines.append(title)
+    if summary:
+        w = max(len("metric"), *(len(k) for k, _ in summary))
+        lines.append(f"{'metric':<{w}} | value")
+        lines.append(f"{'-' * w}-+-{'-' * 7}")
+        lines += [f"{k:<{w}} | {_fmt(v, percent):>7}" for k, v in summary]
+    if per_cat:
+        if summary:
+            lines.append("")
+        w = max(len("category"), *(len(n) for n in per_cat))
+        widths = [max(7, len(m)) for m in metric_names]
+        lines.append(f"{'category':<{w}} | " + " | ".join(f"{m:>{cw}}" for m, cw in zip(metric_names, widths)))
+        lines.append(f"{'-' * w}-+-" + "-+-".join("-" * cw for cw in widths))
+        for name, vals in per_cat.items():
+            cells = [f"{_fmt(vals[m], percent) if m in vals else '':>{cw}}" for m, cw in zip(metric_names, widths)]
+            lines.append(f"{name:<{w}} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def print_metrics_table(
+    metrics: Mapping[str, Any], title: str | None = None, percent: bool = True, file: TextIO | None = None
+) -> None:
+    """Print :func:`format_metrics_table` (to stdout by default)."""
+    print(format_metrics_table(metrics, title=title, percent=percent), file=file or sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate modules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def conform_to_schema(obj: Any, schema: Any) -> Any:
+    """Reshape ``obj`` to a :mod:`datasets` feature schema for ``evaluate``'s strict input checks: dict keys missing
+    from ``obj`` become ``None``, keys not in the schema are dropped, ``None`` lists become ``[]``, tensors become
+    numpy arrays. Used by the bundled ``evaluate`` modules so that e.g. box-only predictions or Transformers'
+    ``segments_info`` (with ``label_id``/``score``/``was_fused``) can be passed as they are."""
+    import datasets
+
+    if hasattr(obj, "detach"):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(schema, dict):
+        if obj is None:
+            return None
+        if not isinstance(obj, Mapping):
+            raise TypeError(f"Expected a dict with keys {sorted(schema)}, got {type(obj).__name__}")
+        return {k: conform_to_schema(obj.get(k), sub) for k, sub in schema.items()}
+    if isinstance(schema, (datasets.List, datasets.LargeList)):
+        if obj is None:
+            return []
+        if isinstance(obj, np.ndarray):
+            return obj
+        return [conform_to_schema(o, schema.feature) for o in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def metric_path(name: str) -> str:
+    """Local directory of one of the bundled ``evaluate`` modules."""
+    if name not in AVAILABLE_METRICS:
+        raise ValueError(f"Unknown metric {name!r}; available: {AVAILABLE_METRICS}")
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        raise FileNotFoundError(f"Metric script not found: {path / (name + '.py')}")
+    return str(path)
+
+
+def load_metric(name: str, **kwargs: Any):
+    """``evaluate.load`` of a bundled metric (``coco_detection``, ``panoptic_quality``, ``mean_iou``) from its local
+    directory; needs no network. ``kwargs`` go to ``evaluate.load`` (e.g. ``keep_in_memory=True``,
+    ``experiment_id``)."""
+    import evaluate
+
+    return evaluate.load(metric_path(name), **kwargs)

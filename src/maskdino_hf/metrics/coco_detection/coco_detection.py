@@ -1,0 +1,139 @@
+"""COCO box and mask AP (pycocotools COCOeval) as an `evaluate` metric.
+
+Load offline with ``maskdino_hf.evaluation.load_metric("coco_detection")`` or
+``evaluate.load("<path to this folder>")``. The computation lives in :mod:`maskdino_hf.evaluation` (this script is
+copied into the `evaluate` modules cache, so it imports the installed package rather than relative files).
+"""
+
+import datasets
+import evaluate
+
+from maskdino_hf.evaluation import compute_coco_metrics, conform_to_schema
+
+_DESCRIPTION = """COCO average precision / recall for boxes (`bbox`) and masks (`segm`) through pycocotools' COCOeval.
+Values are in [0, 1]; nan where COCOeval reports -1 (no ground truth in an area range or category)."""
+
+_CITATION = """@inproceedings{lin2014microsoft,
+  title={Microsoft COCO: Common Objects in Context},
+  author={Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and Hays, James and Perona, Pietro and Ramanan, Deva
+  and Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
+  booktitle={ECCV}, year={2014}}"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: one list per image of detections `{"category_id", "score", "bbox" [x, y, w, h] (absolute pixels),
+        "segmentation" {"size": [h, w], "counts": str} (compressed RLE, optional)}`; an `image_id` key, if given,
+        must equal the reference's.
+    references: one dict per image `{"image_id", "height", "width", "objects": [{"bbox", "category_id",
+        "segmentation", "area", "iscrowd", "id" (optional)}]}` (the columns of the maskdino_hf data sets).
+    categories: optional `[{"id", "name"}]`; default: every category id seen in the references.
+    iou_types: optional subset of ("bbox", "segm"); default bbox, plus segm when every prediction has a mask.
+    per_category: add "<iou_type>_AP/<name>" entries (default True).
+Returns:
+    dict of floats: bbox_AP, bbox_AP50, bbox_AP75, bbox_APs, bbox_APm, bbox_APl, bbox_AR1, bbox_AR10, bbox_AR100,
+    bbox_ARs, bbox_ARm, bbox_ARl (same with segm_) and per-category APs.
+Examples:
+    >>> from maskdino_hf.evaluation import load_metric
+    >>> metric = load_metric("coco_detection")
+    >>> rle = {"size": [4, 4], "counts": "02208"}
+    >>> ref = {"image_id": 1, "height": 4, "width": 4, "objects": [
+    ...     {"id": 1, "bbox": [0.0, 0.0, 2.0, 2.0], "category_id": 0, "segmentation": rle, "area": 4.0, "iscrowd": 0}]}
+    >>> pred = [{"category_id": 0, "score": 0.9, "bbox": [0.0, 0.0, 2.0, 2.0], "segmentation": rle}]
+    >>> round(metric.compute(predictions=[pred], references=[ref])["bbox_AP"], 6)
+    1.0
+"""
+
+_RLE = {"size": datasets.List(datasets.Value("int64"), length=2), "counts": datasets.Value("string")}
+_FEATURES = datasets.Features(
+    {
+        "predictions": datasets.List(
+            {
+                "image_id": datasets.Value("int64"),
+                "category_id": datasets.Value("int64"),
+                "score": datasets.Value("float64"),
+                "bbox": datasets.List(datasets.Value("float64"), length=4),
+                "segmentation": _RLE,
+            }
+        ),
+        "references": {
+            "image_id": datasets.Value("int64"),
+            "height": datasets.Value("int64"),
+            "width": datasets.Value("int64"),
+            "objects": datasets.List(
+                {
+                    "id": datasets.Value("int64"),
+                    "bbox": datasets.List(datasets.Value("float64"), length=4),
+                    "category_id": datasets.Value("int64"),
+                    "segmentation": _RLE,
+                    "area": datasets.Value("float64"),
+                    "iscrowd": datasets.Value("int64"),
+                }
+            ),
+        },
+    }
+)
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CocoDetection(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=_FEATURES,
+            reference_urls=["https://cocodataset.org/#detection-eval"],
+        )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of predictions and references (reshaped to the features first, see ``conform_to_schema``)."""
+        if predictions is not None:
+            predictions = [conform_to_schema(p, _FEATURES["predictions"]) for p in predictions]
+        if references is not None:
+            references = [conform_to_schema(r, _FEATURES["references"]) for r in references]
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one prediction and reference (reshaped to the features first, see ``conform_to_schema``)."""
+        if prediction is not None:
+            prediction = conform_to_schema(prediction, _FEATURES["predictions"])
+        if reference is not None:
+            reference = conform_to_schema(reference, _FEATURES["references"])
+        return super().add(prediction=prediction, reference=reference, **kwargs)
+
+    def _compute(self, predictions, references, categories=None, iou_types=None, per_category=True):
+        images, annotations, results = [], [], []
+        seen = set()
+        for ref, preds in zip(references, predictions):
+            image_id = int(ref["image_id"])
+            if image_id in seen:
+                raise ValueError(f"Duplicate image_id {image_id} in references")
+            seen.add(image_id)
+            images.append({"id": image_id, "height": int(ref["height"]), "width": int(ref["width"])})
+            for obj in ref["objects"] or []:
+                ann = {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(obj["category_id"]),
+                    "bbox": obj["bbox"],
+                    "iscrowd": int(obj["iscrowd"] or 0),
+                }
+                if obj.get("area") is not None:
+                    ann["area"] = float(obj["area"])
+                if obj.get("segmentation") is not None:
+                    ann["segmentation"] = obj["segmentation"]
+                annotations.append(ann)
+            for det in preds or []:
+                if det.get("image_id") is not None and int(det["image_id"]) != image_id:
+                    raise ValueError(f"A prediction has image_id {det['image_id']} but its reference has {image_id}")
+                res = {"image_id": image_id, "category_id": int(det["category_id"]), "score": float(det["score"])}
+                if det.get("bbox") is not None:
+                    res["bbox"] = det["bbox"]
+                if det.get("segmentation") is not None:
+                    res["segmentation"] = det["segmentation"]
+                results.append(res)
+        if categories is None:
+            ids = sorted({a["category_id"] for a in annotations} | {r["category_id"] for r in results})
+            categories = [{"id": i, "name": str(i)} for i in ids]
+        gt = {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
+        return compute_coco_metrics(gt, results, iou_types=iou_types, per_category=per_category)

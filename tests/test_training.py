@@ -1,0 +1,107 @@
+"""A training forward of the converted model, with the official random draws replayed, gives the official
+denoising queries, predictions and losses; gradients reach every trainable parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import STUFF_LABELS, case_dir, checkpoint_path
+from safetensors.torch import load_file
+
+from maskdino_hf.convert_maskdino_to_hf import convert_checkpoint
+from maskdino_hf.random_source import ReplayRandomSource
+
+TRAINING_CASES = ["instance_r50_mask2box", "panoptic_r50_batch", "panoptic_decoupled_box"]
+MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def _batch(case: str):
+    inputs = load_file(case_dir(case) / "training" / "inputs.safetensors")
+    count = len([key for key in inputs if key.startswith("image.")])
+    images = [(inputs[f"image.{i}"].float() - MEAN) / STD for i in range(count)]
+    height = -(-max(image.shape[1] for image in images) // 32) * 32
+    width = -(-max(image.shape[2] for image in images) // 32) * 32
+    pixel_values = torch.zeros(count, 3, height, width)
+    for index, image in enumerate(images):
+        pixel_values[index, :, : image.shape[1], : image.shape[2]] = image
+    return (
+        pixel_values,
+        [inputs[f"targets.{i}.masks_padded"].float() for i in range(count)],
+        [inputs[f"targets.{i}.labels"] for i in range(count)],
+        [inputs[f"targets.{i}.boxes_cxcywh_norm"] for i in range(count)],
+    )
+
+
+def _draws(case: str) -> list[torch.Tensor]:
+    draws = load_file(case_dir(case) / "training" / "random_draws.safetensors")
+    return [draws[key] for key in sorted(draws)]
+
+
+def _train_forward(case: str, panoptic_box_loss: bool | None = None):
+    model, _ = convert_checkpoint(checkpoint_path(case), case_dir(case) / "config.yaml", stuff_labels=STUFF_LABELS.get(case))
+    if panoptic_box_loss is not None:
+        model.config.panoptic_box_loss = panoptic_box_loss
+    model.train()
+    pixel_values, masks, labels, boxes = _batch(case)
+    source = ReplayRandomSource(_draws(case))
+    outputs = model(pixel_values, mask_labels=masks, class_labels=labels, boxes=boxes, random_source=source)
+    assert source.num_remaining == 0, "every recorded draw is consumed, in order"
+    return model, outputs
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES)
+def test_training_losses_match_official(case):
+    _, outputs = _train_forward(case)
+    official = load_file(case_dir(case) / "training" / "losses.safetensors")
+    weighted = {key[len("weighted."):]: value for key, value in official.items() if key.startswith("weighted.")}
+    assert set(outputs.loss_dict) == set(weighted)
+    for name, value in weighted.items():
+        ours = outputs.loss_dict[name].detach()
+        assert torch.allclose(ours, value, rtol=1e-4, atol=1e-6), f"{name}: {ours.item()} vs {value.item()}"
+    total = sum(weighted.values())
+    assert torch.allclose(outputs.loss.detach(), total, rtol=1e-4)
+
+
+def test_decoupled_box_loss_off_matches_the_official_contrast():
+    case = "panoptic_decoupled_box"
+    _, outputs = _train_forward(case, panoptic_box_loss=False)
+    official = load_file(case_dir(case) / "training" / "contrast_PANO_BOX_LOSS_False.safetensors")
+    weighted = {key[len("weighted."):]: value for key, value in official.items() if key.startswith("weighted.")}
+    for name, value in weighted.items():
+        assert torch.allclose(outputs.loss_dict[name].detach(), value, rtol=1e-4, atol=1e-6), name
+
+
+def test_denoising_queries_match_official():
+    case = "instance_r50_mask2box"
+    model, _ = convert_checkpoint(checkpoint_path(case), case_dir(case) / "config.yaml")
+    model.train()
+    pixel_values, masks, labels, boxes = _batch(case)
+    source = ReplayRandomSource(_draws(case))
+    targets = model._build_targets(pixel_values, masks, labels, boxes)
+    outputs = model.model(pixel_values, targets=targets, random_source=source)
+    official = load_file(case_dir(case) / "training" / "outputs.safetensors")
+    meta = outputs.denoising_meta
+    pad = meta["pad_size"]
+    assert torch.equal(meta["attn_mask"], official["dec.self_attn_mask"].bool())
+    assert torch.equal(meta["map_known_indice"], official["dn.map_known_indice"])
+    assert torch.equal(meta["known_lbs_bboxes"][0], official["dn.known_labels"])
+    torch.testing.assert_close(meta["anchors"], official["dec.init_reference_unsigmoid"][:, :pad], atol=1e-4, rtol=0)
+    torch.testing.assert_close(meta["content"], official["dec.init_tgt"][:, :pad], atol=1e-4, rtol=0)
+    for layer, (logits, masks_, box) in enumerate(outputs.denoising_outputs):
+        name = "dn_final" if layer == len(outputs.denoising_outputs) - 1 else f"dn_aux{layer}"
+        torch.testing.assert_close(logits, official[f"{name}.pred_logits"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(box, official[f"{name}.pred_boxes"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(masks_, official[f"{name}.pred_masks"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs.class_logits[-1], official["final.pred_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs.mask_logits[-1], official["final.pred_masks"], atol=1e-4, rtol=0)
+
+
+def test_gradients_reach_every_trainable_parameter():
+    model, outputs = _train_forward("instance_r50_mask2box")
+    outputs.loss.backward()
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and (parameter.grad is None or not torch.isfinite(parameter.grad).all()):
+            frozen.append(name)
+    assert not frozen, f"no gradient for {frozen[:10]}"
