@@ -675,3 +675,29 @@ def load_metric(name: str, **kwargs: Any):
     import evaluate
 
     return evaluate.load(metric_path(name), **kwargs)
+
+
+def schema_conforming_metric(features: Any):
+    """An `evaluate.Metric` base whose `add`/`add_batch` reshape inputs to `features` (see `conform_to_schema`):
+    evaluate 0.4 rejects missing or extra keys, so box-only predictions or Transformers' `segments_info` could not
+    be passed as they are. Imported lazily so `evaluate` stays optional for the package."""
+    import evaluate
+
+    class SchemaConformingMetric(evaluate.Metric):
+        def add_batch(self, *, predictions=None, references=None, **kwargs):
+            """Add a batch of predictions and references, reshaped to the metric's features first."""
+            if predictions is not None:
+                predictions = [conform_to_schema(p, features["predictions"]) for p in predictions]
+            if references is not None:
+                references = [conform_to_schema(r, features["references"]) for r in references]
+            return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+        def add(self, *, prediction=None, reference=None, **kwargs):
+            """Add one prediction and reference, reshaped to the metric's features first."""
+            if prediction is not None:
+                prediction = conform_to_schema(prediction, features["predictions"])
+            if reference is not None:
+                reference = conform_to_schema(reference, features["references"])
+            return super().add(prediction=prediction, reference=reference, **kwargs)
+
+    return SchemaConformingMetric

@@ -8,7 +8,7 @@ copied into the `evaluate` modules cache, so it imports the installed package ra
 import datasets
 import evaluate
 
-from maskdino_hf.evaluation import compute_coco_metrics, conform_to_schema
+from maskdino_hf.evaluation import compute_coco_metrics, schema_conforming_metric
 
 _DESCRIPTION = """COCO average precision / recall for boxes (`bbox`) and masks (`segm`) through pycocotools' COCOeval.
 Values are in [0, 1]; nan where COCOeval reports -1 (no ground truth in an area range or category)."""
@@ -75,7 +75,7 @@ _FEATURES = datasets.Features(
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CocoDetection(evaluate.Metric):
+class CocoDetection(schema_conforming_metric(_FEATURES)):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -85,21 +85,6 @@ class CocoDetection(evaluate.Metric):
             reference_urls=["https://cocodataset.org/#detection-eval"],
         )
 
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (reshaped to the features first, see ``conform_to_schema``)."""
-        if predictions is not None:
-            predictions = [conform_to_schema(p, _FEATURES["predictions"]) for p in predictions]
-        if references is not None:
-            references = [conform_to_schema(r, _FEATURES["references"]) for r in references]
-        return super().add_batch(predictions=predictions, references=references, **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and reference (reshaped to the features first, see ``conform_to_schema``)."""
-        if prediction is not None:
-            prediction = conform_to_schema(prediction, _FEATURES["predictions"])
-        if reference is not None:
-            reference = conform_to_schema(reference, _FEATURES["references"])
-        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references, categories=None, iou_types=None, per_category=True):
         images, annotations, results = [], [], []

@@ -8,7 +8,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from maskdino_hf.evaluation import compute_mean_iou, conform_to_schema
+from maskdino_hf.evaluation import compute_mean_iou, schema_conforming_metric
 
 _DESCRIPTION = """Mean intersection over union of semantic label maps from a confusion matrix over all images:
 IoU = TP / (TP + FP + FN) per class, mIoU over the classes present in ground truth or prediction; pixels whose
@@ -37,7 +37,7 @@ _FEATURES = datasets.Features(
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class MeanIoU(evaluate.Metric):
+class MeanIoU(schema_conforming_metric(_FEATURES)):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -46,21 +46,6 @@ class MeanIoU(evaluate.Metric):
             features=_FEATURES,
         )
 
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (reshaped to the features first, see ``conform_to_schema``)."""
-        if predictions is not None:
-            predictions = [conform_to_schema(p, _FEATURES["predictions"]) for p in predictions]
-        if references is not None:
-            references = [conform_to_schema(r, _FEATURES["references"]) for r in references]
-        return super().add_batch(predictions=predictions, references=references, **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and reference (reshaped to the features first, see ``conform_to_schema``)."""
-        if prediction is not None:
-            prediction = conform_to_schema(prediction, _FEATURES["predictions"])
-        if reference is not None:
-            reference = conform_to_schema(reference, _FEATURES["references"])
-        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references, num_labels=None, ignore_index=255, id2label=None, per_category=True):
         if num_labels is None:

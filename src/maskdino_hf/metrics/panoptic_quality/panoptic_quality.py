@@ -8,7 +8,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from maskdino_hf.evaluation import compute_panoptic_quality, conform_to_schema
+from maskdino_hf.evaluation import compute_panoptic_quality, schema_conforming_metric
 
 _DESCRIPTION = """Panoptic quality (Kirillov et al.): segments of the same category match when IoU > 0.5;
 PQ = sum(IoU of matches) / (TP + FP/2 + FN/2), SQ = mean IoU of matches, RQ = TP / (TP + FP/2 + FN/2), averaged over
@@ -59,7 +59,7 @@ _FEATURES = datasets.Features(
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class PanopticQuality(evaluate.Metric):
+class PanopticQuality(schema_conforming_metric(_FEATURES)):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -69,21 +69,6 @@ class PanopticQuality(evaluate.Metric):
             reference_urls=["https://github.com/cocodataset/panopticapi"],
         )
 
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (reshaped to the features first, see ``conform_to_schema``)."""
-        if predictions is not None:
-            predictions = [conform_to_schema(p, _FEATURES["predictions"]) for p in predictions]
-        if references is not None:
-            references = [conform_to_schema(r, _FEATURES["references"]) for r in references]
-        return super().add_batch(predictions=predictions, references=references, **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and reference (reshaped to the features first, see ``conform_to_schema``)."""
-        if prediction is not None:
-            prediction = conform_to_schema(prediction, _FEATURES["predictions"])
-        if reference is not None:
-            reference = conform_to_schema(reference, _FEATURES["references"])
-        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references, categories=None, per_category=True):
         if categories is None:
