@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .configuration_maskdino import BACKBONE_FEATURES, MaskDINOConfig
+from .configuration_maskdino import MaskDINOConfig
+from .modeling_maskdino import fpn_feature_names
 
 COCO_PANOPTIC_NUM_THINGS = 80
 
@@ -292,7 +293,7 @@ def _swin_keys(rest: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]
 
 def _pixel_decoder_key(rest: str, config: MaskDINOConfig) -> str | None:
     num_backbone_levels = len(config.encoder_in_features)
-    num_fpn = len(_fpn_features(config))
+    num_fpn = len(fpn_feature_names(config))
     if match := re.fullmatch(r"input_proj\.(\d+)\.(\d)\.(\w+)", rest):
         index, sub, leaf = int(match.group(1)), match.group(2), match.group(3)
         if index < num_backbone_levels:
@@ -313,13 +314,6 @@ def _pixel_decoder_key(rest: str, config: MaskDINOConfig) -> str | None:
         group = "lateral_convs" if kind == "adapter" else "output_convs"
         return f"{group}.{position}." + ("0.weight" if leaf == "weight" else leaf.replace("norm.", "1."))
     return None
-
-
-def _fpn_features(config: MaskDINOConfig) -> list[str]:
-    finest = min(BACKBONE_FEATURES.index(name) for name in config.encoder_in_features)
-    stride = 2 ** (finest + 2)
-    count = max(int(torch.log2(torch.tensor(stride / config.common_stride)).item()), 1)
-    return list(BACKBONE_FEATURES[:count])
 
 
 def _predictor_key(rest: str) -> str | None:

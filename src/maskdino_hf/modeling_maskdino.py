@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.image_transforms import center_to_corners_format, corners_to_center_format
+from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrFrozenBatchNorm2d,
@@ -151,16 +151,14 @@ def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature
     return torch.cat((y_embed, x_embed, w_embed, h_embed), dim=-1).to(boxes.dtype)
 
 
-def mask_enhanced_box_init(mask_logits: torch.Tensor, box_type: str) -> torch.Tensor:
-    """Mask-enhanced anchor box initialisation: boxes around the selected queries' masks, in logit space.
+def mask_boxes(masks: torch.Tensor, box_type: str) -> torch.Tensor:
+    """Absolute (x1, y1, x2, y2) boxes around binary masks (..., H, W), vectorised.
 
-    `mask2box` gives the extent with the last pixel index as x_max/y_max (empty masks: x_min = y_min = 1e8, max 0);
-    `bitmask` adds one to the maxima (empty masks: all zeros). Both as the official implementation.
+    `mask2box` takes the last pixel index as x2/y2 (empty masks: x1 = y1 = 1e8, x2 = y2 = 0); `bitmask` adds one to
+    the maxima (empty masks: all zeros). These are the official model's two rules.
     """
-    masks = mask_logits.detach() > 0
     height, width = masks.shape[-2:]
-    cols = masks.any(dim=-2)
-    rows = masks.any(dim=-1)
+    cols, rows = masks.any(dim=-2), masks.any(dim=-1)
     x_index = torch.arange(width, device=masks.device, dtype=torch.float32)
     y_index = torch.arange(height, device=masks.device, dtype=torch.float32)
     x_max = torch.where(cols, x_index, 0.0).amax(-1)
@@ -168,15 +166,21 @@ def mask_enhanced_box_init(mask_logits: torch.Tensor, box_type: str) -> torch.Te
     if box_type == "mask2box":
         x_min = torch.where(cols, x_index, 1e8).amin(-1)
         y_min = torch.where(rows, y_index, 1e8).amin(-1)
-        boxes = torch.stack([x_min, y_min, x_max, y_max], dim=-1)
-    elif box_type == "bitmask":
+        return torch.stack([x_min, y_min, x_max, y_max], dim=-1)
+    if box_type == "bitmask":
         x_min = torch.where(cols, x_index, float(width)).amin(-1)
         y_min = torch.where(rows, y_index, float(height)).amin(-1)
         boxes = torch.stack([x_min, y_min, x_max + 1, y_max + 1], dim=-1)
-        boxes = torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
-    else:
-        raise ValueError(f"unknown initialize_box_type {box_type!r}")
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=masks.device)
+        return torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
+    raise ValueError(f"unknown initialize_box_type {box_type!r}")
+
+
+def mask_enhanced_box_init(mask_logits: torch.Tensor, box_type: str) -> torch.Tensor:
+    """Mask-enhanced anchor box initialisation: boxes around the selected queries' masks (logits > 0), as
+    normalised (cx, cy, w, h) in logit space."""
+    height, width = mask_logits.shape[-2:]
+    boxes = mask_boxes(mask_logits.detach() > 0, box_type)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=mask_logits.device)
     return inverse_sigmoid(corners_to_center_format(boxes) / scale).to(mask_logits.dtype)
 
 
@@ -268,6 +272,14 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
 
 
+def fpn_feature_names(config: MaskDINOConfig) -> list[str]:
+    """Backbone maps (fine to coarse) that get an FPN lateral: those between the mask stride and the finest encoder
+    input, at least one."""
+    finest = min(BACKBONE_FEATURES.index(name) for name in config.encoder_in_features)
+    num_levels = max(int(math.log2(2 ** (finest + 2)) - math.log2(config.common_stride)), 1)
+    return list(BACKBONE_FEATURES[:num_levels])
+
+
 class MaskDINOPixelDecoder(nn.Module):
     """Multi-scale deformable encoder over the backbone maps (plus strided extra levels) and the 1/4 mask features."""
 
@@ -297,10 +309,8 @@ class MaskDINOPixelDecoder(nn.Module):
         self.position_embedding = Mask2FormerSinePositionEmbedding(num_position_features=dim // 2, normalize=True)
         self.layers = nn.ModuleList(MaskDINOPixelDecoderEncoderLayer(config) for _ in range(config.encoder_layers))
 
-        finest_stride = 2 ** (BACKBONE_FEATURES.index(encoder_features[0]) + 2)
-        num_fpn_levels = max(int(math.log2(finest_stride) - math.log2(config.common_stride)), 1)
         # FPN laterals, coarse to fine (e.g. only res2 for res3..res5 encoder inputs).
-        self.fpn_features = list(BACKBONE_FEATURES[:num_fpn_levels])[::-1]
+        self.fpn_features = fpn_feature_names(config)[::-1]
         self.lateral_convs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(feature_channels[name], dim, kernel_size=1, bias=False), nn.GroupNorm(32, dim))
             for name in self.fpn_features
@@ -828,7 +838,7 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         """
         targets = None
         if class_labels is not None:
-            targets = self._build_targets(pixel_values, mask_labels, class_labels, boxes)
+            targets = self._build_targets(pixel_values, mask_labels, class_labels, boxes, pixel_mask)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         outputs = self.model(
             pixel_values,
@@ -864,7 +874,9 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
             multi_scale_features=outputs.multi_scale_features if output_hidden_states else None,
         )
 
-    def _build_targets(self, pixel_values, mask_labels, class_labels, boxes) -> list[dict]:
+    def _build_targets(self, pixel_values, mask_labels, class_labels, boxes, pixel_mask=None) -> list[dict]:
+        """Per-image loss targets. Boxes missing from the inputs are the masks' tight boxes, normalised by the
+        unpadded image size (read from `pixel_mask`) as the official targets are."""
         batch_size = pixel_values.shape[0]
         if len(class_labels) != batch_size:
             raise ValueError(f"class_labels has {len(class_labels)} entries for a batch of {batch_size}")
@@ -895,8 +907,11 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
                 target["boxes"] = box
             else:
                 height, width = pixel_values.shape[-2:]
+                if pixel_mask is not None:
+                    valid = pixel_mask[index].bool()
+                    height, width = int(valid.any(1).sum()), int(valid.any(0).sum())
                 scale = torch.tensor([width, height, width, height], device=pixel_values.device, dtype=torch.float32)
-                corners = _mask_extents(target["masks"] > 0.5)
+                corners = mask_boxes(target["masks"] > 0.5, "bitmask")
                 target["boxes"] = (corners_to_center_format(corners) / scale).to(pixel_values.dtype)
             targets.append(target)
         return targets
@@ -927,28 +942,6 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         result = {key: value for key, value in meta.items() if key not in ("content", "anchors", "attn_mask")}
         result["output_known_lbs_bboxes"] = known
         return result
-
-
-def _mask_extents(masks: torch.Tensor) -> torch.Tensor:
-    """Tight (x1, y1, x2 + 1, y2 + 1) boxes of binary masks (N, H, W); empty masks give zeros."""
-    return center_to_corners_format(corners_to_center_format(_bitmask_corners(masks)))
-
-
-def _bitmask_corners(masks: torch.Tensor) -> torch.Tensor:
-    height, width = masks.shape[-2:]
-    cols, rows = masks.any(-2), masks.any(-1)
-    x_index = torch.arange(width, device=masks.device, dtype=torch.float32)
-    y_index = torch.arange(height, device=masks.device, dtype=torch.float32)
-    boxes = torch.stack(
-        [
-            torch.where(cols, x_index, float(width)).amin(-1),
-            torch.where(rows, y_index, float(height)).amin(-1),
-            torch.where(cols, x_index, 0.0).amax(-1) + 1,
-            torch.where(rows, y_index, 0.0).amax(-1) + 1,
-        ],
-        -1,
-    )
-    return torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
 
 
 __all__ = [
