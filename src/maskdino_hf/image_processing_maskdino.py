@@ -27,13 +27,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pycocotools import mask as coco_mask
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_transforms import center_to_corners_format, corners_to_center_format
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
+
+try:
+    from pycocotools import mask as coco_mask
+except ImportError:  # optional: only COCO polygon / RLE annotations and `return_coco_annotation` need it
+
+    class _MissingPycocotools:
+        def __getattr__(self, name):
+            raise ImportError("COCO polygon / RLE masks need `pycocotools`: `pip install pycocotools`")
+
+    coco_mask = _MissingPycocotools()
 
 logger = logging.get_logger(__name__)
 

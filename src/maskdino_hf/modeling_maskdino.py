@@ -246,6 +246,8 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout = config.dropout
+        # Tokens per feed-forward chunk at inference (2048 x encoder_ffn_dim activations: 16 MB in fp32).
+        self.ffn_chunk_size = 2048
 
     def forward(
         self,
@@ -268,7 +270,16 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         hidden_states = self.self_attn_layer_norm(
             hidden_states + F.dropout(attended, self.dropout, self.training)
         )
-        feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+        if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad):
+            feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+        else:
+            # Inference: the feed-forward in token chunks, so the (tokens, encoder_ffn_dim) activation (150 MB per
+            # image at 800x1088) is never materialised whole; the chunks stay in the allocator's cache instead of
+            # being page-faulted in afresh every layer. Row-wise, so the same result.
+            feed_forward = torch.cat(
+                [self.fc2(self.activation(self.fc1(chunk))) for chunk in hidden_states.split(self.ffn_chunk_size, 1)],
+                1,
+            )
         return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
 
 
@@ -746,7 +757,7 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         if hasattr(self.backbone, "swin"):
             # Transformers' Swin backbone carries the classifier's final norm, which the feature maps never use.
             self.backbone.swin.layernorm = nn.Identity()
-        channels = dict(zip(BACKBONE_FEATURES, self.backbone.num_features[-4:]))
+        channels = dict(zip(BACKBONE_FEATURES, self.backbone.channels))
         if len(self.backbone.out_features) != 4:
             raise ValueError(
                 f"the backbone must return 4 maps (strides 4, 8, 16, 32 = res2..res5), got {self.backbone.out_features}"
@@ -779,6 +790,11 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         output_auxiliary_masks (`bool`): also compute the intermediate layers' masks at inference.
         """
         _check_pixel_inputs(pixel_values, pixel_mask, self.min_input_size)
+        if torch.is_autocast_enabled(pixel_values.device.type):
+            # Under autocast, channels-last convolutions (backbone, then the pixel decoder's convs on its channels-last
+            # maps) skip oneDNN's layout reorders: about 25% faster on CPU. Not in fp32, where the different summation
+            # order moves res4 by ~1e-4 from the official features (pass channels-last pixel_values to opt in).
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         backbone_maps = self.backbone(pixel_values).feature_maps[-4:]
         features = dict(zip(BACKBONE_FEATURES, backbone_maps))
         multi_scale_features, mask_features = self.pixel_decoder(features)
@@ -816,6 +832,15 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         super().__init__(config)
         self.model = MaskDINOModel(config)
         self.post_init()
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save as Transformers does, with `auto_map` also naming this class for the Auto classes the
+        image-segmentation and object-detection pipelines load through, so `trust_remote_code` pipelines work."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class in ("AutoModelForImageSegmentation", "AutoModelForObjectDetection"):
+            auto_map.setdefault(auto_class, f"modeling_maskdino.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
 
     def forward(
         self,
