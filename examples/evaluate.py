@@ -1,0 +1,18 @@
+"""Evaluate a Mask DINO model: COCO box/mask AP, panoptic quality and mean IoU.
+
+A thin wrapper of ``maskdino-hf evaluate`` (see ``maskdino_hf.cli``); takes the same arguments::
+
+    python examples/evaluate.py --model path/to/model --data path/to/coco_folder --output report.json
+    python examples/evaluate.py --data synthetic/hf --split validation --task panoptic
+
+``--data`` is a COCO-format folder (``images/``, ``annotations/instances.json``, ``annotations/panoptic.json`` +
+``panoptic/``, ``semantic/``), a folder holding such ``<split>/`` folders, or a ``datasets`` ``save_to_disk`` folder.
+Without ``--model`` the bundled demo model is evaluated.
+"""
+
+import sys
+
+from maskdino_hf.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,0 +1,346 @@
+"""`maskdino-hf predict` / `evaluate` / `--help`: outputs, error messages, and the evaluation path checked against
+ground truth fed back as predictions (scores 1.0) and hand-computed imperfect cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskdino_hf import (
+    MaskDINOConfig,
+    MaskDINOForUniversalSegmentation,
+    MaskDINOImageProcessor,
+    cli,
+)
+from maskdino_hf.data import load_coco_folder, rgb2id, rle_to_mask
+from maskdino_hf.synthetic import (
+    SHAPES_CATEGORIES,
+    generate_shapes_split,
+    id2label,
+    make_synthetic_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_LABELS = 5
+STUFF = [3, 4]
+
+
+def _tiny_config() -> MaskDINOConfig:
+    return MaskDINOConfig(
+        num_labels=NUM_LABELS,
+        id2label=id2label(),
+        stuff_labels=STUFF,
+        backbone_config={
+            "model_type": "resnet", "embedding_size": 8, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
+            "layer_type": "bottleneck", "out_features": ["stage1", "stage2", "stage3", "stage4"],
+        },
+        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=32,
+        decoder_layers=2, decoder_ffn_dim=32, num_queries=10, denoising_num=4, train_num_points=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random model + processor saved like a real model folder."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    MaskDINOForUniversalSegmentation(_tiny_config()).save_pretrained(folder)
+    MaskDINOImageProcessor(
+        size={"shortest_edge": 128, "longest_edge": 160}, num_labels=NUM_LABELS, stuff_labels=STUFF
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory) -> list[Path]:
+    """Two synthetic images of different sizes (a PNG and a JPEG)."""
+    folder = tmp_path_factory.mktemp("images")
+    data = generate_shapes_split(2, image_size=((90, 130), (90, 130)), seed=4, split="test")
+    paths = [folder / "first.png", folder / "second.jpg"]
+    for path, image in zip(paths, data["image"]):
+        image.save(path)
+    assert data[0]["image"].size != data[1]["image"].size
+    return paths
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    """train/ + validation/ COCO folders and hf/ (save_to_disk) of a tiny synthetic data set."""
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(root, num_train=1, num_val=3, image_size=(64, 80), seed=2)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+@pytest.mark.parametrize("task", ["instance", "detection", "panoptic", "semantic"])
+def test_predict_writes_overlays_and_results(task, model_dir, image_paths, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["predict", *map(str, image_paths), "--model", str(model_dir), "--task", task, "--output-dir", str(out),
+            "--batch-size", "2", "--device", "cpu"]
+    if task in ("instance", "detection"):
+        argv += ["--threshold", "0"]  # a random model scores low: keep everything so there is something to check
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "predictions.json").read_text())
+    assert report["task"] == task
+    assert [c["name"] for c in report["categories"]] == [c["name"] for c in SHAPES_CATEGORIES]
+    assert [image["file_name"] for image in report["images"]] == [p.name for p in image_paths]
+    sizes = {}
+    for info, path in zip(report["images"], image_paths):
+        with Image.open(path) as image:
+            width, height = image.size
+        assert (info["width"], info["height"]) == (width, height)
+        sizes[info["id"]] = (height, width)
+        with Image.open(out / info["overlay"]) as overlay:
+            assert overlay.mode == "RGB"
+            # enlarged for display, plus the legend panel on the right
+            assert overlay.width > overlay.height * width / height and overlay.height >= height
+
+    if task in ("instance", "detection"):
+        results = json.loads((out / "coco_results.json").read_text())
+        assert results == report["annotations"] and len(results) > 0
+        for result in results:
+            assert set(result) >= {"image_id", "category_id", "bbox", "score"}
+            assert result["category_id"] in (0, 1, 2) and 0.0 <= result["score"] <= 1.0  # things only
+            height, width = sizes[result["image_id"]]
+            x, y, w, h = result["bbox"]
+            assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height
+            if task == "instance":
+                assert isinstance(result["segmentation"]["counts"], str)
+                mask = rle_to_mask(result["segmentation"])
+                assert mask.shape == (height, width)
+            else:
+                assert "segmentation" not in result
+        assert {r["image_id"] for r in results} == {1, 2}
+    else:
+        for annotation in report["annotations"]:
+            height, width = sizes[annotation["image_id"]]
+            with Image.open(out / annotation["file_name"]) as png:
+                assert png.size == (width, height)
+                array = np.asarray(png)
+            if task == "panoptic":
+                ids = rgb2id(array)
+                assert set(np.unique(ids).tolist()) - {0} == {s["id"] for s in annotation["segments_info"]}
+                for segment in annotation["segments_info"]:
+                    assert segment["area"] == int((ids == segment["id"]).sum()) > 0
+                    assert segment["isthing"] == int(segment["category_id"] not in STUFF)
+            else:
+                assert array.dtype == np.uint8 and array.max() < NUM_LABELS
+                assert sum(c["area"] for c in annotation["classes"]) == width * height
+    assert "image(s)" in capsys.readouterr().out
+
+
+def test_predict_folder_argument_and_default_model_error(model_dir, image_paths, tmp_path, capsys, monkeypatch):
+    # a folder of images expands to its images
+    assert cli.main(["predict", str(image_paths[0].parent), "--model", str(model_dir), "--output-dir",
+                     str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("*_overlay.png")) == ["first_overlay.png", "second_overlay.png"]
+    # without --model the bundled demo model is used; a clear error while it is not installed
+    monkeypatch.setattr(cli, "demo_model_dir", lambda: tmp_path / "no_demo")
+    assert cli.main(["predict", str(image_paths[0]), "--output-dir", str(tmp_path / "o2")]) == 2
+    assert "demo model is not installed" in capsys.readouterr().err
+
+
+def test_predict_without_arguments_uses_the_demo_folder(model_dir, image_paths, tmp_path, monkeypatch):
+    """`maskdino-hf predict --output-dir outputs` = the demo model on the demo images (here a stand-in demo)."""
+    demo = tmp_path / "demo"
+    shutil.copytree(model_dir, demo)
+    (demo / "images").mkdir()
+    shutil.copy(image_paths[0], demo / "images" / "a.png")
+    monkeypatch.setattr(cli, "demo_model_dir", lambda: demo)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["predict", "--output-dir", "outputs", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "outputs" / "predictions.json").read_text())
+    assert report["model"] == str(demo) and [i["file_name"] for i in report["images"]] == ["a.png"]
+    assert (tmp_path / "outputs" / "a_overlay.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unreadable", "cannot read image {bad}"),
+        ("missing", "image not found: {missing}"),
+        ("no_model_folder", "model folder not found"),
+        ("folder_without_config", "model folder has no config.json"),
+        ("hub_id_offline", "'someone/no-such-maskdino'"),
+    ],
+)
+def test_predict_errors_are_one_clear_line(case, message, model_dir, image_paths, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    missing = tmp_path / "missing.png"
+    images, model = [str(image_paths[0])], str(model_dir)
+    if case == "unreadable":
+        images = [str(image_paths[0]), str(bad)]
+    elif case == "missing":
+        images = [str(missing)]
+    elif case == "no_model_folder":
+        model = str(tmp_path / "no_such_model")
+    elif case == "folder_without_config":
+        (tmp_path / "empty_model").mkdir()
+        model = str(tmp_path / "empty_model")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        model = "someone/no-such-maskdino"
+    code = cli.main(["predict", *images, "--model", model, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("maskdino-hf predict: error: ") and "Traceback" not in err
+    assert message.format(bad=bad, missing=missing) in err
+    assert not (tmp_path / "out" / "predictions.json").exists()
+
+
+def test_help(capsys):
+    """`maskdino-hf --help` (in-process: the console script itself runs in the end-to-end evaluate test)."""
+    for argv, words in ((["--help"], ("predict", "evaluate", "convert")), (["predict", "--help"], ("--batch-size",)),
+                        (["evaluate", "--help"], ("--split", "--output"))):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for word in words:
+            assert word in out, (argv, word)
+
+
+@pytest.mark.skipif(not (cli.demo_model_dir() / "config.json").is_file(), reason="demo model not bundled yet")
+def test_predict_default_demo_model(tmp_path):
+    """The README's main job: `maskdino-hf predict --output-dir outputs` on the bundled demo."""
+    assert cli.main(["predict", "--output-dir", str(tmp_path), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(report["images"]) == len(cli.demo_images()) > 0
+    assert all((tmp_path / image["overlay"]).is_file() for image in report["images"])
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def _ground_truth_predictor(shift: int = 0, drop_first_thing: bool = False, semantic_label: int | None = None):
+    """Predictions made from the ground truth rows (``shift`` rolls everything ``shift`` pixels to the right)."""
+
+    def predict(images, rows):
+        results = []
+        for image, row in zip(images, rows):
+            objects = row["objects"]
+            masks = np.stack([np.roll(rle_to_mask(o["segmentation"]), shift, axis=1) for o in objects])
+            boxes = torch.tensor([[x + shift, y, x + w + shift, y + h] for x, y, w, h in (o["bbox"] for o in objects)])
+            instance = {
+                "scores": torch.ones(len(objects)),
+                "labels": torch.tensor([o["category_id"] for o in objects]),
+                "boxes": boxes,
+                "masks": torch.from_numpy(masks),
+            }
+            panoptic = np.roll(rgb2id(row["panoptic"]), shift, axis=1)
+            segments = [{"id": s["id"], "label_id": s["category_id"]} for s in row["segments_info"]]
+            if drop_first_thing and row["image_id"] == 1:
+                first = next(s for s in row["segments_info"] if s["isthing"])
+                panoptic[panoptic == first["id"]] = 0
+                segments = [s for s in segments if s["id"] != first["id"]]
+            semantic = np.roll(np.asarray(row["semantic"]).astype(np.int64), shift, axis=1)
+            if semantic_label is not None:
+                semantic = np.full_like(semantic, semantic_label)
+            assert semantic.shape == (image.height, image.width)
+            results.append({"instance": instance, "detection": dict(instance), "panoptic": {
+                "segmentation": torch.from_numpy(panoptic), "segments_info": segments},
+                "semantic": torch.from_numpy(semantic)})
+        return results
+
+    return predict
+
+
+def _evaluate_ground_truth(dataset, **kwargs):
+    tasks = ["instance", "detection", "panoptic", "semantic"]
+    mapping = cli.label_to_category_mapping(id2label(), SHAPES_CATEGORIES)
+    assert mapping == {i: i for i in range(NUM_LABELS)}
+    evaluator = cli.DatasetEvaluator(tasks, SHAPES_CATEGORIES, mapping, NUM_LABELS, id2label=id2label())
+    return cli.evaluate_dataset(dataset, _ground_truth_predictor(**kwargs), evaluator, batch_size=2, progress=False)
+
+
+def test_ground_truth_as_predictions_scores_one_and_shifted_scores_less(synthetic_root):
+    dataset = load_coco_folder(synthetic_root / "validation")
+    perfect = _evaluate_ground_truth(dataset)
+    for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP75", "det_bbox_AP", "PQ", "SQ", "RQ", "PQ_th", "PQ_st",
+                "mIoU", "pACC", "mACC"):
+        assert perfect[key] == pytest.approx(1.0), key
+    shifted = _evaluate_ground_truth(dataset, shift=6)
+    for key in ("bbox_AP", "segm_AP", "PQ", "mIoU"):
+        assert 0.0 <= shifted[key] < 0.99, (key, shifted[key])
+
+
+def test_hand_checked_panoptic_and_semantic_cases(synthetic_root):
+    dataset = load_coco_folder(synthetic_root / "validation")
+    rows = list(dataset)
+    # PQ: the first thing of image 1 missing from the prediction (its pixels void): one false negative.
+    first = next(s for s in rows[0]["segments_info"] if s["isthing"])
+    per_category = {}
+    for row in rows:
+        for s in row["segments_info"]:
+            per_category[s["category_id"]] = per_category.get(s["category_id"], 0) + 1
+    expected = {}
+    for category, count in per_category.items():
+        tp = count - (category == first["category_id"])
+        fn = count - tp
+        expected[category] = tp / (tp + 0.5 * fn)  # every matched segment has IoU 1
+    metrics = _evaluate_ground_truth(dataset, drop_first_thing=True)
+    names = id2label()
+    for category, value in expected.items():
+        assert metrics[f"PQ/{names[category]}"] == pytest.approx(value)
+    assert metrics["PQ"] == pytest.approx(np.mean(list(expected.values())))
+    assert metrics["SQ"] == pytest.approx(1.0)
+    # mIoU: everything predicted "ground": IoU(ground) = ground pixels / all pixels, 0 for the other classes.
+    semantic = [np.asarray(row["semantic"]) for row in rows]
+    total = sum(s.size for s in semantic)
+    ground = sum(int((s == 4).sum()) for s in semantic)
+    present = set(np.unique(np.concatenate([s.ravel() for s in semantic])).tolist()) | {4}
+    metrics = _evaluate_ground_truth(dataset, semantic_label=4)
+    assert metrics["IoU/ground"] == pytest.approx(ground / total)
+    assert metrics["mIoU"] == pytest.approx(ground / total / len(present))
+    assert metrics["pACC"] == pytest.approx(ground / total)
+
+
+def test_evaluate_end_to_end_with_a_tiny_model(model_dir, synthetic_root, tmp_path):
+    """A real `maskdino-hf evaluate` run (subprocess) on a COCO folder, then the save_to_disk copy in-process."""
+    report_path = tmp_path / "report.json"
+    command = [shutil.which("maskdino-hf")] if shutil.which("maskdino-hf") else [sys.executable, "-m", "maskdino_hf.cli"]
+    done = subprocess.run(
+        [*command, "evaluate", "--model", str(model_dir), "--data", str(synthetic_root), "--split", "validation",
+         "--output", str(report_path), "--batch-size", "2", "--device", "cpu"],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    for key in ("bbox_AP", "segm_AP", "PQ", "SQ", "RQ", "mIoU", "circle", "ground"):
+        assert key in done.stdout, key
+    report = json.loads(report_path.read_text())
+    assert report["tasks"] == ["instance", "panoptic", "semantic"] and report["num_images"] == 3
+    for key in ("bbox_AP", "segm_AP", "PQ", "mIoU"):
+        value = report["metrics"][key]
+        assert value is None or 0.0 <= value <= 1.0
+
+
+def test_examples_evaluate_wrapper_on_saved_dataset(model_dir, synthetic_root, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "semantic.json"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(model_dir), "--data", str(synthetic_root / "hf"),
+                                      "--task", "semantic", "--max-images", "2", "--output", str(output)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "examples" / "evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "mIoU" in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    assert report["tasks"] == ["semantic"] and report["num_images"] == 2
+
+
+def test_evaluate_errors(model_dir, synthetic_root, tmp_path, capsys):
+    assert cli.main(["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "nothing")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", str(model_dir), "--data", str(synthetic_root / "hf"), "--split", "dev"]) == 2
+    assert "no split 'dev'" in capsys.readouterr().err
