@@ -28,6 +28,23 @@ def case_info(case: str) -> dict:
     return json.loads((FIXTURES / case / "case.json").read_text())
 
 
+def tiny_config(**overrides):
+    """A small random Mask DINO configuration (ResNet with one block per stage, 10 queries, 5 labels)."""
+    from maskdino_hf import MaskDINOConfig
+
+    values = dict(
+        num_labels=5,
+        backbone_config=dict(
+            model_type="resnet", embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+            layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"],
+        ),
+        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=32,
+        decoder_layers=2, decoder_ffn_dim=32, num_queries=10, denoising_num=4, train_num_points=16,
+    )
+    values.update(overrides)
+    return MaskDINOConfig(**values)
+
+
 _MODELS: dict[str, object] = {}
 
 

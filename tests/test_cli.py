@@ -22,6 +22,8 @@ from maskdino_hf import (
     MaskDINOImageProcessor,
     cli,
 )
+from conftest import tiny_config
+
 from maskdino_hf.data import load_coco_folder, rgb2id, rle_to_mask
 from maskdino_hf.synthetic import (
     SHAPES_CATEGORIES,
@@ -36,17 +38,7 @@ STUFF = [3, 4]
 
 
 def _tiny_config() -> MaskDINOConfig:
-    return MaskDINOConfig(
-        num_labels=NUM_LABELS,
-        id2label=id2label(),
-        stuff_labels=STUFF,
-        backbone_config={
-            "model_type": "resnet", "embedding_size": 8, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
-            "layer_type": "bottleneck", "out_features": ["stage1", "stage2", "stage3", "stage4"],
-        },
-        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=32,
-        decoder_layers=2, decoder_ffn_dim=32, num_queries=10, denoising_num=4, train_num_points=16,
-    )
+    return tiny_config(num_labels=NUM_LABELS, id2label=id2label(), stuff_labels=STUFF)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import FIXTURES, converted_model
+from conftest import FIXTURES, converted_model, tiny_config
 from huggingface_hub.errors import EntryNotFoundError
 from packaging.requirements import Requirement
 from PIL import Image
@@ -57,19 +57,7 @@ PROCESSOR_CODE = {"image_processing_maskdino.py"}
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "pred_boxes")
 
 
-def _tiny_config(**overrides) -> MaskDINOConfig:
-    """A small random Mask DINO (as in test_modeling.py)."""
-    values = dict(
-        num_labels=5,
-        backbone_config=dict(
-            model_type="resnet", embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-            layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"],
-        ),
-        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=32,
-        decoder_layers=2, decoder_ffn_dim=32, num_queries=10, denoising_num=4, train_num_points=16,
-    )
-    values.update(overrides)
-    return MaskDINOConfig(**values)
+
 
 
 def _run_model(model, processor, image):
@@ -480,7 +468,7 @@ def test_push_to_hub_needs_no_network(fake_hub, monkeypatch):
 
     monkeypatch.setattr(httpx2.Client, "send", refuse)
     monkeypatch.setattr(httpx2.AsyncClient, "send", refuse)
-    model = MaskDINOForUniversalSegmentation(_tiny_config())
+    model = MaskDINOForUniversalSegmentation(tiny_config())
     info = model.push_to_hub("someone/tiny")
     assert info.oid == "0" * 40
     assert "model.safetensors" in fake_hub.commits[0]["files"]

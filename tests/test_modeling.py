@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, case_dir, converted_model
+from conftest import CASES, case_dir, converted_model, tiny_config
 from safetensors.torch import load_file
 
-from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation
+from maskdino_hf import MaskDINOForUniversalSegmentation
 
 ATOL = 1e-4
 
@@ -111,18 +111,7 @@ def test_save_and_load_round_trip_in_safetensors(tmp_path):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
 
 
-def _tiny_config(**overrides) -> MaskDINOConfig:
-    values = dict(
-        num_labels=5,
-        backbone_config=dict(
-            model_type="resnet", embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-            layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"],
-        ),
-        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=32,
-        decoder_layers=2, decoder_ffn_dim=32, num_queries=10, denoising_num=4, train_num_points=16,
-    )
-    values.update(overrides)
-    return MaskDINOConfig(**values)
+
 
 
 @pytest.mark.parametrize(
@@ -135,13 +124,13 @@ def _tiny_config(**overrides) -> MaskDINOConfig:
     ],
 )
 def test_bad_pixel_values_get_clear_errors(pixel_values, message):
-    model = MaskDINOForUniversalSegmentation(_tiny_config()).eval()
+    model = MaskDINOForUniversalSegmentation(tiny_config()).eval()
     with pytest.raises(ValueError, match=message):
         model(pixel_values)
 
 
 def test_mismatched_pixel_mask_gets_a_clear_error():
-    model = MaskDINOForUniversalSegmentation(_tiny_config()).eval()
+    model = MaskDINOForUniversalSegmentation(tiny_config()).eval()
     with pytest.raises(ValueError, match="pixel_mask must have shape"):
         model(torch.zeros(1, 3, 64, 64), pixel_mask=torch.ones(1, 32, 64, dtype=torch.long))
 
@@ -158,12 +147,12 @@ def test_mismatched_pixel_mask_gets_a_clear_error():
 )
 def test_config_refuses_nonsense(field, value, message):
     with pytest.raises(Exception, match=message):
-        _tiny_config(**{field: value})
+        tiny_config(**{field: value})
 
 
 @pytest.mark.parametrize("box_type", ["no", "bitmask", "mask2box"])
 def test_every_box_init_type_runs(box_type):
-    model = MaskDINOForUniversalSegmentation(_tiny_config(initialize_box_type=box_type)).eval()
+    model = MaskDINOForUniversalSegmentation(tiny_config(initialize_box_type=box_type)).eval()
     with torch.no_grad():
         outputs = model(torch.randn(2, 3, 64, 96))
     assert outputs.pred_boxes.shape == (2, 10, 4)
