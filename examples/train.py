@@ -1,0 +1,465 @@
+#!/usr/bin/env python
+"""Fine-tune (or train from scratch) Mask DINO on a `datasets` data set with Accelerate.
+
+    python examples/train.py --dataset DATA --task instance --tiny --max-steps 200 --output-dir out
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py --dataset DATA ...
+
+(Several CPU processes: `accelerate launch --cpu` always picks its single-process launcher unless mpirun is set up,
+so use the torchrun launcher (`--multi_gpu`) with `ACCELERATE_USE_CPU=true`; the processes then use gloo.
+`--batch-size` is per process, so the global batch is `num_processes * batch_size * accumulation`.)
+
+`--dataset` is a `save_to_disk` folder (a `DatasetDict` with `train` / `validation` splits) or a folder of COCO-format
+split folders (`train/`, `validation/`, read with `maskdino_hf.data.load_coco_folder`), in the column layout of
+`maskdino_hf.synthetic` / `maskdino_hf.data` (`objects` for COCO instances, `panoptic` + `segments_info` for COCO
+panoptic, `semantic` for label maps).
+
+The recipe is the official one (see `maskdino_hf.training`): large-scale jitter (flip, random scale 0.1-2.0 of
+`--image-size`, random crop / pad to an `--image-size` square), AdamW (lr 1e-4, weight decay 0.05, 0 for norms and
+embeddings, backbone lr x 0.1), step decay x0.1 at 88.9% and 96.3% of `--max-steps` (optional linear warm-up),
+full-model gradient-norm clipping at 0.01, mixed precision through Accelerate.
+
+Checkpoints (`--save-every`) are `accelerator.save_state` folders under `OUTPUT_DIR/checkpoints/checkpoint-STEP`
+(model, optimizer, scheduler, RNG states and the data position); `--resume-from PATH|latest` continues exactly where
+the checkpoint was taken: the sampler is seeded per epoch, the augmentation of image i in epoch e only depends on
+(seed, e, i), and the batches already seen in the current epoch are skipped with `accelerator.skip_first_batches`.
+
+At the end the model and its image processor are written with `save_pretrained` to `--output-dir`, together with
+`metrics.json` (final evaluation, timings) and `log.jsonl` (one line per logged step / evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import maskdino_hf  # noqa: F401  (registers the Auto classes)
+from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
+from maskdino_hf.training import (
+    OFFICIAL_CLIP_VALUE,
+    OFFICIAL_STEP_FRACTIONS,
+    BatchInvariantRandomSource,
+    MaskDINOTrainCollator,
+    MaskDINOTrainDataset,
+    build_optimizer,
+    build_scheduler,
+    dataset_categories,
+    evaluate_model,
+    load_dataset_splits,
+    tiny_config,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="save_to_disk folder or folder of COCO split folders")
+    data.add_argument("--task", choices=("instance", "panoptic", "semantic"), default="instance")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--eval-split", default="validation", help="'' or 'none' disables evaluation")
+    data.add_argument("--max-eval-images", type=int, default=None)
+    data.add_argument("--image-size", type=int, default=1024, help="LSJ square training size (official 1024)")
+    data.add_argument("--min-scale", type=float, default=0.1)
+    data.add_argument("--max-scale", type=float, default=2.0)
+    data.add_argument("--no-flip", action="store_true")
+    data.add_argument("--no-augment", action="store_true", help="no LSJ: resize with the processor's test rule")
+    data.add_argument("--eval-size", type=int, default=None, help="test shortest edge (default: --image-size)")
+    data.add_argument("--eval-max-size", type=int, default=None, help="test longest edge (default: 1333/800 x)")
+    data.add_argument("--num-workers", type=int, default=0)
+
+    model = p.add_argument_group("model")
+    source = model.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model folder (or Hub id) to fine-tune")
+    source.add_argument("--config-json", help="MaskDINOConfig json (or folder) to train from scratch")
+    source.add_argument("--tiny", action="store_true", help="built-in tiny configuration, from scratch")
+    model.add_argument("--id2label", help="JSON file or inline JSON {id: name}: new class set (resizes the heads)")
+    model.add_argument("--stuff-labels", help="comma-separated stuff label ids (default: categories with isthing=0)")
+    model.add_argument("--config-overrides", default=None, help='JSON dict of config fields, e.g. {"num_queries": 50}')
+    model.add_argument("--detection-only", action="store_true", help="boxes without masks: no mask loss terms")
+    model.add_argument("--gradient-checkpointing", action="store_true")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    opt.add_argument("--batch-size", type=int, default=2, help="images per process per micro-batch")
+    opt.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    opt.add_argument("--lr", type=float, default=1e-4)
+    opt.add_argument("--weight-decay", type=float, default=0.05)
+    opt.add_argument("--backbone-multiplier", type=float, default=0.1)
+    opt.add_argument("--lr-steps", default=",".join(f"{f:.4f}" for f in OFFICIAL_STEP_FRACTIONS),
+                     help="fractions of --max-steps where the lr is multiplied by --gamma")
+    opt.add_argument("--gamma", type=float, default=0.1)
+    opt.add_argument("--warmup-steps", type=int, default=0)
+    opt.add_argument("--warmup-factor", type=float, default=1.0, help="official 1.0 = no warm-up")
+    opt.add_argument("--clip-grad", type=float, default=OFFICIAL_CLIP_VALUE, help="full-model L2 clip (0: off)")
+    opt.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--batch-invariant-draws", action="store_true",
+                     help="testing only: model/loss random draws independent of the batch split")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", required=True)
+    run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    run.add_argument("--checkpoints-total-limit", type=int, default=None)
+    run.add_argument("--resume-from", default=None, help="checkpoint folder or 'latest'")
+    run.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    run.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
+    run.add_argument("--eval-batch-size", type=int, default=4)
+    run.add_argument("--no-final-eval", action="store_true")
+    run.add_argument("--log-every", type=int, default=1)
+    run.add_argument("--max-train-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    run.add_argument("--max-train-cpu-minutes", type=float, default=None,
+                     help="stop (and save) once this process has used this much CPU time (all threads)")
+    run.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.eval_split and args.eval_split.lower() == "none":
+        args.eval_split = ""
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _json_arg(text: str | None):
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+    return json.loads(path.read_text())
+
+
+def resolve_labels(args, categories: list[dict], model_id2label: dict[int, str] | None):
+    """(id2label, category_id_to_label, stuff_labels) for the run."""
+    if args.id2label:
+        id2label = {int(k): str(v) for k, v in _json_arg(args.id2label).items()}
+    elif model_id2label is not None:
+        id2label = {int(k): str(v) for k, v in model_id2label.items()}
+    else:
+        contiguous = [int(c["id"]) for c in categories] == list(range(len(categories)))
+        id2label = {int(c["id"]) if contiguous else i: str(c["name"]) for i, c in enumerate(categories)}
+    by_name = {name: label for label, name in id2label.items()}
+    category_id_to_label = {int(c["id"]): by_name[str(c["name"])] for c in categories if str(c["name"]) in by_name}
+    if not category_id_to_label:  # names do not match: identity on the ids the class set knows
+        category_id_to_label = {int(c["id"]): int(c["id"]) for c in categories if int(c["id"]) in id2label}
+    if not category_id_to_label:
+        raise SystemExit("no data set category maps to a model label: pass --id2label with the data set's names")
+    if args.stuff_labels is not None:
+        stuff = [int(v) for v in args.stuff_labels.split(",") if v.strip()]
+    else:
+        stuff = sorted(category_id_to_label[int(c["id"])] for c in categories
+                       if not c.get("isthing", 1) and int(c["id"]) in category_id_to_label)
+    return id2label, category_id_to_label, stuff
+
+
+def build_model(args, categories):
+    overrides = _json_arg(args.config_overrides) or {}
+    if args.model:
+        config = MaskDINOConfig.from_pretrained(args.model)
+        id2label, cat2label, stuff = resolve_labels(args, categories, None if args.id2label else config.id2label)
+        values = dict(overrides)
+        if args.id2label:
+            values.update(num_labels=len(id2label), id2label=id2label,
+                          label2id={v: k for k, v in id2label.items()}, stuff_labels=stuff)
+        if values:  # rebuild the config at once (fields are validated together)
+            merged = config.to_dict()
+            for key in ("architectures", "transformers_version", "model_type", "auto_map"):
+                merged.pop(key, None)
+            merged.update(values)
+            config = MaskDINOConfig(**merged)
+        model = MaskDINOForUniversalSegmentation.from_pretrained(args.model, config=config, ignore_mismatched_sizes=True)
+    else:
+        id2label, cat2label, stuff = resolve_labels(args, categories, None)
+        labels = dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                      stuff_labels=stuff)
+        if args.tiny:
+            config = tiny_config(**labels, **overrides)
+        else:
+            values = _json_arg(args.config_json)
+            values = {k: v for k, v in values.items() if k not in ("architectures", "transformers_version", "model_type")}
+            values.update(labels)
+            values.update(overrides)
+            config = MaskDINOConfig(**values)
+        model = MaskDINOForUniversalSegmentation(config)
+    if args.detection_only:
+        # MaskDINOLoss always computes the mask terms; with zero weights (loss and matching cost) they do not
+        # contribute, and "det" denoising has no mask terms (see the project report for a proper skip).
+        for name in ("mask_weight", "dice_weight", "cost_mask_weight", "cost_dice_weight"):
+            setattr(model.config, name, 0.0)
+        if model.config.denoising == "seg":
+            model.config.denoising = "det"
+        model.config.train_num_points = min(model.config.train_num_points, 16)
+    label_to_category = {label: category for category, label in cat2label.items()}
+    return model, cat2label, label_to_category
+
+
+def build_processor(args, model):
+    if args.model:
+        try:
+            processor = MaskDINOImageProcessor.from_pretrained(args.model)
+        except (OSError, ValueError):
+            processor = None
+    else:
+        processor = None
+    eval_size = args.eval_size or args.image_size
+    eval_max = args.eval_max_size or int(round(eval_size * 1333 / 800))
+    config = model.config
+    settings = dict(
+        size={"shortest_edge": eval_size, "longest_edge": eval_max},
+        size_divisibility=config.size_divisibility,
+        num_labels=config.num_labels,
+        stuff_labels=list(config.stuff_labels),
+        test_topk_per_image=config.test_topk_per_image,
+        object_mask_threshold=config.object_mask_threshold,
+        overlap_threshold=config.overlap_threshold,
+        panoptic_temperature=config.panoptic_temperature,
+        instance_on=args.task in ("instance", "panoptic"),
+        panoptic_on=args.task == "panoptic",
+        semantic_on=args.task == "semantic",
+    )
+    if processor is None:
+        return MaskDINOImageProcessor(**settings)
+    for key, value in settings.items():
+        if key == "size" and not args.eval_size:
+            continue
+        setattr(processor, key, value)
+    return processor
+
+
+class TrainingState:
+    """Counters saved with every checkpoint (`accelerator.register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.train_seconds = 0.0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Random permutation seeded by (seed, epoch): the same order in every process and after a resume."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / "checkpoints"
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
+    found = [p for p in found if not p.name.endswith(".tmp")]
+    return found[-1] if found else None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    is_main = accelerator.is_main_process
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    splits = load_dataset_splits(args.dataset)
+    if args.train_split not in splits:
+        raise SystemExit(f"split {args.train_split!r} not in {list(splits)}")
+    train_data = splits[args.train_split]
+    eval_data = splits[args.eval_split] if args.eval_split and args.eval_split in splits else None
+    if eval_data is not None and args.max_eval_images:
+        eval_data = eval_data.select(range(min(args.max_eval_images, len(eval_data))))
+    categories = dataset_categories(splits, args.dataset)
+
+    set_seed(args.seed)  # identical initialisation everywhere
+    model, category_id_to_label, label_to_category = build_model(args, categories)
+    processor = build_processor(args, model)
+    if args.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+
+    dataset = MaskDINOTrainDataset(
+        train_data, args.task, None if args.no_augment else args.image_size, category_id_to_label,
+        args.min_scale, args.max_scale, not args.no_flip, args.seed, args.detection_only,
+    )
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.num_workers,
+        collate_fn=MaskDINOTrainCollator(processor, resize=args.no_augment),
+        # Its own generator: creating an iterator draws a worker base seed, which must not consume the global RNG
+        # (the model's random draws), or a resumed run (new iterator after load_state) would drift.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.backbone_multiplier)
+    fractions = [float(v) for v in args.lr_steps.split(",") if v.strip()]
+    scheduler = build_scheduler(optimizer, args.max_steps, fractions, args.gamma, args.warmup_steps, args.warmup_factor)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(state)
+    if len(loader) == 0:
+        raise SystemExit(f"the training split has {len(dataset)} images: fewer than one batch per process")
+
+    if args.resume_from:
+        resume = _latest_checkpoint(output_dir) if args.resume_from == "latest" else Path(args.resume_from)
+        if resume is None or not resume.is_dir():
+            raise SystemExit(f"no checkpoint to resume from: {args.resume_from}")
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resumed from {resume} at step {state.global_step}")
+    else:
+        set_seed(args.seed + accelerator.process_index)  # training draws differ between processes
+
+    random_source = BatchInvariantRandomSource(args.seed) if args.batch_invariant_draws else None
+    unwrapped = accelerator.unwrap_model(model)
+    log_path = output_dir / "log.jsonl"
+
+    def log(record: dict):
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_eval(step: int) -> dict:
+        metrics = {}
+        if eval_data is not None and is_main:
+            start = time.time()
+            autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+            metrics = evaluate_model(
+                unwrapped, processor, eval_data, args.task, categories, label_to_category, args.eval_batch_size,
+                args.detection_only, progress=not args.no_progress,
+                autocast_dtype=autocast if accelerator.device.type == "cuda" else None,
+            )
+            metrics = {k: v for k, v in metrics.items() if "/" not in k}
+            log({"step": step, "eval": metrics, "eval_seconds": round(time.time() - start, 2)})
+            headline = {k: round(v, 4) for k, v in metrics.items() if k in ("segm_AP", "bbox_AP", "PQ", "mIoU")}
+            accelerator.print(f"step {step}: eval {headline}")
+        accelerator.wait_for_everyone()
+        return metrics
+
+    def save_checkpoint():
+        final = output_dir / "checkpoints" / f"checkpoint-{state.global_step}"
+        temporary = final.with_name(final.name + ".tmp")
+        if is_main and temporary.exists():
+            shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)  # a killed run never leaves a half-written checkpoint-N
+            if args.checkpoints_total_limit:
+                found = sorted((output_dir / "checkpoints").glob("checkpoint-*"),
+                               key=lambda p: int(p.name.split("-")[-1].replace(".tmp", "0")))
+                for old in [p for p in found if not p.name.endswith(".tmp")][: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    if args.eval_at_start and state.global_step == 0:
+        run_eval(0)
+
+    model.train()
+    progress = tqdm(total=args.max_steps, initial=state.global_step, desc="train",
+                    disable=not is_main or args.no_progress, dynamic_ncols=True)
+    window_loss, window_count = torch.zeros((), device=accelerator.device), 0
+    start_time, start_seconds = time.time(), state.train_seconds
+    stopped_early = False
+    while state.global_step < args.max_steps and not stopped_early:
+        sampler.set_epoch(state.epoch)
+        dataset.set_epoch(state.epoch)
+        skip = state.batches_in_epoch
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in epoch_loader:
+            batch.pop("indices", None)
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                outputs = model(**batch, random_source=random_source)
+                loss = outputs.loss
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.clip_grad > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.detach().float()
+            window_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.global_step += 1
+            state.train_seconds = start_seconds + (time.time() - start_time)
+            progress.update(1)
+            if state.global_step % args.log_every == 0 or state.global_step == args.max_steps:
+                mean_loss = accelerator.reduce(window_loss / window_count, reduction="mean").item()
+                record = {"step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
+                          "lr": max(group["lr"] for group in optimizer.param_groups), "seconds": round(state.train_seconds, 2)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                log(record)
+                progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.2e}")
+            window_loss, window_count = torch.zeros((), device=accelerator.device), 0
+            if args.save_every and state.global_step % args.save_every == 0:
+                save_checkpoint()
+            if args.eval_every and state.global_step % args.eval_every == 0 and state.global_step < args.max_steps:
+                run_eval(state.global_step)
+                model.train()
+            if state.global_step >= args.max_steps:
+                break
+            if args.max_train_minutes and state.train_seconds > 60 * args.max_train_minutes:
+                accelerator.print(f"time limit reached at step {state.global_step}")
+                stopped_early = True
+                break
+            if args.max_train_cpu_minutes and time.process_time() > 60 * args.max_train_cpu_minutes:
+                accelerator.print(f"CPU-time limit reached at step {state.global_step}")
+                stopped_early = True
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+    train_seconds = state.train_seconds
+
+    metrics = {} if args.no_final_eval else run_eval(state.global_step)
+    accelerator.wait_for_everyone()
+    if is_main:
+        unwrapped.save_pretrained(output_dir, safe_serialization=True)
+        processor.save_pretrained(output_dir)
+        summary = {"steps": state.global_step, "train_seconds": round(train_seconds, 1),
+                   "process_cpu_seconds": round(time.process_time(), 1), "eval": metrics,
+                   "args": vars(args), "num_processes": accelerator.num_processes}
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
