@@ -36,12 +36,19 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
-from kernels import use_kernel_forward_from_hub
 from torch import nn
 from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
+
+try:
+    from kernels import use_kernel_forward_from_hub
+except ImportError:  # `kernels` is optional (e.g. remote code on a machine without it): the PyTorch op is used
+
+    def use_kernel_forward_from_hub(layer_name):
+        return lambda cls: cls
 
 
 logger = logging.getLogger(__name__)
@@ -74,10 +81,14 @@ def multi_scale_deformable_attention_reference(
     sampling_grids = 2 * sampling_locations - 1
     sampled = []
     for level, (height, width) in enumerate(value_spatial_shapes_list):
-        value_level = value_list[level].flatten(2).transpose(1, 2).reshape(batch_size * num_heads, head_dim, height, width)
+        value_level = (
+            value_list[level].flatten(2).transpose(1, 2).reshape(batch_size * num_heads, head_dim, height, width)
+        )
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         sampled.append(
-            nn.functional.grid_sample(value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False)
+            nn.functional.grid_sample(
+                value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         )
     weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels * num_points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
@@ -89,8 +100,18 @@ def multi_scale_deformable_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Elements of the (bags x corners x head_dim) intermediates the eager backward materialises per chunk.
-_CPU_CHUNK_ELEMENTS = 1 << 18
+_CPU_CHUNK_ELEMENTS = 1 << 19
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
+
+
+def _stack_corners(pairs, combine, shape, dtype, device) -> torch.Tensor:
+    """torch.stack([combine(a, b) for a, b in pairs], dim=1), written in place when nothing needs autograd / tracing."""
+    if torch.compiler.is_compiling() or any(torch.is_tensor(t) and t.requires_grad for pair in pairs for t in pair):
+        return torch.stack([combine(a, b) for a, b in pairs], dim=1)
+    out = torch.empty(shape, dtype=dtype, device=device)  # saves the stack's extra copy (out= has no autograd)
+    for index, (a, b) in enumerate(pairs):
+        combine(a, b, out=out[:, index])
+    return out
 
 
 def _corner_rows_and_weights(
@@ -102,46 +123,73 @@ def _corner_rows_and_weights(
     num_heads: int,
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices into value.view(batch * tokens * heads, head_dim) and weights of the 4 bilinear corners of every point.
+    """Rows of value.view(batch * tokens * heads, head_dim) and weights of the 4 bilinear corners of every point.
 
-    Returns rows (int64) and weights (compute_dtype), both (batch * queries * heads, levels * points * 4), bag-major in
-    (batch, query, head) order so that the weighted row-sum of a bag is one output row of (batch, queries, heads, dim).
-    Corners outside their level's map get weight 0 (and an arbitrary valid row), which is grid_sample's zero padding.
+    Returns rows (int32, or int64 for huge inputs) and weights (compute_dtype), both (batch * queries * heads,
+    4 * levels * points): one bag per output row of (batch, queries, heads, head_dim), ordered (corner, level, point)
+    inside the bag. A corner outside its level's map gets weight 0 (and some valid row): grid_sample's zero padding.
+
+    Everything is computed on (bags, levels * points) tensors with the per-level constants expanded to
+    (levels * points,), so every elementwise op runs over long contiguous rows (tiny broadcast inner dimensions are
+    several times slower on CPU).
     """
     batch_size, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     device = sampling_locations.device
-    shapes = value_spatial_shapes.to(device=device, dtype=torch.int64)  # (levels, 2) as (H, W)
-    sizes_xy = shapes.flip(-1)  # (levels, 2) as (W, H)
-    half_sizes = (sizes_xy.to(compute_dtype) / 2).view(num_levels, 1, 2)
+    num_bags = batch_size * num_queries * num_heads
+    per_bag = num_levels * num_points
+    num_rows = batch_size * num_value_tokens * num_heads
+    # int32 halves the index traffic in eager mode (with a margin for out-of-map corners); traced graphs keep int64,
+    # which every backend accepts for gathers (ONNX requires it).
+    index_dtype = torch.int32 if num_rows < 2**30 and not torch.compiler.is_compiling() else torch.int64
+    shapes = value_spatial_shapes.to(device=device, dtype=torch.int64)
 
-    # Pixel coordinates exactly as grid_sample(align_corners=False) computes them on CPU:
-    # grid = 2 * loc - 1, pixel = (grid + 1) * size / 2 - 0.5.
-    grid = 2 * sampling_locations.to(compute_dtype) - 1  # (B, Q, M, L, P, 2)
-    pixel = (grid + 1) * half_sizes - 0.5
-    low = pixel.floor()
-    frac_high = pixel - low  # weight of the high corner along each axis
-    frac_low = 1 - frac_high
-    low_index = low.to(torch.int64)
-    limit = sizes_xy.view(num_levels, 1, 2)
-    low_inside = (low_index >= 0) & (low_index < limit)
-    high_inside = (low_index >= -1) & (low_index < limit - 1)
-    axis_weights = torch.stack((frac_low * low_inside, frac_high * high_inside), dim=-1)  # (B, Q, M, L, P, 2 axes, 2)
-    weight_x = axis_weights[..., 0, :]
-    weight_y = axis_weights[..., 1, :] * attention_weights.to(compute_dtype).unsqueeze(-1)
-    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2)  # corners (y0x0, y0x1, y1x0, y1x1)
+    def per_point(level_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (levels,) -> (levels * points,)
+        return (
+            level_values.to(device=device, dtype=dtype)
+            .view(num_levels, 1)
+            .expand(num_levels, num_points)
+            .reshape(per_bag)
+        )
 
-    widths = shapes[:, 1].view(num_levels, 1)
-    starts = level_start_index.to(device=device, dtype=torch.int64).view(num_levels, 1)
-    token = low_index[..., 1] * widths + low_index[..., 0] + starts  # token of the (y0, x0) corner, (B, Q, M, L, P)
-    head_offset = torch.arange(num_heads, device=device).view(1, 1, num_heads, 1, 1)
-    batch_offset = torch.arange(batch_size, device=device).view(batch_size, 1, 1, 1, 1) * (num_value_tokens * num_heads)
-    rows = token * num_heads + (head_offset + batch_offset)
-    corner_offsets = torch.stack((torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1), dim=-1)
-    rows = rows.unsqueeze(-1) + (corner_offsets * num_heads).view(num_levels, 1, 4)
-    rows = rows.clamp_(0, batch_size * num_value_tokens * num_heads - 1)
+    locations = sampling_locations.to(compute_dtype).reshape(num_bags, per_bag, 2)
+    axes = []
+    for axis, sizes in ((0, shapes[:, 1]), (1, shapes[:, 0])):  # x runs over the width, y over the height
+        size_index = per_point(sizes, index_dtype)
+        # Pixel coordinate exactly as grid_sample(align_corners=False) computes it on CPU:
+        # grid = 2 * loc - 1, pixel = (grid + 1) * size / 2 - 0.5.
+        grid = 2 * locations[:, :, axis] - 1
+        pixel = (grid + 1) * (per_point(sizes, compute_dtype) / 2) - 0.5
+        low = pixel.floor()
+        frac_high = pixel - low
+        frac_low = 1 - frac_high
+        low = low.to(index_dtype)
+        low_inside = ((low >= 0) & (low < size_index)).to(compute_dtype)
+        high_inside = ((low >= -1) & (low < size_index - 1)).to(compute_dtype)
+        axes.append((low, frac_low * low_inside, frac_high * high_inside))
+    (x_low, weight_x_low, weight_x_high), (y_low, weight_y_low, weight_y_high) = axes
+    attention = attention_weights.to(compute_dtype).reshape(num_bags, per_bag)
+    weight_y_low = weight_y_low * attention
+    weight_y_high = weight_y_high * attention
 
-    bags = batch_size * num_queries * num_heads
-    return rows.view(bags, -1), weights.reshape(bags, -1)
+    corner_weights = (
+        (weight_y_low, weight_x_low),
+        (weight_y_low, weight_x_high),
+        (weight_y_high, weight_x_low),
+        (weight_y_high, weight_x_high),
+    )
+    weights = _stack_corners(corner_weights, torch.mul, (num_bags, 4, per_bag), compute_dtype, device)
+
+    widths = per_point(shapes[:, 1], index_dtype)
+    token = y_low * widths + x_low + per_point(level_start_index, index_dtype)  # token of the (y0, x0) corner
+    batch_offset = torch.arange(batch_size, device=device, dtype=index_dtype) * (num_value_tokens * num_heads)
+    head_offset = torch.arange(num_heads, device=device, dtype=index_dtype)
+    bag_offset = batch_offset.view(batch_size, 1, 1, 1) + head_offset.view(1, 1, num_heads, 1)
+    row_low = (token.view(batch_size, num_queries, num_heads, per_bag) * num_heads + bag_offset).view(num_bags, per_bag)
+    row_step = widths * num_heads  # one image row down
+    corner_rows = ((row_low, 0), (row_low, num_heads), (row_low, row_step), (row_low, row_step + num_heads))
+    rows = _stack_corners(corner_rows, torch.add, (num_bags, 4, per_bag), index_dtype, device)
+    rows = rows.view(num_bags, 4 * per_bag).clamp_(0, num_rows - 1)
+    return rows, weights.view(num_bags, 4 * per_bag)
 
 
 class _WeightedRowSum(torch.autograd.Function):
@@ -169,7 +217,8 @@ class _WeightedRowSum(torch.autograd.Function):
         grad_weights = torch.empty_like(weights) if need_weights else None
         for start in range(0, num_bags, chunk):
             stop = min(num_bags, start + chunk)
-            rows_chunk = rows[start:stop].reshape(-1)
+            # int64: int32 indices take slow paths in index_add_ / index_select
+            rows_chunk = rows[start:stop].reshape(-1).long()
             grad_chunk = grad_output[start:stop]
             if need_weights:
                 gathered = table.index_select(0, rows_chunk).view(stop - start, corners, dim)
@@ -278,6 +327,14 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _kernel_has_compiled_ops(op: MultiScaleDeformableAttention) -> bool | None:
+    """`has_compiled_ops()` of the kernel package whose layer now provides `op.forward` (None if it does not say)."""
+    module_name = getattr(getattr(op.forward, "__func__", None), "__module__", None) or ""
+    package = sys.modules.get(module_name.rpartition(".")[0])
+    probe = getattr(package, "has_compiled_ops", None)
+    return bool(probe()) if callable(probe) else None
+
+
 def _check_layer(op: MultiScaleDeformableAttention, device: torch.device) -> None:
     """Run the swapped-in forward on a small problem (points outside the maps included) against the PyTorch path."""
     generator = torch.Generator().manual_seed(0)
@@ -343,7 +400,19 @@ def load_msda_kernel(
         )
         return model
 
-    from kernels import KernelizeFallback, LayerRepository, LocalLayerRepository, Mode, kernelize, use_kernel_mapping
+    try:
+        from kernels import (
+            KernelizeFallback,
+            LayerRepository,
+            LocalLayerRepository,
+            Mode,
+            kernelize,
+            use_kernel_mapping,
+        )
+    except ImportError as error:
+        _use_pytorch(ops)
+        logger.warning("MSDA: using the PyTorch implementation (the `kernels` package is unavailable: %s).", error)
+        return model
 
     if local_path is not None:
         repository = LocalLayerRepository(Path(local_path).expanduser().resolve(), layer_name=MSDA_LAYER_NAME)
@@ -374,7 +443,7 @@ def load_msda_kernel(
                 kernelize(op, mode=mode, device=device.type, use_fallback=KernelizeFallback.NONE)
         if verify:
             _check_layer(ops[0], device)
-    except Exception as error:  # no network, no compatible build, an import error, a mismatch: all fall back
+    except Exception as error:  # noqa: BLE001  (no network, no build for this system, import error, mismatch)
         _use_pytorch(ops)
         reason = " ".join(str(error).split()) or type(error).__name__
         logger.warning(
@@ -386,10 +455,20 @@ def load_msda_kernel(
         )
         return model
 
+    compiled = _kernel_has_compiled_ops(ops[0])
+    if compiled is False and device.type == "cuda":
+        # The package loaded without its compiled extension; its own PyTorch path is slower than ours.
+        _use_pytorch(ops)
+        logger.warning(
+            "MSDA: using the PyTorch implementation (the kernel package from %s has no compiled op for this system).",
+            source,
+        )
+        return model
     backend = f"kernel: {source}"
     for op in ops:
         op.msda_backend = backend
-    logger.info("MSDA: using the kernel layer from %s on %s for %d op(s).", source, device.type, len(ops))
+    note = " (package without its compiled op: it runs its PyTorch path)" if compiled is False else ""
+    logger.info("MSDA: using the kernel layer from %s on %s for %d op(s)%s.", source, device.type, len(ops), note)
     return model
 
 
