@@ -225,6 +225,9 @@ def build_processor(args, model):
         panoptic_on=args.task == "panoptic",
         semantic_on=args.task == "semantic",
     )
+    # The model's config carries the same inference switches, so the saved model says what it was trained for.
+    for key in ("instance_on", "panoptic_on", "semantic_on"):
+        setattr(config, key, settings[key])
     if processor is None:
         return MaskDINOImageProcessor(**settings)
     for key, value in settings.items():

@@ -362,6 +362,14 @@ def _predict(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, device)
     id2label = _id2label(model.config)
     stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
+    if args.task is None:
+        config = model.config
+        if getattr(config, "panoptic_on", False):
+            args.task = "panoptic"
+        elif getattr(config, "semantic_on", False) and not getattr(config, "instance_on", True):
+            args.task = "semantic"
+        else:
+            args.task = "instance"
     threshold = args.threshold
     if threshold is None and args.task in ("instance", "detection"):
         threshold = DEFAULT_INSTANCE_THRESHOLD
@@ -797,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image files or folders of images (default: the demo model's bundled images)")
     predict.add_argument("--model", default=None,
                          help="model folder or Hugging Face Hub id (default: the bundled demo model)")
-    predict.add_argument("--task", choices=TASKS, default="instance")
+    predict.add_argument("--task", choices=TASKS, default=None,
+                         help="default: panoptic for a panoptic model, semantic for a semantic-only one, else instance")
     predict.add_argument("--threshold", type=float, default=None,
                          help=f"instance/detection score threshold (default {DEFAULT_INSTANCE_THRESHOLD}); panoptic "
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
