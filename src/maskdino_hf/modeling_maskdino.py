@@ -474,7 +474,14 @@ class MaskDINODecoder(nn.Module):
         if not predict_masks:
             return class_logits, None
         mask_embeddings = self.mask_embed(normed)
-        return class_logits, torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
+        if torch.is_autocast_enabled(mask_features.device.type):
+            # In float32 under autocast: the mask logits are thresholded at 0 (mask-enhanced boxes, post-processing),
+            # and bfloat16 logits move the mask borders.
+            with torch.autocast(mask_features.device.type, enabled=False):
+                mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings.float(), mask_features.float())
+        else:
+            mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
+        return class_logits, mask_logits
 
     def query_selection(
         self, memory: torch.Tensor, spatial_shapes_list: list[tuple[int, int]], mask_features: torch.Tensor
