@@ -776,3 +776,17 @@ def test_category_ids_are_mapped_and_empty_images_give_empty_targets():
     assert encoded["class_labels"][0].tolist() == [4]
     assert encoded["mask_labels"][1].shape == (0, 64, 32)
     assert encoded["class_labels"][1].shape == (0,) and encoded["boxes"][1].shape == (0, 4)
+
+
+def test_instance_post_processing_with_no_kept_query_returns_empty_results():
+    """A panoptic model whose top-k queries are all stuff keeps no instance: empty results, not an error."""
+
+    processor = MaskDINOImageProcessor(stuff_labels=[0, 1], num_labels=2, test_topk_per_image=3)
+    logits = torch.full((1, 4, 2), -5.0)
+    outputs = SimpleNamespace(
+        class_queries_logits=logits, masks_queries_logits=torch.zeros(1, 4, 8, 8), pred_boxes=torch.rand(1, 4, 4)
+    )
+    result = processor.post_process_instance_segmentation(
+        outputs, target_sizes=[(30, 30)], image_sizes=[(32, 32)], panoptic_on=True
+    )[0]
+    assert result["scores"].numel() == 0 and result["masks"].shape == (0, 30, 30)

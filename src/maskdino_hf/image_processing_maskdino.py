@@ -779,6 +779,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     @staticmethod
     def _upsample_crop_resize(masks: torch.Tensor, padded_size, image_size, target_size) -> torch.Tensor:
         """(Q, h, w) mask logits -> padded input size -> crop the padding -> target size (bilinear, as official)."""
+        if masks.shape[0] == 0:  # no query kept (interpolate refuses empty batches)
+            return masks.new_zeros((0, *target_size))
         padded = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)
         cropped = padded[:, :, : image_size[0], : image_size[1]]
         return F.interpolate(cropped, size=target_size, mode="bilinear", align_corners=False)[0]
