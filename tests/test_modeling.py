@@ -157,3 +157,17 @@ def test_every_box_init_type_runs(box_type):
         outputs = model(torch.randn(2, 3, 64, 96))
     assert outputs.pred_boxes.shape == (2, 10, 4)
     assert outputs.masks_queries_logits.shape == (2, 10, 16, 24)
+
+
+def test_whole_forward_compiles_without_graph_breaks():
+    """`fullgraph=True` makes Dynamo fail on any graph break: the backbone, pixel decoder, query selection,
+    mask-enhanced box init and decoder trace as one graph (no host synchronisation, no data-dependent branches)."""
+    model = MaskDINOForUniversalSegmentation(tiny_config()).eval()
+    pixel_values = torch.randn(1, 3, 64, 96)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(pixel_values)
+        graph = compiled(pixel_values)
+    for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):
+        _close(name, getattr(graph, name), getattr(eager, name))
