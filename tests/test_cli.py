@@ -205,7 +205,6 @@ def test_help(capsys):
             assert word in out, (argv, word)
 
 
-@pytest.mark.skipif(not (cli.demo_model_dir() / "config.json").is_file(), reason="demo model not bundled yet")
 def test_predict_default_demo_model(tmp_path):
     """The README's main job: `maskdino-hf predict --output-dir outputs` on the bundled demo."""
     assert cli.main(["predict", "--output-dir", str(tmp_path), "--device", "cpu"]) == 0
