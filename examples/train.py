@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--lr-steps", default=",".join(f"{f:.4f}" for f in OFFICIAL_STEP_FRACTIONS),
                      help="fractions of --max-steps where the lr is multiplied by --gamma")
     opt.add_argument("--gamma", type=float, default=0.1)
+    opt.add_argument("--schedule-by-time", action="store_true",
+                     help="with --max-train-minutes: the lr milestones are fractions of the wall-time budget (or of "
+                          "--max-steps, whichever is reached first) instead of --max-steps alone, so a run stopped "
+                          "by its time limit still gets its lr decay (not exactly reproducible on resume)")
     opt.add_argument("--warmup-steps", type=int, default=0)
     opt.add_argument("--warmup-factor", type=float, default=1.0, help="official 1.0 = no warm-up")
     opt.add_argument("--clip-grad", type=float, default=OFFICIAL_CLIP_VALUE, help="full-model L2 clip (0: off)")
@@ -237,6 +241,24 @@ def build_processor(args, model):
     return processor
 
 
+def build_time_scheduler(optimizer, args, fractions, elapsed_seconds):
+    """Like `build_scheduler`, but the progress at step `s` is `max(s / max_steps, elapsed / time budget)`: the lr is
+    multiplied by `gamma` at each fraction of `fractions` of whichever budget runs out first (linear warm-up over the
+    first `--warmup-steps` steps as usual)."""
+    budget = 60.0 * args.max_train_minutes
+    fractions = sorted(fractions)
+
+    def factor(step: int) -> float:
+        progress = max(step / max(args.max_steps, 1), elapsed_seconds() / budget)
+        decay = args.gamma ** sum(progress >= fraction for fraction in fractions)
+        if args.warmup_steps > 0 and step < args.warmup_steps:
+            alpha = step / args.warmup_steps
+            decay *= args.warmup_factor * (1 - alpha) + alpha
+        return decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class TrainingState:
     """Counters saved with every checkpoint (`accelerator.register_for_checkpointing`)."""
 
@@ -324,9 +346,12 @@ def main(argv=None) -> dict:
     )
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.backbone_multiplier)
     fractions = [float(v) for v in args.lr_steps.split(",") if v.strip()]
-    scheduler = build_scheduler(optimizer, args.max_steps, fractions, args.gamma, args.warmup_steps, args.warmup_factor)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainingState()
+    if args.schedule_by_time and args.max_train_minutes:
+        scheduler = build_time_scheduler(optimizer, args, fractions, lambda: state.train_seconds)
+    else:
+        scheduler = build_scheduler(optimizer, args.max_steps, fractions, args.gamma, args.warmup_steps, args.warmup_factor)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
     if len(loader) == 0:
@@ -416,9 +441,9 @@ def main(argv=None) -> dict:
             window_count += 1
             if not accelerator.sync_gradients:
                 continue
+            state.train_seconds = start_seconds + (time.time() - start_time)
             scheduler.step()
             state.global_step += 1
-            state.train_seconds = start_seconds + (time.time() - start_time)
             progress.update(1)
             if state.global_step % args.log_every == 0 or state.global_step == args.max_steps:
                 mean_loss = accelerator.reduce(window_loss / window_count, reduction="mean").item()

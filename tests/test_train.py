@@ -311,3 +311,35 @@ def test_step_schedule():
         scheduler.step()
     assert lrs[0] == pytest.approx(0.5) and lrs[5] == pytest.approx(0.75) and lrs[10] == pytest.approx(1.0)
     assert lrs[49] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.01)
+
+
+def test_time_based_step_schedule():
+    """--schedule-by-time: the milestones are fractions of the wall-time budget or of --max-steps, whichever first."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("maskdino_train_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(max_train_minutes=1.0, max_steps=1000, gamma=0.1, warmup_steps=4, warmup_factor=0.5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    elapsed = {"seconds": 0.0}
+    scheduler = script.build_time_scheduler(optimizer, args, [0.5, 0.9], lambda: elapsed["seconds"])
+    lrs = []
+    for step in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        elapsed["seconds"] = 0.6 * (step + 1)  # 60 s budget: 50% after 50 steps, 90% after 90 steps
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[2] == pytest.approx(0.75) and lrs[10] == pytest.approx(1.0)
+    assert lrs[49] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.01)
+    # a step budget reached before the time budget decays on steps
+    args.max_steps = 20
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = script.build_time_scheduler(optimizer, args, [0.5, 0.9], lambda: 0.0)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.1) and lrs[18] == pytest.approx(0.01)
