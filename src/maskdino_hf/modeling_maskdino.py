@@ -609,13 +609,11 @@ class MaskDINODecoder(nn.Module):
             content = torch.cat([denoising["content"], content], dim=1)
             anchors = torch.cat([denoising["anchors"].to(anchors.dtype), anchors], dim=1)
             attn_mask = denoising["attn_mask"]
-            if self.layers[0].self_attn.num_heads > 1:
-                attn_mask = attn_mask
 
         class_logits, mask_logits, boxes = [], [], []
         predict_all_masks = self.training or output_auxiliary_masks
         if config.initial_pred:
-            logits, masks = self.prediction_heads(content, mask_features, predict_all_masks or not config.two_stage)
+            logits, masks = self.prediction_heads(content, mask_features, predict_all_masks)
             class_logits.append(logits)
             mask_logits.append(masks)
             boxes.append(anchors.sigmoid())
@@ -649,7 +647,8 @@ class MaskDINODecoder(nn.Module):
             reference_points = refined.detach()
             references.append(refined)
 
-        if config.initial_pred and config.two_stage and not predict_all_masks:
+        if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
+            # The initial queries are the selected tokens: their masks are the query-selection masks.
             mask_logits[0] = selection["topk_masks"]
         if self.training and denoising is None:
             class_logits[-1] = class_logits[-1] + 0.0 * self.label_enc.weight.sum()
@@ -663,7 +662,6 @@ class MaskDINODecoder(nn.Module):
             "init_reference": init_reference,
             "selection": selection,
             "denoising": denoising,
-            "spatial_shapes_list": spatial_shapes_list,
         }
         if denoising is not None:
             pad = denoising["pad_size"]
