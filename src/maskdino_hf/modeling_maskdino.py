@@ -34,7 +34,9 @@ from transformers.utils import ModelOutput
 from transformers.backbone_utils import load_backbone
 
 from .configuration_maskdino import BACKBONE_FEATURES, MaskDINOConfig
+from .loss_maskdino import MaskDINOLoss
 from .ms_deform_attn import MaskDINOMultiscaleDeformableAttention
+from .random_source import MaskDINORandomSource
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -804,8 +806,6 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         features = dict(zip(BACKBONE_FEATURES, backbone_maps))
         multi_scale_features, mask_features = self.pixel_decoder(features)
         if random_source is None and self.training:
-            from .random_source import MaskDINORandomSource
-
             random_source = MaskDINORandomSource()
         decoded = self.decoder(multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks)
         selection = decoded["selection"] or {}
@@ -883,8 +883,6 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         ]
         loss = loss_dict = None
         if targets is not None:
-            from .loss_maskdino import MaskDINOLoss
-
             loss, loss_dict = MaskDINOLoss(self.config)(
                 self._loss_inputs(outputs), targets, self._denoising_inputs(outputs), random_source
             )
