@@ -378,8 +378,11 @@ class MaskDINOPixelDecoder(nn.Module):
             )
 
         sizes = [height * width for height, width in spatial_shapes_list]
+        # (batch, height, width, channels) views seen as (batch, channels, height, width): channels-last maps, whose
+        # strides every backend's channels-last kernels take (a transpose + reshape gives batch 1 a stride that sends
+        # the FPN's upsampling down a path ~10x slower).
         outputs = [
-            level.transpose(1, 2).reshape(batch_size, -1, height, width)
+            level.unflatten(1, (height, width)).permute(0, 3, 1, 2)
             for level, (height, width) in zip(hidden_states.split(sizes, dim=1), spatial_shapes_list)
         ]
         multi_scale_features = list(outputs)
@@ -477,10 +480,13 @@ class MaskDINODecoder(nn.Module):
             return class_logits, None
         mask_embeddings = self.mask_embed(normed)
         if torch.is_autocast_enabled(mask_features.device.type):
-            # In float32 under autocast: the mask logits are thresholded at 0 (mask-enhanced boxes, post-processing),
-            # and bfloat16 logits move the mask borders.
-            with torch.autocast(mask_features.device.type, enabled=False):
-                mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings.float(), mask_features.float())
+            # Under autocast: a low-precision product returned in float32. Rounding a logit never flips its sign, so
+            # the masks thresholded at 0 (mask-enhanced boxes, post-processing) are those of the unrounded product.
+            # The per-pixel embedding is channels-last here: read as (batch, pixels, channels) it is a plain matrix.
+            batch_size, _, height, width = mask_features.shape
+            pixels = mask_features.permute(0, 2, 3, 1).reshape(batch_size, height * width, -1)
+            mask_logits = torch.bmm(mask_embeddings, pixels.transpose(1, 2)).float()
+            mask_logits = mask_logits.view(batch_size, -1, height, width)
         else:
             mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
         return class_logits, mask_logits
