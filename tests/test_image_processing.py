@@ -426,6 +426,68 @@ def test_panoptic_fuses_stuff_of_the_same_class_and_numbers_from_one():
 # ---------------------------------------------------------------------------------------------- semantic
 
 
+@pytest.mark.parametrize("count", [0, 1, 5, 300])
+def test_instance_map_gives_each_pixel_its_first_covering_instance(count):
+    masks = torch.rand(count, 9, 11, generator=torch.Generator().manual_seed(count)) > 0.97
+    expected = torch.full((9, 11), -1, dtype=torch.int64)
+    for instance in reversed(range(count)):  # the loop it replaces: better instances painted last
+        expected[masks[instance]] = instance
+    assert torch.equal(MaskDINOImageProcessor._instance_map(masks), expected)
+
+
+def reference_panoptic_merge(mask_probs, scores, labels, mask_threshold, overlap, fuse):
+    """The official `panoptic_inference` merging loop, one query at a time (the independent reference)."""
+    segmentation = torch.zeros(mask_probs.shape[1:], dtype=torch.int32)
+    owner = (scores.view(-1, 1, 1) * mask_probs).argmax(0)
+    segments, stuff_ids, current = [], {}, 0
+    for k in range(len(labels)):
+        label = int(labels[k])
+        owned = owner == k
+        original_area = int((mask_probs[k] >= mask_threshold).sum())
+        mask = owned & (mask_probs[k] >= mask_threshold)
+        if int(owned.sum()) > 0 and original_area > 0 and int(mask.sum()) > 0:
+            if int(owned.sum()) / original_area < overlap:
+                continue
+            if label in fuse and label in stuff_ids:
+                segmentation[mask] = stuff_ids[label]
+                continue
+            current += 1
+            if label in fuse:
+                stuff_ids[label] = current
+            segmentation[mask] = current
+            segments.append(
+                {"id": current, "label_id": label, "was_fused": label in fuse, "isthing": label not in fuse,
+                 "score": float(scores[k])}
+            )
+    return segmentation, segments
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.8, 1.0])
+def test_vectorised_panoptic_merge_equals_the_official_loop(overlap):
+    generator = torch.Generator().manual_seed(0)
+    count, height, width = 24, 37, 53
+    # Overlapping round blobs, with exact ties in score x probability on some pixels.
+    centres = torch.rand(count, 2, 1, 1, generator=generator) * torch.tensor([height, width]).view(1, 2, 1, 1)
+    radii = 4 + torch.rand(count, 1, 1, generator=generator) * 12
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    distance = ((ys - centres[:, 0]) ** 2 + (xs - centres[:, 1]) ** 2).sqrt()
+    mask_probs = (3 * (1 - distance / radii)).sigmoid()
+    mask_probs[3] = mask_probs[2]
+    mask_probs[7, :10] = 0.0  # a query with no confident pixel in part of the image
+    scores = torch.rand(count, generator=generator)
+    scores[3] = scores[2]
+    labels = torch.randint(0, 6, (count,), generator=generator)
+    fuse = {4, 5}
+    reference = reference_panoptic_merge(mask_probs, scores, labels, 0.5, overlap, fuse)
+    ours = MaskDINOImageProcessor._compute_segments(
+        mask_probs.clone(), scores, labels, 0.5, overlap, fuse, (height, width)
+    )
+    assert torch.equal(ours[0], reference[0])
+    assert ours[1] == reference[1]
+    if overlap <= 0.5:
+        assert len(reference[1]) > 3, "too few segments for a useful comparison"
+
+
 @pytest.mark.parametrize("name", cases_with("SEMANTIC_ON"))
 def test_semantic_segmentation_matches_official(name):
     processor = processor_for(name)

@@ -783,7 +783,23 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             return masks.new_zeros((0, *target_size))
         padded = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)
         cropped = padded[:, :, : image_size[0], : image_size[1]]
+        if tuple(cropped.shape[-2:]) == tuple(target_size):
+            return cropped[0]  # a same-size bilinear resize is the identity (weights exactly 1 and 0): skipped
         return F.interpolate(cropped, size=target_size, mode="bilinear", align_corners=False)[0]
+
+    @staticmethod
+    def _instance_map(masks: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) bool masks sorted by score -> (H, W) int64: per pixel the first (best) covering instance, -1 if
+        none."""
+        if masks.shape[0] == 0:
+            return torch.full(masks.shape[1:], -1, dtype=torch.int64, device=masks.device)
+        count = masks.shape[0]
+        # Rank count - i for instance i (0 = not covered); the pixel's highest rank is its first instance. A max over
+        # the instance axis of small integers is one vectorised pass (argmax over it is ~5x slower on CPU).
+        rank_dtype = torch.uint8 if count < 256 else torch.int32
+        ranks = torch.arange(count, 0, -1, dtype=rank_dtype, device=masks.device)
+        best = (masks.view(torch.uint8).to(rank_dtype) * ranks[:, None, None]).amax(0)
+        return torch.where(best > 0, count - best.long(), -1)
 
     def _classifier_kind(self, logits: torch.Tensor, num_labels: int | None) -> bool:
         """True for a softmax classifier with a trailing no-object logit (see the class docstring)."""
@@ -890,12 +906,15 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             mask_logits = self._upsample_crop_resize(
                 outputs.masks_queries_logits[index][queries], padded_size, image_sizes[index], target_sizes[index]
             )
-            binary = (mask_logits > mask_logit_threshold).float()
+            binary = mask_logits > mask_logit_threshold
             if not self.focus_on_box:
-                mask_scores = (mask_logits.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (
-                    binary.flatten(1).sum(1) + 1e-6
-                )
-                scores = scores * mask_scores
+                # Mean mask probability inside the binary mask, in float and in place on the resized logits (this
+                # method's own): logits at or below the threshold become -inf, whose sigmoid is 0; the signs of
+                # those probabilities then count the mask's pixels (integer and bool sums are far slower on CPU).
+                probabilities = F.threshold_(mask_logits, mask_logit_threshold, -math.inf).sigmoid_().flatten(1)
+                inside = probabilities.sum(1)
+                area = probabilities.sign_().sum(1)
+                scores = scores * (inside / (area + 1e-6))
             boxes = self._scaled_boxes(
                 outputs.pred_boxes[index], padded_size, image_sizes[index], target_sizes[index]
             )[queries]
@@ -905,13 +924,10 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "scores": scores[order],
                 "labels": labels[order],
                 "boxes": boxes[order],
-                "masks": binary[order].bool(),
+                "masks": binary[order],
             }
-            segmentation = torch.full(target_sizes[index], -1, dtype=torch.int64, device=binary.device)
-            for instance in reversed(range(len(order))):
-                segmentation[result["masks"][instance]] = instance
-            result["segmentation"] = segmentation
-            visible = torch.unique(segmentation[segmentation >= 0]).tolist()
+            result["segmentation"] = self._instance_map(result["masks"])
+            visible = torch.unique(result["segmentation"][result["segmentation"] >= 0]).tolist()
             result["segments_info"] = [
                 {
                     "id": i,
@@ -996,9 +1012,6 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         results = []
         for index in range(len(target_sizes)):
             logits = outputs.class_queries_logits[index]
-            mask_probs = self._upsample_crop_resize(
-                outputs.masks_queries_logits[index], padded_size, image_sizes[index], target_sizes[index]
-            ).sigmoid()
             if self._classifier_kind(logits, num_labels):
                 scores, labels = logits.softmax(-1).max(-1)
                 keep = labels.ne(logits.shape[-1] - 1) & (scores > threshold)
@@ -1007,47 +1020,60 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 keep = scores > threshold
                 if self.panoptic_transform_eval:
                     scores, labels = F.softmax(logits.sigmoid() / self.panoptic_temperature, dim=-1).max(-1)
+            # Only the kept queries' masks are resized (row-wise, so the same values as resizing all of them).
+            mask_probs = self._upsample_crop_resize(
+                outputs.masks_queries_logits[index][keep], padded_size, image_sizes[index], target_sizes[index]
+            ).sigmoid_()
             segmentation, segments = self._compute_segments(
-                mask_probs[keep], scores[keep], labels[keep], mask_threshold, overlap, fuse, target_sizes[index]
+                mask_probs, scores[keep], labels[keep], mask_threshold, overlap, fuse, target_sizes[index]
             )
             results.append({"segmentation": segmentation, "segments_info": segments})
         return results
 
     @staticmethod
     def _compute_segments(mask_probs, scores, labels, mask_threshold, overlap, fuse, size):
+        """Official panoptic merging of the kept queries, vectorised over them (overwrites `mask_probs`).
+
+        Each pixel is owned by the query maximising score x mask probability; query k's segment is the pixels it owns
+        where its own probability is >= `mask_threshold`. Query k is dropped when it owns no pixel, has no confident
+        pixel or an empty segment, or owns less than `overlap` of its confident area. In query order, each remaining
+        query gets the next id, except that a fusable (stuff) class reuses the id its first segment got.
+        """
         segmentation = torch.zeros(size, dtype=torch.int32, device=mask_probs.device)
-        segments: list[dict[str, Any]] = []
-        if mask_probs.shape[0] == 0:
-            return segmentation, segments
+        count = mask_probs.shape[0]
+        if count == 0:
+            return segmentation, []
         owner = (scores.view(-1, 1, 1) * mask_probs).argmax(0)
+        # The owner's own probability is confident at the pixel.
+        in_segment = mask_probs.gather(0, owner[None])[0] >= mask_threshold
+        owned_area = torch.bincount(owner.flatten(), minlength=count)
+        segment_area = torch.bincount(owner[in_segment], minlength=count)
+        # Confident pixels per query, in place on `mask_probs` (not needed any more) and as a float sum (bool and
+        # integer sums are far slower on CPU): the sign of p - t is exact in floating point, so heaviside(p - t, 1)
+        # is exactly [p >= t], and float32 counts are exact below 2**24 pixels.
+        confident = mask_probs.sub_(mask_threshold).heaviside_(mask_probs.new_ones(())).flatten(1)
+        confident_area = confident.sum(1, dtype=torch.float32 if confident.shape[1] < 2**24 else torch.float64)
+        kept = (owned_area > 0) & (confident_area > 0) & (segment_area > 0)
+        kept &= owned_area.double() / confident_area.double().clamp(min=1) >= overlap  # as the official int ratio
+
+        segment_ids = [0] * count
+        segments: list[dict[str, Any]] = []
         fused_ids: dict[int, int] = {}
-        current_id = 0
-        for k in range(labels.shape[0]):
-            label = int(labels[k])
-            owned = owner == k
-            confident = mask_probs[k] >= mask_threshold
-            owned_area, mask_area = int(owned.sum()), int(confident.sum())
-            segment = owned & confident
-            if owned_area == 0 or mask_area == 0 or not segment.any():
-                continue
-            if owned_area / mask_area < overlap:
+        for k, (keep, label, score) in enumerate(zip(kept.tolist(), labels.tolist(), scores.tolist())):
+            if not keep:
                 continue
             if label in fuse and label in fused_ids:
-                segmentation[segment] = fused_ids[label]
+                segment_ids[k] = fused_ids[label]
                 continue
-            current_id += 1
+            segment_ids[k] = len(segments) + 1
             if label in fuse:
-                fused_ids[label] = current_id
-            segmentation[segment] = current_id
+                fused_ids[label] = segment_ids[k]
             segments.append(
-                {
-                    "id": current_id,
-                    "label_id": label,
-                    "was_fused": label in fuse,
-                    "isthing": label not in fuse,
-                    "score": float(scores[k]),
-                }
+                {"id": segment_ids[k], "label_id": label, "was_fused": label in fuse, "isthing": label not in fuse,
+                 "score": score}
             )
+        ids = torch.tensor(segment_ids, dtype=torch.int32, device=mask_probs.device)
+        segmentation = torch.where(in_segment, ids[owner], segmentation)
         return segmentation, segments
 
     def post_process_semantic_segmentation(
