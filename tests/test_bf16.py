@@ -9,18 +9,18 @@ their backbones amplify bfloat16 rounding (res4/res5 differ by O(1) from float32
 queries change, and their instance scores are packed closely (neighbours 0.002 apart, below bfloat16 resolution). So
 the comparison is made on the leading instances of the float32 ranking up to its first near-tie (score gap <
 `NEAR_TIE`): those must keep their rank and label, and their masks an IoU >= 0.98. The plain "top-5 labels equal" form
-holds for no fixture (measured), so it is checked on the trained demo model, where it holds.
+holds for no fixture (measured), so the rule is checked on the trained demo model, for its confident instances.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import case_dir, converted_model
 from safetensors.torch import load_file
 
 MIN_IOU = 0.98
-DEMO_MIN_IOU = 0.97
 NEAR_TIE = 0.005
 TOP = 5
 
@@ -74,37 +74,46 @@ def test_bf16_keeps_the_leading_instances_of_fp32():
         assert abs(ours["scores"][rank].item() - scores[rank]) < 0.02
 
 
-def test_bf16_keeps_the_top_instances_of_the_trained_demo_model():
-    """On a trained model (the bundled demo): each of the float32 top-3 instances is among the bfloat16 instances
-    with the same label (matched by mask: instances 0.014 apart in score swap ranks under bfloat16) and a mask IoU
-    >= DEMO_MIN_IOU. This is weaker than the speed issue's target (top-5, IoU >= 0.98), which the current demo model
-    does not meet: measured 15 of 20 top-5 instances at >= 0.98, and one 4th-ranked instance of shapes_val_03.png
-    has no bfloat16 counterpart (best IoU 0.375)."""
+def test_bf16_keeps_the_confident_instances_of_the_trained_demo_model():
+    """On a trained model (the bundled demo) over its 4 demo images and 16 more held-out validation images: every
+    float32 top-5 instance scoring >= 0.5 has a bfloat16 instance of the same label (matched by mask: instances with
+    close scores swap ranks) with mask IoU >= 0.98, the speed issue's rule.
+
+    Lower-scored instances are less stable (their mask logits are flat around 0): `benchmarks/bf16_agreement.py`
+    measured 100% of 75 instances >= 0.5, 84% of 86 in [0.1, 0.5) and 49% of 39 below 0.1 at IoU >= 0.98 over 40
+    images, with held-out mask AP 0.616 (fp32) vs 0.614 (bf16) and PQ 0.831 vs 0.825.
+    """
     from PIL import Image
 
     from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
     from maskdino_hf.cli import demo_images, demo_model_dir
+    from maskdino_hf.synthetic import generate_shapes_split
+    from maskdino_hf.training import _to_rgb_array
 
     model = MaskDINOForUniversalSegmentation.from_pretrained(demo_model_dir()).eval()
     processor = MaskDINOImageProcessor.from_pretrained(demo_model_dir())
-    for path in demo_images():
-        image = Image.open(path).convert("RGB")
-        inputs = processor(image, return_tensors="pt")
+    held_out = generate_shapes_split(20, image_size=((96, 128), (96, 128)), seed=0, split="validation")
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in demo_images()]
+    images += [_to_rgb_array(held_out[row]["image"]) for row in range(4, 20)]  # rows 0-3 are the demo images
+    confident = 0
+    for index, image in enumerate(images):
+        inputs = processor(images=image, return_tensors="pt", input_data_format="channels_last")
+        sizes = [image.shape[:2]]
         with torch.inference_mode():
             fp32 = model(**inputs)
             with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
                 bf16 = model(**inputs)
-        sizes = [image.size[::-1]]
         reference = processor.post_process_instance_segmentation(fp32, target_sizes=sizes)[0]
         ours = processor.post_process_instance_segmentation(bf16, target_sizes=sizes)[0]
-        top = 3
-        assert bool((reference["scores"][:top] > 0.05).all()), f"{path.name}: too few confident instances"
-        candidates = range(len(ours["scores"]))
-        for rank in range(top):
+        for rank in range(TOP):
+            if reference["scores"][rank] < 0.5:
+                break
+            confident += 1
             label = reference["labels"][rank].item()
             best = max(
-                (_iou(ours["masks"][other], reference["masks"][rank]) for other in candidates
-                 if ours["labels"][other].item() == label),
+                (_iou(ours["masks"][other], reference["masks"][rank])
+                 for other in range(len(ours["scores"])) if ours["labels"][other].item() == label),
                 default=0.0,
             )
-            assert best >= DEMO_MIN_IOU, f"{path.name} float32 instance {rank} (label {label}): best bf16 IoU {best:.4f}"
+            assert best >= MIN_IOU, f"image {index}: float32 instance {rank} (label {label}): best bf16 IoU {best:.4f}"
+    assert confident >= 20, f"only {confident} confident instances: not a useful check"
