@@ -96,6 +96,21 @@ def test_fast_path_matches_reference_float32():
         assert_relative(actual, expected, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_inference_path_equals_the_batched_path(dtype, monkeypatch):
+    """Without gradients on CPU the op runs image by image in query chunks: bit-identical to all at once."""
+    monkeypatch.setattr(msda, "_CPU_INFERENCE_QUERIES", 4)  # chunks of 4, 4, 3 of the 11 queries
+    value, shapes, _, starts, locations, weights = make_inputs(batch=3, dtype=dtype)
+    with torch.no_grad():
+        chunked = multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights)
+    with torch.enable_grad():  # gradients requested: the batched path
+        batched = multi_scale_deformable_attention_pytorch(value.requires_grad_(), shapes, starts, locations, weights)
+    assert chunked.dtype == batched.dtype == dtype
+    assert torch.equal(chunked, batched.detach())
+    with torch.inference_mode():
+        assert torch.equal(multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights), chunked)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_points_on_borders_and_outside(dtype):
     value, shapes, shapes_list, starts, _, _ = make_inputs(dtype=dtype, heads=2, points=2)

@@ -12,7 +12,8 @@ Three implementations of the op live here or are loaded from here:
   bilinear corners of every sampling point are turned into row indices of the flattened value tensor (using the
   per-level offsets of `level_start_index`) and a per-row weight (bilinear weight x attention weight x validity),
   and one weighted row-sum (`embedding_bag`) produces the output. No Python loop over heads or levels, no host
-  synchronisation, works in bfloat16 and under `torch.compile`, equal to the reference.
+  synchronisation, works in bfloat16 and under `torch.compile`, equal to the reference. On CPU without gradients it
+  runs one image and a few thousand queries at a time (`_msda_cpu_inference`), which keeps its working set in cache.
 * A compiled CUDA kernel (sources under `csrc/`, built with Hugging Face kernel-builder), swapped in on CUDA by
   `load_msda_kernel` through `kernels.kernelize`.
 
@@ -102,6 +103,8 @@ def multi_scale_deformable_attention_reference(
 # Elements of the (bags x corners x head_dim) intermediates the eager backward materialises per chunk.
 _CPU_CHUNK_ELEMENTS = 1 << 19
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
+# Queries per step of the CPU inference path.
+_CPU_INFERENCE_QUERIES = 4096
 
 
 def _stack_corners(pairs, combine, shape, dtype, device) -> torch.Tensor:
@@ -229,6 +232,42 @@ class _WeightedRowSum(torch.autograd.Function):
         return None, grad_table, grad_weights
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
+def _msda_cpu_inference(
+    value: torch.Tensor,
+    value_spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """CPU inference: one image and `_CPU_INFERENCE_QUERIES` queries at a time (the same rows and weights, so the
+    same result). The gathered table is then one image's (cache-sized at COCO resolution) and the corner arithmetic
+    runs on cache-sized intermediates: ~2x faster at 800x1088 than the whole batch at once, ~2.5x at batch 4."""
+    batch_size, num_value_tokens, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    table = value.to(compute_dtype).reshape(batch_size, num_value_tokens * num_heads, head_dim)
+    output = value.new_empty(batch_size, num_queries, num_heads * head_dim)
+    for image in range(batch_size):
+        for start in range(0, num_queries, _CPU_INFERENCE_QUERIES):
+            stop = min(num_queries, start + _CPU_INFERENCE_QUERIES)
+            rows, weights = _corner_rows_and_weights(
+                value_spatial_shapes,
+                level_start_index,
+                sampling_locations[image : image + 1, start:stop],
+                attention_weights[image : image + 1, start:stop],
+                num_value_tokens,
+                num_heads,
+                compute_dtype,
+            )
+            sampled = nn.functional.embedding_bag(rows, table[image], per_sample_weights=weights, mode="sum")
+            output[image, start:stop] = sampled.view(stop - start, num_heads * head_dim)
+    return output
+
+
 def multi_scale_deformable_attention_pytorch(
     value: torch.Tensor,
     value_spatial_shapes: torch.Tensor,
@@ -244,6 +283,11 @@ def multi_scale_deformable_attention_pytorch(
     batch_size, num_value_tokens, num_heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     compute_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+    if value.device.type == "cpu" and not torch.compiler.is_compiling() and not _needs_grad(
+        value, sampling_locations, attention_weights
+    ):
+        return _msda_cpu_inference(value, value_spatial_shapes, level_start_index, sampling_locations,
+                                   attention_weights, compute_dtype)
     rows, weights = _corner_rows_and_weights(
         value_spatial_shapes,
         level_start_index,
