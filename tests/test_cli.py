@@ -213,6 +213,31 @@ def test_predict_default_demo_model(tmp_path):
     assert all((tmp_path / image["overlay"]).is_file() for image in report["images"])
 
 
+def test_predict_bf16_keeps_the_float32_instances(tmp_path):
+    """`--bf16` (autocast) on the bundled demo: the same confident instances (default threshold 0.5) as float32,
+    boxes within a pixel."""
+    reports = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        argv = ["predict", "--task", "instance", "--output-dir", str(tmp_path / name), "--device", "cpu", *extra]
+        assert cli.main(argv) == 0
+        reports[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+    def by_image(report):
+        grouped = {}
+        for item in report["annotations"]:  # COCO results: image_id, category_id, bbox (xywh), score, segmentation
+            grouped.setdefault(item["image_id"], []).append((item["category_id"], item["bbox"]))
+        return {image: sorted(items) for image, items in grouped.items()}
+
+    reference, ours = by_image(reports["fp32"]), by_image(reports["bf16"])
+    assert sorted(ours) == sorted(reference)
+    found = 0
+    for image, expected in reference.items():
+        assert [label for label, _ in ours[image]] == [label for label, _ in expected], image
+        for (_, box), (_, expected_box) in zip(ours[image], expected):
+            assert np.allclose(box, expected_box, atol=1.0), (image, box, expected_box)
+        found += len(expected)
+    assert found >= 4
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
 
 

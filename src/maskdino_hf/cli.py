@@ -243,7 +243,12 @@ def _to_cpu(value: Any) -> Any:
 
 
 def model_predict_fn(
-    model, processor, tasks: Sequence[str], device: str = "cpu", threshold: float | None = None
+    model,
+    processor,
+    tasks: Sequence[str],
+    device: str = "cpu",
+    threshold: float | None = None,
+    bf16: bool = False,
 ) -> Callable[..., list[dict[str, Any]]]:
     """A function ``(images, rows=None) -> [{task: result}]`` (``rows``, the data set rows, are not used) running the model once per batch (images of different sizes are
     padded together by the processor) and the processor's post-processing of each task at the original image size.
@@ -252,15 +257,18 @@ def model_predict_fn(
     sorted by score, thing classes only when the processor has ``stuff_labels``; ``detection``: ``scores, labels, boxes``; ``panoptic``: ``segmentation`` (H, W) (0 = void) and
     ``segments_info`` (``id, label_id, isthing, score, was_fused``); ``semantic``: the (H, W) label map.
     ``threshold``: score threshold of instances / detections (default 0: keep the top-k, as for AP) and the query
-    keep threshold of panoptic inference (default: the processor's ``object_mask_threshold``)."""
+    keep threshold of panoptic inference (default: the processor's ``object_mask_threshold``). ``bf16``: run the
+    model under bfloat16 autocast (CPU or CUDA; the model keeps float32 where precision needs it)."""
     import torch
 
     def predict(images: Sequence[Any], rows: Sequence[Mapping] | None = None) -> list[dict[str, Any]]:
         inputs = processor(list(images), return_tensors="pt")
         target_sizes = [(image.height, image.width) for image in images]
         image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
+        for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):  # post-processing in float32
+            setattr(outputs, name, getattr(outputs, name).float())
         sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
         # stuff classes are no instances: drop them from instance / detection results (official panoptic-model rule)
         things_only = True if processor.stuff_labels else None
@@ -373,7 +381,7 @@ def _predict(args: argparse.Namespace) -> int:
     threshold = args.threshold
     if threshold is None and args.task in ("instance", "detection"):
         threshold = DEFAULT_INSTANCE_THRESHOLD
-    predict = model_predict_fn(model, processor, [args.task], device, threshold)
+    predict = model_predict_fn(model, processor, [args.task], device, threshold, bf16=args.bf16)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -756,7 +764,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     mapping = label_to_category_mapping(id2label, categories)
     evaluator = DatasetEvaluator(tasks, categories, mapping, model.config.num_labels, id2label=id2label,
                                  ignore_index=processor.ignore_index)
-    predict = model_predict_fn(model, processor, tasks, device, threshold=None)
+    predict = model_predict_fn(model, processor, tasks, device, threshold=None, bf16=args.bf16)
     metrics = evaluate_dataset(dataset, predict, evaluator, args.batch_size, args.max_images)
     report = {
         "model": str(args.model) if args.model is not None else str(demo_model_dir()),
@@ -813,6 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     predict.add_argument("--batch-size", type=int, default=1, help="images per forward pass (sizes may differ)")
+    predict.add_argument("--bf16", action="store_true",
+                         help="run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX (see README)")
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser(
@@ -831,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--batch-size", type=int, default=1)
     evaluate.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    evaluate.add_argument("--bf16", action="store_true",
+                          help="run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX (see README)")
     evaluate.set_defaults(handler=_evaluate)
     return parser
 

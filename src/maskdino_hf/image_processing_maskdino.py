@@ -1112,10 +1112,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             masks = outputs.masks_queries_logits[index]
             if before:
                 mask_probs = self._upsample_crop_resize(masks, padded_size, image_sizes[index], target_sizes[index])
-                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid())
+                # sigmoid in place on the resized logits (this method's own): one (Q, H, W) float map less at peak
+                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
             else:
                 mask_probs = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
-                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid())
+                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
                 height, width = image_sizes[index]
                 scores = F.interpolate(
                     scores[None, :, :height, :width], size=target_sizes[index], mode="bilinear", align_corners=False
