@@ -470,12 +470,20 @@ class MaskDINODecoder(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(MaskDINODecoderLayer(config) for _ in range(config.decoder_layers))
 
+    def classify(self, states: torch.Tensor) -> torch.Tensor:
+        """Class logits; in float32 under autocast, since they are ranked (query selection's and post-processing's
+        top-k) and bfloat16 rounding makes many of them tie. A small matmul, so nearly free."""
+        if torch.is_autocast_enabled(states.device.type):
+            with torch.autocast(states.device.type, enabled=False):
+                return self.class_embed(states.float())
+        return self.class_embed(states)
+
     def prediction_heads(
         self, hidden_states: torch.Tensor, mask_features: torch.Tensor, predict_masks: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class logits and mask logits (query embedding · per-pixel embedding) of decoder states."""
         normed = self.layer_norm(hidden_states)
-        class_logits = self.class_embed(normed)
+        class_logits = self.classify(normed)
         if not predict_masks:
             return class_logits, None
         mask_embeddings = self.mask_embed(normed)
@@ -497,7 +505,7 @@ class MaskDINODecoder(nn.Module):
         """Unified query selection: score every encoder token, keep the top-k as content queries and anchors."""
         memory, proposals = encoder_output_proposals(memory, spatial_shapes_list)
         memory = self.enc_output_norm(self.enc_output(memory))
-        class_logits = self.class_embed(memory)
+        class_logits = self.classify(memory)
         coord_logits = self.bbox_embed(memory) + proposals
         topk = torch.topk(class_logits.max(-1).values, self.config.num_queries, dim=1).indices
         selected_coords = torch.gather(coord_logits, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
