@@ -246,7 +246,8 @@ def _msda_cpu_inference(
 ) -> torch.Tensor:
     """CPU inference: one image and `_CPU_INFERENCE_QUERIES` queries at a time (the same rows and weights, so the
     same result). The gathered table is then one image's (cache-sized at COCO resolution) and the corner arithmetic
-    runs on cache-sized intermediates: ~2x faster at 800x1088 than the whole batch at once, ~2.5x at batch 4."""
+    runs on cache-sized intermediates. Measured on the R50 encoder at 800x1088, 2 threads: at batch 4 the op takes
+    0.56 s per layer instead of 0.98 s; at batch 1 about the same as all at once."""
     batch_size, num_value_tokens, num_heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     table = value.to(compute_dtype).reshape(batch_size, num_value_tokens * num_heads, head_dim)
