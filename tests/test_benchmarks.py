@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end (small settings) and print their tables: they are how the speed and precision
+figures in the README are produced, so they must not rot. Their figures are not checked here (timings belong to the
+benchmarks, not to tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("inference.py", ["--quick", "--no-baseline"], ["ours fp32", "bf16/fp32", "r50        1    320x448"]),
+    ("msda.py", ["--quick", "--repeats", "1"], ["encoder  forward", "speed-up"]),
+    ("bf16_agreement.py", ["--images", "3"], ["held-out metrics", "segm_AP", "score >= 0.5", "bf16-rounded input"]),
+])
+def test_benchmark_script_runs_and_prints_its_table(script, args, expected):
+    output = run(script, *args)
+    for text in expected:
+        assert text in output, (script, text, output[-2000:])
