@@ -14,7 +14,7 @@ Per (model, batch size): median forward latency of ``--runs`` runs after ``--war
 the increase over the RSS before the call), and, separately, the image processor (preprocess of uint8 images) and
 ``post_process_instance_segmentation``. CPU runs use ``--threads`` (default 2) threads; CUDA is used when present
 (``--device``). ``--memory-check`` also measures, in a fresh process, the peak RSS of one fp32 inference of a
-1333x800 image through the processor and the R50 model (target: 3 GiB).
+1333x800 image through the processor and the R50 model, then of each post-processing (target: 3 GiB).
 
     python benchmarks/inference.py                                  # R50, batch 1, CPU (+ CUDA when present)
     python benchmarks/inference.py --models r50 swinl --batch-sizes 1 4 --runs 5
@@ -46,6 +46,8 @@ MANIFEST_FILES = {
     "swinl": "maskdino_swinl_50ep_300q_hid2048_3sd1_instance_maskenhanced_mask52.3ap_box59.0ap.json",
 }
 GIB = 1024**3
+# Post-processing measured by --memory-check (random weights keep most queries: a worst case for panoptic).
+POST_PROCESSING = ("instance", "panoptic", "semantic")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,11 +304,14 @@ def memory_probe(name: str, height: int, width: int) -> None:
         with PeakRSS() as forward:
             inputs = processor([image], return_tensors="pt")
             outputs = model(inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
-        with PeakRSS() as post:
-            processor.post_process_instance_segmentation(outputs, target_sizes=[(height, width)])
+        post = {}
+        for task in POST_PROCESSING:
+            with PeakRSS() as peak:
+                getattr(processor, f"post_process_{task}_segmentation")(outputs, target_sizes=[(height, width)])
+            post[task] = peak.peak / GIB
     print(json.dumps({
         "input": list(inputs["pixel_values"].shape), "after_load_gib": loaded, "forward_peak_gib": forward.peak / GIB,
-        "postprocess_peak_gib": post.peak / GIB,
+        **{f"{task}_peak_gib": value for task, value in post.items()},
     }))
 
 
@@ -360,7 +365,9 @@ def main() -> None:
         command = [sys.executable, __file__, "--_memory-probe", "r50", "800", "1333"]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         probe = json.loads(result.stdout.strip().splitlines()[-1])
-        for key, what in (("forward_peak_gib", "processor + forward"), ("postprocess_peak_gib", "post-processing")):
+        steps = [("forward_peak_gib", "processor + forward")]
+        steps += [(f"{task}_peak_gib", f"{task} post-processing") for task in POST_PROCESSING]
+        for key, what in steps:
             verdict = "meets" if probe[key] <= 3.0 else "exceeds"
             print(
                 f"memory check (fresh process, CPU fp32, r50, 1333x800 image -> input {probe['input']}, model loaded: "

@@ -154,6 +154,25 @@ def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
     return pairs
 
 
+# Queries whose full-size maps are materialised at once in panoptic and semantic post-processing (memory bound).
+_QUERY_CHUNK = 32
+
+
+def _first_argmax_of_products(scores: torch.Tensor, mask_probs: torch.Tensor) -> torch.Tensor:
+    """`(scores[:, None, None] * mask_probs).argmax(0)` (first index among ties) without materialising the product:
+    a running maximum over query chunks, a later chunk winning only where it is strictly larger."""
+    best_value, best_index = None, None
+    for start in range(0, mask_probs.shape[0], _QUERY_CHUNK):
+        values, indices = (scores[start : start + _QUERY_CHUNK, None, None] * mask_probs[start : start + _QUERY_CHUNK]).max(0)
+        if best_value is None:
+            best_value, best_index = values, indices
+        else:
+            better = values > best_value
+            best_value = torch.where(better, values, best_value)
+            best_index = torch.where(better, indices + start, best_index)
+    return best_index
+
+
 class MaskDINOImageProcessor(BaseImageProcessor):
     r"""
     Image processor of Mask DINO, reproducing the official detectron2 test-time input pipeline and inference.
@@ -911,9 +930,10 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 # Mean mask probability inside the binary mask, in float and in place on the resized logits (this
                 # method's own): logits at or below the threshold become -inf, whose sigmoid is 0; the signs of
                 # those probabilities then count the mask's pixels (integer and bool sums are far slower on CPU).
-                probabilities = F.threshold_(mask_logits, mask_logit_threshold, -math.inf).sigmoid_().flatten(1)
-                inside = probabilities.sum(1)
-                area = probabilities.sign_().sum(1)
+                # Sums over (H, W), not over a flattened copy: the maps may be a cropped view.
+                probabilities = F.threshold_(mask_logits, mask_logit_threshold, -math.inf).sigmoid_()
+                inside = probabilities.sum((1, 2))
+                area = probabilities.sign_().sum((1, 2))
                 scores = scores * (inside / (area + 1e-6))
             boxes = self._scaled_boxes(
                 outputs.pred_boxes[index], padded_size, image_sizes[index], target_sizes[index]
@@ -1043,7 +1063,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         count = mask_probs.shape[0]
         if count == 0:
             return segmentation, []
-        owner = (scores.view(-1, 1, 1) * mask_probs).argmax(0)
+        owner = _first_argmax_of_products(scores, mask_probs)
         # The owner's own probability is confident at the pixel.
         in_segment = mask_probs.gather(0, owner[None])[0] >= mask_threshold
         owned_area = torch.bincount(owner.flatten(), minlength=count)
@@ -1051,8 +1071,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         # Confident pixels per query, in place on `mask_probs` (not needed any more) and as a float sum (bool and
         # integer sums are far slower on CPU): the sign of p - t is exact in floating point, so heaviside(p - t, 1)
         # is exactly [p >= t], and float32 counts are exact below 2**24 pixels.
-        confident = mask_probs.sub_(mask_threshold).heaviside_(mask_probs.new_ones(())).flatten(1)
-        confident_area = confident.sum(1, dtype=torch.float32 if confident.shape[1] < 2**24 else torch.float64)
+        confident = mask_probs.sub_(mask_threshold).heaviside_(mask_probs.new_ones(()))
+        exact = torch.float32 if confident[0].numel() < 2**24 else torch.float64
+        confident_area = confident.sum((1, 2), dtype=exact)  # over (H, W): no flattened copy of a cropped view
         kept = (owned_area > 0) & (confident_area > 0) & (segment_area > 0)
         kept &= owned_area.double() / confident_area.double().clamp(min=1) >= overlap  # as the official int ratio
 
@@ -1111,9 +1132,14 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     class_probs = F.softmax(class_probs / self.panoptic_temperature, dim=-1)
             masks = outputs.masks_queries_logits[index]
             if before:
-                mask_probs = self._upsample_crop_resize(masks, padded_size, image_sizes[index], target_sizes[index])
-                # sigmoid in place on the resized logits (this method's own): one (Q, H, W) float map less at peak
-                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
+                # Summed over query chunks, so that only a chunk of full-size probability maps exists at a time.
+                scores = None
+                for start in range(0, masks.shape[0], _QUERY_CHUNK):
+                    mask_probs = self._upsample_crop_resize(
+                        masks[start : start + _QUERY_CHUNK], padded_size, image_sizes[index], target_sizes[index]
+                    ).sigmoid_()
+                    part = torch.einsum("qc,qhw->chw", class_probs[start : start + _QUERY_CHUNK], mask_probs)
+                    scores = part if scores is None else scores.add_(part)
             else:
                 mask_probs = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
                 scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
