@@ -721,6 +721,46 @@ def test_semantic_map_gives_one_mask_per_class_without_ignore_index():
     assert encoded["class_labels"][0].tolist() == [0, 7]
 
 
+def test_reduce_labels_for_maps_whose_zero_is_other():
+    """ADE20K-style maps (0 = "other", classes 1..150): 0 and the ignore value are unlabelled, the rest drop by one,
+    as Transformers' `do_reduce_labels`."""
+    semantic = np.zeros((32, 32), np.uint8)
+    semantic[:8] = 1
+    semantic[8:16] = 150
+    semantic[16:20] = 255
+    image = np.zeros((32, 32, 3), np.uint8)
+    processor = MaskDINOImageProcessor(do_resize=False, num_labels=150, do_reduce_labels=True)
+    encoded = processor(image, segmentation_maps=semantic)
+    assert encoded["class_labels"][0].tolist() == [0, 149]
+    assert torch.equal(encoded["mask_labels"][0][0].bool(), torch.from_numpy(semantic == 1))
+    assert torch.equal(encoded["mask_labels"][0][1].bool(), torch.from_numpy(semantic == 150))
+    # the same as a per-call switch, and off by default
+    plain = MaskDINOImageProcessor(do_resize=False, num_labels=151)
+    assert plain(image, segmentation_maps=semantic, do_reduce_labels=True)["class_labels"][0].tolist() == [0, 149]
+    assert plain(image, segmentation_maps=semantic)["class_labels"][0].tolist() == [0, 1, 150]
+    # 150 without reduction is out of range for 150 classes: a clear error
+    with pytest.raises(ValueError, match="150"):
+        MaskDINOImageProcessor(do_resize=False, num_labels=150)(image, segmentation_maps=semantic)
+
+
+def test_reduce_labels_survives_save_pretrained(tmp_path):
+    MaskDINOImageProcessor(do_reduce_labels=True).save_pretrained(tmp_path)
+    assert MaskDINOImageProcessor.from_pretrained(tmp_path).do_reduce_labels is True
+    assert MaskDINOImageProcessor().do_reduce_labels is False
+
+
+def test_semantic_map_values_go_through_category_id_to_label():
+    semantic = np.full((16, 16), 3, np.uint8)
+    semantic[:4] = 17
+    image = np.zeros((16, 16, 3), np.uint8)
+    processor = MaskDINOImageProcessor(do_resize=False, num_labels=2)
+    encoded = processor(image, segmentation_maps=semantic, category_id_to_label={3: 1, 17: 0})
+    assert encoded["class_labels"][0].tolist() == [1, 0]
+    assert torch.equal(encoded["mask_labels"][0][1][:16, :16].bool(), torch.from_numpy(semantic == 17))  # padded to 32
+    with pytest.raises(ValueError, match="category_id 17 is not in category_id_to_label"):
+        processor(image, segmentation_maps=semantic, category_id_to_label={3: 1})
+
+
 def test_panoptic_png_is_read_with_rgb_to_id(tmp_path):
     processor = MaskDINOImageProcessor(do_resize=False, num_labels=10)
     ids = np.zeros((32, 32), np.int64)

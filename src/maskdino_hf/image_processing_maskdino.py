@@ -65,9 +65,12 @@ class MaskDINOImageProcessorKwargs(ImagesKwargs, total=False):
     stuff_labels (`list[int]`, *optional*):
         Class ids that are "stuff" (fused into one panoptic segment, dropped from instance results of a panoptic
         model).
+    do_reduce_labels (`bool`, *optional*, defaults to `False`):
+        Semantic maps whose 0 is "other" (ADE20K): 0 becomes `ignore_index` and every other class id drops by one.
     """
 
     size_divisibility: int
+    do_reduce_labels: bool
     num_labels: int | None
     ignore_index: int
     stuff_labels: list[int]
@@ -201,6 +204,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         size_divisibility (`int`, defaults to 32): padded sizes are multiples of it.
         num_labels (`int`, *optional*): number of classes, see the class-logit rule below.
         ignore_index (`int`, defaults to 255): unlabelled value of semantic maps.
+        do_reduce_labels (`bool`, defaults to `False`): for semantic maps whose 0 means "other" (ADE20K's
+            `scene_parse_150`): 0 becomes `ignore_index` and every other class id is decreased by one.
         stuff_labels (`list[int]`, defaults to `[]`): stuff class ids; every other class is a thing.
         test_topk_per_image (`int`, defaults to 100): `TEST.DETECTIONS_PER_IMAGE`.
         object_mask_threshold (`float`, defaults to 0.25), overlap_threshold (`float`, defaults to 0.8): panoptic
@@ -235,6 +240,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         size_divisibility: int = 32,
         num_labels: int | None = None,
         ignore_index: int = 255,
+        do_reduce_labels: bool = False,
         stuff_labels: Iterable[int] | None = None,
         test_topk_per_image: int = 100,
         object_mask_threshold: float = 0.25,
@@ -260,6 +266,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         self.size_divisibility = int(size_divisibility)
         self.num_labels = None if num_labels is None else int(num_labels)
         self.ignore_index = int(ignore_index)
+        self.do_reduce_labels = bool(do_reduce_labels)
         self.stuff_labels = sorted(int(label) for label in (stuff_labels or ()))
         self.test_topk_per_image = int(test_topk_per_image)
         self.object_mask_threshold = float(object_mask_threshold)
@@ -468,6 +475,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         size_divisibility: int | None = None,
         num_labels: int | None = None,
         ignore_index: int | None = None,
+        do_reduce_labels: bool | None = None,
         input_data_format: str | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
@@ -484,8 +492,10 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 * COCO panoptic: `{"segments_info": [{"id": int, "category_id": int, "iscrowd": 0}, ...],
                   "panoptic_seg": RGB PNG (PIL/array, id = R + 256 G + 256^2 B) or (H, W) id map}`, or with
                   `"file_name"` instead of `"panoptic_seg"`, read from `masks_path`.
-            segmentation_maps: semantic label maps (H, W), one per image; `ignore_index` pixels are unlabelled.
-            category_id_to_label: maps annotation `category_id`s to contiguous class ids (identity if not given).
+            segmentation_maps: semantic label maps (H, W), one per image; `ignore_index` pixels are unlabelled
+                (after `do_reduce_labels`, if set).
+            category_id_to_label: maps annotation `category_id`s (and semantic map values) to contiguous class ids
+                (identity if not given); a value missing from it is an error.
             num_labels: classes allowed in annotations (else the processor's `num_labels`; unchecked if neither).
             input_data_format: `"channels_first"` or `"channels_last"` for arrays whose channel axis is ambiguous.
             return_tensors: `"pt"` (default) or `"np"` for `pixel_values` and `pixel_mask`.
@@ -513,6 +523,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         size_divisibility = self.size_divisibility if size_divisibility is None else int(size_divisibility)
         num_labels = self.num_labels if num_labels is None else int(num_labels)
         ignore_index = self.ignore_index if ignore_index is None else int(ignore_index)
+        do_reduce_labels = self.do_reduce_labels if do_reduce_labels is None else bool(do_reduce_labels)
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if len(image_mean) != 3 or len(image_std) != 3:
@@ -566,6 +577,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 category_id_to_label=category_id_to_label,
                 num_labels=num_labels,
                 ignore_index=ignore_index,
+                do_reduce_labels=do_reduce_labels,
             )
             encoded["mask_labels"] = [target["mask_labels"] for target in targets]
             encoded["class_labels"] = [target["class_labels"] for target in targets]
@@ -585,11 +597,13 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         category_id_to_label: Mapping[int, int] | None = None,
         num_labels: int | None = None,
         ignore_index: int | None = None,
+        do_reduce_labels: bool | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Per-image `mask_labels`, `class_labels`, `boxes` (see `preprocess`) from annotations of images of
         `original_sizes`, resized to `resized_sizes` and padded to `padded_size`."""
         num_labels = self.num_labels if num_labels is None else num_labels
         ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        do_reduce_labels = self.do_reduce_labels if do_reduce_labels is None else do_reduce_labels
         if annotations is not None:
             per_image = [annotations] if isinstance(annotations, Mapping) else list(annotations)
         elif isinstance(segmentation_maps, (list, tuple)):
@@ -608,7 +622,10 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         ):
             where = f"image {index}"
             if annotations is None:
-                masks, labels = self._semantic_targets(item, height, width, new_height, new_width, ignore_index, where)
+                masks, labels = self._semantic_targets(
+                    item, height, width, new_height, new_width, ignore_index, do_reduce_labels, category_id_to_label,
+                    where,
+                )
             elif not isinstance(item, Mapping):
                 raise TypeError(f"annotations for {where} must be a dict, got {type(item)}")
             elif "segments_info" in item:
@@ -739,7 +756,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             )
         return masks, labels
 
-    def _semantic_targets(self, item, height, width, new_height, new_width, ignore_index, where):
+    def _semantic_targets(
+        self, item, height, width, new_height, new_width, ignore_index, reduce_labels, category_id_to_label, where
+    ):
         array = self._label_map(item, where, "a segmentation map")
         if array.ndim != 2:
             raise ValueError(f"{where}: a segmentation map must be (H, W), got shape {array.shape}")
@@ -750,8 +769,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 f"{where}: segmentation map of size {array.shape} does not match the image size {(height, width)}"
             )
         array = _resize_nearest(array.astype(np.int64), new_height, new_width)
-        classes = [int(value) for value in np.unique(array) if value != ignore_index]
-        return [array == value for value in classes], classes
+        if reduce_labels:
+            array = np.where(array == 0, ignore_index, np.where(array == ignore_index, ignore_index, array - 1))
+        values = [int(value) for value in np.unique(array) if value != ignore_index]
+        labels = [self._map_category(value, category_id_to_label, f"{where}, map value") for value in values]
+        return [array == value for value in values], labels
 
     # ------------------------------------------------------------------ post-processing helpers
 
