@@ -1,8 +1,8 @@
 """bfloat16 autocast inference agrees with float32 on the official fixtures.
 
-The model runs under `torch.autocast(dtype=torch.bfloat16)` (device agnostic: the MSDA op samples in float32, the mask
-logits come out in float32 (a bf16 product keeps their signs), class logits are computed in float32 because they are
-ranked, boxes stay float32) and its post-processed instances agree with float32 ones.
+The model runs under `torch.autocast(dtype=torch.bfloat16)` (device agnostic: MSDA sampling positions and weights are
+float32, the mask logits come out in float32 (a bf16 product keeps their signs), class logits are computed in float32
+because they are ranked, boxes stay float32) and its post-processed instances agree with float32 ones.
 
 The fixture models have random weights, which makes their decisions fragile in a way a trained model's are not:
 their backbones amplify bfloat16 rounding (res4/res5 differ by O(1) from float32), so some of the selected encoder

