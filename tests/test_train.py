@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,6 +172,14 @@ def test_kill_and_resume_gives_identical_weights(shapes, tmp_path):
 # (c) two CPU processes (gloo) == one process with the same global batch
 
 
+def _free_port() -> str:
+    """A port nobody listens on now (a fixed one can still be held by an earlier run, and the launcher then waits
+    for its rendezvous until the test times out)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_two_processes_match_one_process(shapes, tmp_path):
     pytest.importorskip("accelerate")
     # No denoising (its group count depends on the largest target count of each process's batch), and no extra
@@ -183,7 +192,7 @@ def test_two_processes_match_one_process(shapes, tmp_path):
     args[args.index("--batch-size") + 1] = 1
     launcher = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
     ]
     # `accelerate launch --cpu` always uses its single-process launcher (several CPU processes need mpirun), so the
     # two processes come from the torchrun launcher (`--multi_gpu`) with ACCELERATE_USE_CPU: gloo on the CPU.
