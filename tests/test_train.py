@@ -310,14 +310,21 @@ def test_param_groups_follow_the_official_rules():
                 assert group["weight_decay"] == 0.05, name
 
 
+def _learning_rates(optimizer, scheduler, steps: int, before_step=lambda step: None) -> list[float]:
+    """The learning rate in effect at each of `steps` optimizer steps (`before_step(step)` runs after it is read)."""
+    rates = []
+    for step in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        before_step(step)
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def test_step_schedule():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_scheduler(optimizer, 100, (0.5, 0.9), gamma=0.1, warmup_steps=10, warmup_factor=0.5)
-    lrs = []
-    for _ in range(100):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = _learning_rates(optimizer, scheduler, 100)
     assert lrs[0] == pytest.approx(0.5) and lrs[5] == pytest.approx(0.75) and lrs[10] == pytest.approx(1.0)
     assert lrs[49] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.01)
 
@@ -334,21 +341,13 @@ def test_time_based_step_schedule():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     elapsed = {"seconds": 0.0}
     scheduler = script.build_time_scheduler(optimizer, args, [0.5, 0.9], lambda: elapsed["seconds"])
-    lrs = []
-    for step in range(100):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        elapsed["seconds"] = 0.6 * (step + 1)  # 60 s budget: 50% after 50 steps, 90% after 90 steps
-        optimizer.step()
-        scheduler.step()
+    # 60 s budget: 50% after 50 steps, 90% after 90 steps
+    lrs = _learning_rates(optimizer, scheduler, 100, lambda step: elapsed.update(seconds=0.6 * (step + 1)))
     assert lrs[0] == pytest.approx(0.5) and lrs[2] == pytest.approx(0.75) and lrs[10] == pytest.approx(1.0)
     assert lrs[49] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.01)
     # a step budget reached before the time budget decays on steps
     args.max_steps = 20
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = script.build_time_scheduler(optimizer, args, [0.5, 0.9], lambda: 0.0)
-    lrs = []
-    for _ in range(20):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = _learning_rates(optimizer, scheduler, 20)
     assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.1) and lrs[18] == pytest.approx(0.01)
