@@ -6,14 +6,33 @@ three backbone scales plus one downsampled level (``maskdino_R50_bs16_50ep_3s_do
 
 from __future__ import annotations
 
+import importlib
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 INITIALIZE_BOX_TYPES = ("no", "bitmask", "mask2box")
 FEATURE_ORDERS = ("low2high", "high2low")
 DENOISING_TYPES = ("seg", "det", "no")
 BACKBONE_FEATURES = ("res2", "res3", "res4", "res5")
+# Post-processing settings that configs written before the image processor owned them still carry.
+LEGACY_POSTPROCESSING_FIELDS = (
+    "instance_on",
+    "panoptic_on",
+    "semantic_on",
+    "test_topk_per_image",
+    "object_mask_threshold",
+    "overlap_threshold",
+    "panoptic_temperature",
+    "panoptic_transform_eval",
+    "focus_on_box",
+    "semantic_postprocessing_before_inference",
+    "size_divisibility",
+)
+
+logger = logging.get_logger(__name__)
 
 
 @strict
@@ -49,9 +68,8 @@ class MaskDINOConfig(PreTrainedConfig):
     Loss (see `loss_maskdino.py`): `class_weight`, `mask_weight`, `dice_weight`, `box_weight`, `giou_weight`,
         `no_object_weight`, the matcher's `cost_*` weights, `train_num_points`, `oversample_ratio`,
         `importance_sample_ratio`, `focal_alpha`, `focal_gamma`.
-    Inference: `instance_on`, `panoptic_on`, `semantic_on`, `test_topk_per_image`, `object_mask_threshold`,
-        `overlap_threshold`, `panoptic_temperature`, `panoptic_transform_eval`, `focus_on_box`,
-        `semantic_postprocessing_before_inference`.
+    Post-processing settings (tasks, thresholds, top-k, padding multiple) belong to [`MaskDINOImageProcessor`];
+    the same names in an older `config.json` are accepted and dropped (`LEGACY_POSTPROCESSING_FIELDS`).
     """
 
     model_type = "maskdino"
@@ -126,21 +144,14 @@ class MaskDINOConfig(PreTrainedConfig):
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
 
-    instance_on: bool = True
-    panoptic_on: bool = False
-    semantic_on: bool = False
-    test_topk_per_image: int = 100
-    object_mask_threshold: float = 0.25
-    overlap_threshold: float = 0.8
-    panoptic_temperature: float = 0.06
-    panoptic_transform_eval: bool = True
-    focus_on_box: bool = False
-    semantic_postprocessing_before_inference: bool = False
-
-    size_divisibility: int = 32
     init_std: float = 0.02
 
     def __post_init__(self, **kwargs):
+        dropped = [name for name in LEGACY_POSTPROCESSING_FIELDS if name in kwargs]
+        for name in dropped:
+            kwargs.pop(name)
+        if dropped:
+            logger.debug(f"MaskDINOConfig ignores {dropped}: post-processing settings live in the image processor")
         super().__post_init__(**kwargs)
         self.encoder_in_features = list(self.encoder_in_features)
         self.stuff_labels = sorted(int(label) for label in self.stuff_labels)
@@ -189,6 +200,12 @@ class MaskDINOConfig(PreTrainedConfig):
         bad_stuff = [label for label in self.stuff_labels if not 0 <= label < self.num_labels]
         if bad_stuff:
             raise ValueError(f"stuff_labels {bad_stuff} are outside 0..{self.num_labels - 1} (num_labels)")
+
+    @classmethod
+    def from_release(cls, name: str) -> MaskDINOConfig:
+        """The configuration of a released official checkpoint, e.g. `maskdino-r50-coco-instance` (see
+        `maskdino_hf.releases.RELEASES`). Imported by name so that the remote-code copy of this file needs no more."""
+        return importlib.import_module("maskdino_hf.releases").release_config(name)
 
     @property
     def num_classifier_outputs(self) -> int:

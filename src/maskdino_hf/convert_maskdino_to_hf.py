@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from .configuration_maskdino import MaskDINOConfig
+from .dataset_categories import COCO_NUM_THINGS, COCO_PANOPTIC_CATEGORIES
 from .modeling_maskdino import fpn_feature_names
 
-COCO_PANOPTIC_NUM_THINGS = 80
 
 # Official modules that appear under several names in the state dict (shared, so all aliases hold the same tensor).
 _ALIASES = (
@@ -114,6 +114,21 @@ def _backbone_config(cfg: dict) -> dict:
     }
 
 
+def _known_stuff_labels(cfg: dict, num_classes: int) -> list[int]:
+    """The stuff classes of a config whose data set says them: none for instance/semantic models, 80..132 for COCO
+    panoptic (133 classes). Any other panoptic model needs them given: guessing would make every class a thing."""
+    datasets = " ".join(_get(cfg, "DATASETS.TRAIN", []) or [])
+    if not (_get(cfg, "MODEL.MaskDINO.TEST.PANOPTIC_ON", False) or "panoptic" in datasets):
+        return []
+    if "coco" in datasets and num_classes == len(COCO_PANOPTIC_CATEGORIES):
+        return list(range(COCO_NUM_THINGS, num_classes))
+    raise ConversionError(
+        f"panoptic config (DATASETS.TRAIN {datasets!r}, NUM_CLASSES {num_classes}) with an unknown thing/stuff "
+        "split: pass the stuff class ids with --stuff-labels (e.g. --stuff-labels 80,81,82; stuff_labels=[...] in "
+        "Python), or an empty --stuff-labels '' if every class is a thing"
+    )
+
+
 def config_from_official(
     cfg: dict, stuff_labels: list[int] | None = None, id2label: dict[int, str] | None = None
 ) -> MaskDINOConfig:
@@ -125,14 +140,12 @@ def config_from_official(
     head = lambda key, default=None: _get(cfg, f"MODEL.SEM_SEG_HEAD.{key}", default)  # noqa: E731
     test_on = lambda key: bool(md(f"TEST.{key}", False))  # noqa: E731
     if stuff_labels is None:
-        datasets = " ".join(_get(cfg, "DATASETS.TRAIN", []) or [])
-        panoptic = test_on("PANOPTIC_ON") or "panoptic" in datasets
-        stuff_labels = list(range(COCO_PANOPTIC_NUM_THINGS, num_classes)) if panoptic and "coco" in datasets else []
+        stuff_labels = _known_stuff_labels(cfg, num_classes)
     if id2label is None:
         id2label = {index: f"LABEL_{index}" for index in range(num_classes)}
     if len(id2label) != num_classes:
         raise ConversionError(f"id2label has {len(id2label)} names for NUM_CLASSES={num_classes}")
-    semantic_on, panoptic_on = test_on("SEMANTIC_ON"), test_on("PANOPTIC_ON")
+    semantic_on = test_on("SEMANTIC_ON")
     dn = md("DN", "seg")
     return MaskDINOConfig(
         backbone_config=_backbone_config(cfg),
@@ -180,45 +193,41 @@ def config_from_official(
         oversample_ratio=float(md("OVERSAMPLE_RATIO", 3.0)),
         importance_sample_ratio=float(md("IMPORTANCE_SAMPLE_RATIO", 0.75)),
         deep_supervision=bool(md("DEEP_SUPERVISION", True)),
-        instance_on=test_on("INSTANCE_ON"),
-        panoptic_on=panoptic_on,
-        semantic_on=semantic_on,
-        test_topk_per_image=_get(cfg, "TEST.DETECTIONS_PER_IMAGE", 100),
-        object_mask_threshold=float(md("TEST.OBJECT_MASK_THRESHOLD", 0.25)),
-        overlap_threshold=float(md("TEST.OVERLAP_THRESHOLD", 0.8)),
-        panoptic_temperature=float(md("TEST.PANO_TEMPERATURE", 0.06)),
-        panoptic_transform_eval=bool(md("TEST.PANO_TRANSFORM_EVAL", True)),
-        focus_on_box=bool(md("TEST.TEST_FOUCUS_ON_BOX", False)),
-        semantic_postprocessing_before_inference=bool(md("TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE", False)),
-        size_divisibility=md("SIZE_DIVISIBILITY", 32),
     )
 
 
+# Image-processor setting <- official yaml key. A key the yaml lacks keeps the processor's own default.
+_PROCESSOR_SETTINGS = {
+    "size_divisibility": "MODEL.MaskDINO.SIZE_DIVISIBILITY",
+    "image_mean": "MODEL.PIXEL_MEAN",
+    "image_std": "MODEL.PIXEL_STD",
+    "test_topk_per_image": "TEST.DETECTIONS_PER_IMAGE",
+    "object_mask_threshold": "MODEL.MaskDINO.TEST.OBJECT_MASK_THRESHOLD",
+    "overlap_threshold": "MODEL.MaskDINO.TEST.OVERLAP_THRESHOLD",
+    "panoptic_temperature": "MODEL.MaskDINO.TEST.PANO_TEMPERATURE",
+    "panoptic_transform_eval": "MODEL.MaskDINO.TEST.PANO_TRANSFORM_EVAL",
+    "focus_on_box": "MODEL.MaskDINO.TEST.TEST_FOUCUS_ON_BOX",
+    "semantic_postprocessing_before_inference": "MODEL.MaskDINO.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE",
+    "instance_on": "MODEL.MaskDINO.TEST.INSTANCE_ON",
+    "panoptic_on": "MODEL.MaskDINO.TEST.PANOPTIC_ON",
+    "semantic_on": "MODEL.MaskDINO.TEST.SEMANTIC_ON",
+}
+_SIZE_SETTINGS = {"shortest_edge": "INPUT.MIN_SIZE_TEST", "longest_edge": "INPUT.MAX_SIZE_TEST"}
+
+
 def processor_kwargs_from_official(cfg: dict, config: MaskDINOConfig) -> dict:
-    """Image-processor settings of the official test path and the post-processing defaults."""
+    """Image-processor settings of the official test path and post-processing, plus the classes from `config`."""
     if _get(cfg, "INPUT.FORMAT", "RGB") != "RGB":
         raise ConversionError(f"INPUT.FORMAT {_get(cfg, 'INPUT.FORMAT')!r}: only RGB models are supported")
-    return {
-        "size": {
-            "shortest_edge": _get(cfg, "INPUT.MIN_SIZE_TEST", 800),
-            "longest_edge": _get(cfg, "INPUT.MAX_SIZE_TEST", 1333),
-        },
-        "image_mean": [float(v) for v in _get(cfg, "MODEL.PIXEL_MEAN", [123.675, 116.28, 103.53])],
-        "image_std": [float(v) for v in _get(cfg, "MODEL.PIXEL_STD", [58.395, 57.12, 57.375])],
-        "size_divisibility": config.size_divisibility,
-        "test_topk_per_image": config.test_topk_per_image,
-        "object_mask_threshold": config.object_mask_threshold,
-        "overlap_threshold": config.overlap_threshold,
-        "panoptic_temperature": config.panoptic_temperature,
-        "panoptic_transform_eval": config.panoptic_transform_eval,
-        "focus_on_box": config.focus_on_box,
-        "semantic_postprocessing_before_inference": config.semantic_postprocessing_before_inference,
-        "stuff_labels": list(config.stuff_labels),
-        "num_labels": config.num_labels,
-        "instance_on": config.instance_on,
-        "panoptic_on": config.panoptic_on,
-        "semantic_on": config.semantic_on,
-    }
+    kwargs = {name: _get(cfg, key) for name, key in _PROCESSOR_SETTINGS.items() if _get(cfg, key) is not None}
+    size = {name: _get(cfg, key) for name, key in _SIZE_SETTINGS.items() if _get(cfg, key) is not None}
+    if size:
+        from .image_processing_maskdino import MaskDINOImageProcessor
+
+        kwargs["size"] = {**MaskDINOImageProcessor().size, **size}
+    kwargs["num_labels"] = config.num_labels
+    kwargs["stuff_labels"] = list(config.stuff_labels)
+    return kwargs
 
 
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -402,6 +411,23 @@ def _preview(items: list[str], limit: int = 20) -> str:
     return f"[{shown}{', ...' if len(items) > limit else ''}]"
 
 
+def model_from_official(official: dict[str, torch.Tensor], config: MaskDINOConfig):
+    """The model of `config` holding the official weights, after checking every key and shape (see
+    `check_against_model`). Weights are not randomly initialised first: every parameter comes from the checkpoint."""
+    from transformers.initialization import no_init_weights
+
+    from .modeling_maskdino import MaskDINOForUniversalSegmentation
+
+    converted = convert_state_dict(official, config)
+    with torch.device("meta"):
+        skeleton = MaskDINOForUniversalSegmentation(config)
+    check_against_model(converted, skeleton)
+    with no_init_weights():
+        model = MaskDINOForUniversalSegmentation(config)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
 def convert_checkpoint(
     checkpoint_path: str | Path,
     config_path: str | Path,
@@ -411,18 +437,10 @@ def convert_checkpoint(
 ):
     """Convert an official checkpoint; returns `(model, processor)` and saves both to `output_dir` when given."""
     from .image_processing_maskdino import MaskDINOImageProcessor
-    from .modeling_maskdino import MaskDINOForUniversalSegmentation
 
     cfg = load_official_config(config_path)
     config = config_from_official(cfg, stuff_labels=stuff_labels, id2label=id2label)
-    official = load_official_checkpoint(checkpoint_path)
-    converted = convert_state_dict(official, config)
-    with torch.device("meta"):
-        skeleton = MaskDINOForUniversalSegmentation(config)
-    check_against_model(converted, skeleton)
-    model = MaskDINOForUniversalSegmentation(config)
-    model.load_state_dict(converted, strict=True)
-    model.eval()
+    model = model_from_official(load_official_checkpoint(checkpoint_path), config)
     processor = MaskDINOImageProcessor(**processor_kwargs_from_official(cfg, config))
     if output_dir is not None:
         output_dir = Path(output_dir)
@@ -439,5 +457,6 @@ __all__ = [
     "convert_state_dict",
     "load_official_checkpoint",
     "load_official_config",
+    "model_from_official",
     "processor_kwargs_from_official",
 ]
