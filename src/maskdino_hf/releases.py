@@ -10,6 +10,7 @@ optionally pushes it to the Hub. `write_model_card` writes the card of converted
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -356,7 +357,7 @@ def download_file(
                     while block := response.read(_CHUNK):
                         handle.write(block)
                         bar.update(len(block))
-                except (OSError, TimeoutError) as error:  # includes http.client.IncompleteRead
+                except (OSError, http.client.HTTPException) as error:  # a cut connection: IncompleteRead
                     raise DownloadError(
                         f"download of {url} interrupted; {partial} keeps {handle.tell()} bytes and the next call "
                         f"resumes it: {error}"
@@ -418,12 +419,19 @@ def convert_release(
 
 
 def upload_folder(folder: str | Path, repo_id: str, commit_message: str, private: bool = False, token: str | None = None):
-    """Create `repo_id` if needed and upload `folder` (weights, config, processor, card) in one commit."""
-    from huggingface_hub import HfApi
+    """Create `repo_id` if needed and upload every file of `folder` (weights, config, processor, code, card) in one
+    commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
+    folder = Path(folder)
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
 
 
 # ------------------------------------------------------------------------------------------------------ model cards
