@@ -6,12 +6,13 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import FIXTURES, case_dir, checkpoint_path
 
-from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
+from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
 from maskdino_hf.convert_maskdino_to_hf import (
     ConversionError,
     check_against_model,
@@ -20,6 +21,7 @@ from maskdino_hf.convert_maskdino_to_hf import (
     convert_state_dict,
     load_official_checkpoint,
     load_official_config,
+    processor_kwargs_from_official,
 )
 
 MANIFESTS = sorted(path for path in (FIXTURES / "manifests").glob("*.json") if path.name != "index.json")
@@ -142,3 +144,44 @@ def test_unknown_box_init_in_yaml_is_refused(tmp_path):
     cfg["MODEL"]["MaskDINO"]["INITIALIZE_BOX_TYPE"] = "polygon"
     with pytest.raises(Exception, match="initialize_box_type must be one of"):
         config_from_official(cfg)
+
+
+POSTPROCESSING_FIELDS = (
+    "instance_on", "panoptic_on", "semantic_on", "test_topk_per_image", "object_mask_threshold", "overlap_threshold",
+    "panoptic_temperature", "panoptic_transform_eval", "focus_on_box", "semantic_postprocessing_before_inference",
+    "size_divisibility",
+)
+DEMO = Path(__file__).resolve().parents[1] / "src" / "maskdino_hf" / "demo"
+
+
+def test_config_written_with_postprocessing_fields_still_loads_without_them(tmp_path):
+    saved = json.loads((DEMO / "config.json").read_text())
+    assert {"instance_on", "panoptic_on", "test_topk_per_image"} <= set(saved)  # written before the move
+    config = MaskDINOConfig.from_pretrained(DEMO)
+    assert config.num_labels == len(saved["id2label"])
+    config.save_pretrained(tmp_path)
+    rewritten = json.loads((tmp_path / "config.json").read_text())
+    assert not set(POSTPROCESSING_FIELDS) & set(rewritten)
+    assert not any(hasattr(MaskDINOConfig(test_topk_per_image=7), name) for name in POSTPROCESSING_FIELDS)
+
+
+def test_converter_writes_postprocessing_settings_into_the_processor_only(tmp_path):
+    case = "semantic_r50_ade"
+    convert_checkpoint(checkpoint_path(case), case_dir(case) / "config.yaml", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert not set(POSTPROCESSING_FIELDS) & set(config)
+    # The yaml's own values (MODEL.MaskDINO.TEST of the ADE20K semantic config).
+    assert (processor["object_mask_threshold"], processor["instance_on"], processor["semantic_on"]) == (0.8, False, True)
+    assert processor["size"]["shortest_edge"] == 128
+
+
+def test_settings_missing_from_the_yaml_keep_the_processor_defaults():
+    cfg = load_official_config(case_dir("semantic_r50_ade") / "config.yaml")
+    del cfg["MODEL"]["MaskDINO"]["TEST"]
+    del cfg["INPUT"]["MAX_SIZE_TEST"]
+    kwargs = processor_kwargs_from_official(cfg, config_from_official(cfg))
+    assert not {"object_mask_threshold", "instance_on", "panoptic_temperature"} & set(kwargs)
+    processor = MaskDINOImageProcessor(**kwargs)
+    assert processor.object_mask_threshold == MaskDINOImageProcessor().object_mask_threshold
+    assert processor.size == {"shortest_edge": 128, "longest_edge": MaskDINOImageProcessor().size["longest_edge"]}
