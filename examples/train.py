@@ -42,6 +42,7 @@ import torch
 
 import maskdino_hf  # noqa: F401  (registers the Auto classes)
 from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
+from maskdino_hf.releases import card_metrics, upload_folder, write_model_card
 from maskdino_hf.training import (
     OFFICIAL_CLIP_VALUE,
     OFFICIAL_STEP_FRACTIONS,
@@ -110,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", required=True)
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    run.add_argument("--push-to-hub", metavar="REPO_ID",
+                     help="upload the saved model, processor and model card (README.md) to this Hub repository")
     run.add_argument("--checkpoints-total-limit", type=int, default=None)
     run.add_argument("--resume-from", default=None, help="checkpoint folder or 'latest'")
     run.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -216,22 +219,15 @@ def build_processor(args, model):
     eval_size = args.eval_size or args.image_size
     eval_max = args.eval_max_size or int(round(eval_size * 1333 / 800))
     config = model.config
+    # Post-processing settings are the processor's (its defaults, or those of the loaded --model processor).
     settings = dict(
         size={"shortest_edge": eval_size, "longest_edge": eval_max},
-        size_divisibility=config.size_divisibility,
         num_labels=config.num_labels,
         stuff_labels=list(config.stuff_labels),
-        test_topk_per_image=config.test_topk_per_image,
-        object_mask_threshold=config.object_mask_threshold,
-        overlap_threshold=config.overlap_threshold,
-        panoptic_temperature=config.panoptic_temperature,
         instance_on=args.task in ("instance", "panoptic"),
         panoptic_on=args.task == "panoptic",
         semantic_on=args.task == "semantic",
     )
-    # The model's config carries the same inference switches, so the saved model says what it was trained for.
-    for key in ("instance_on", "panoptic_on", "semantic_on"):
-        setattr(config, key, settings[key])
     if processor is None:
         return MaskDINOImageProcessor(**settings)
     for key, value in settings.items():
@@ -484,6 +480,11 @@ def main(argv=None) -> dict:
                    "process_cpu_seconds": round(time.process_time(), 1), "eval": metrics,
                    "args": vars(args), "num_processes": accelerator.num_processes}
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+        base_model = args.model if args.model and not Path(args.model).exists() else None  # Hub ids only
+        write_model_card(output_dir, model_id=args.push_to_hub or output_dir.name, task=args.task,
+                         metrics=card_metrics(metrics), base_model=base_model)
+        if args.push_to_hub:
+            upload_folder(output_dir, args.push_to_hub, commit_message=f"Mask DINO fine-tuned for {args.task}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

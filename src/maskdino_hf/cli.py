@@ -171,13 +171,7 @@ def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu
             f"warning: {name} has no usable preprocessor_config.json; using the default Mask DINO image processor",
             file=sys.stderr,
         )
-        processor = MaskDINOImageProcessor(
-            num_labels=config.num_labels,
-            stuff_labels=list(config.stuff_labels),
-            instance_on=config.instance_on,
-            panoptic_on=config.panoptic_on,
-            semantic_on=config.semantic_on,
-        )
+        processor = MaskDINOImageProcessor(num_labels=config.num_labels, stuff_labels=list(config.stuff_labels))
     network.eval().to(torch.device(device))
     return network, processor
 
@@ -370,11 +364,10 @@ def _predict(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, device)
     id2label = _id2label(model.config)
     stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
-    if args.task is None:
-        config = model.config
-        if getattr(config, "panoptic_on", False):
+    if args.task is None:  # the tasks the processor's post-processing was configured for
+        if processor.panoptic_on:
             args.task = "panoptic"
-        elif getattr(config, "semantic_on", False) and not getattr(config, "instance_on", True):
+        elif processor.semantic_on and not processor.instance_on:
             args.task = "semantic"
         else:
             args.task = "instance"

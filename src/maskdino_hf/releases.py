@@ -511,6 +511,19 @@ result = processor.{post_process}(outputs, target_sizes=[image.size[::-1]])[0]
 """
 
 
+_EVALUATION_KEYS = {"segm_AP": "mask_ap", "bbox_AP": "box_ap", "PQ": "pq", "mIoU": "miou"}
+
+
+def card_metrics(evaluation: dict[str, float]) -> dict[str, float]:
+    """The headline results of `maskdino_hf.evaluation` (fractions: `segm_AP`, `bbox_AP`, `PQ`, `mIoU`) as card
+    metrics in percent; absent or NaN results are left out."""
+    return {
+        ours: round(100.0 * float(evaluation[key]), 2)
+        for key, ours in _EVALUATION_KEYS.items()
+        if key in evaluation and evaluation[key] == evaluation[key]
+    }
+
+
 def _results_table(metrics: dict[str, float], source: str) -> str:
     if not metrics:
         return "No evaluation results were recorded."
@@ -636,6 +649,7 @@ __all__ = [
     "DownloadError",
     "Release",
     "build_model_card",
+    "card_metrics",
     "convert_release",
     "download_file",
     "download_release",
