@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import json
 import threading
 import urllib.request
@@ -53,6 +54,7 @@ MANIFESTS = {
 }
 PANOPTIC = "maskdino-r50-coco-panoptic"
 DEMO = Path(__file__).resolve().parents[1] / "src" / "maskdino_hf" / "demo"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 _SAVE_METADATA = {"_name_or_path", "architectures", "dtype", "transformers_version", "auto_map"}
@@ -240,7 +242,29 @@ def test_push_to_hub_commit_is_captured_offline(panoptic_checkpoint, tmp_path, m
     assert files["model.safetensors"].read_bytes() == (output / "model.safetensors").read_bytes()
     card = ModelCard(files["README.md"].read_text())
     assert card.data.model_name == "maskdino-r50-coco-panoptic" and card.data.datasets == ["coco"]
+    assert f'from_pretrained("{repo_id}")' in card.text
     assert json.loads(files["config.json"].read_text())["stuff_labels"] == list(range(80, 133))
+
+
+def test_upload_script_converts_and_pushes_each_release_to_the_organisation(panoptic_checkpoint, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("upload_releases", SCRIPTS / "upload_releases.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    commits = []
+    monkeypatch.setattr(script, "download_release", lambda name, cache_dir: panoptic_checkpoint)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_commit", lambda self, repo_id, operations, **kwargs: commits.append(
+            (repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+        ),
+    )
+    argv = ["--organization", "maskdino-org", "--work-dir", str(tmp_path), "--only", PANOPTIC]
+    assert script.main([*argv, "--dry-run"]) == 0 and commits == []
+    assert "maskdino-org/maskdino-r50-coco-panoptic" in (tmp_path / PANOPTIC / "README.md").read_text()
+    assert script.main(argv) == 0
+    [(repo_id, files)] = commits
+    assert repo_id == "maskdino-org/maskdino-r50-coco-panoptic"
+    assert b"maskdino-org/maskdino-r50-coco-panoptic" in files["README.md"] and "model.safetensors" in files
 
 
 # ------------------------------------------------------------------------------------------------------ model cards

@@ -289,7 +289,8 @@ def cache_dir_path(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
@@ -304,7 +305,7 @@ def verify_file(path: str | Path, size: int | None = None, sha256: str | None = 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if size is not None and path.stat().st_size != size:
         raise DownloadError(f"{path} has {path.stat().st_size} bytes, expected {size}: truncated or a different file")
-    if sha256 is not None and (actual := _sha256(path)) != sha256.lower():
+    if sha256 is not None and (actual := file_sha256(path)) != sha256.lower():
         raise DownloadError(f"{path} has SHA-256 {actual}, expected {sha256}: corrupt or a different file")
     return path
 
@@ -412,7 +413,7 @@ def convert_release(
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     release.image_processor().save_pretrained(output_dir)
-    write_model_card(output_dir, release=release)
+    write_model_card(output_dir, release=release, model_id=push_to_hub)  # usage examples name the Hub id
     if push_to_hub is not None:
         upload_folder(output_dir, push_to_hub, commit_message=f"Mask DINO {release.name} converted from {release.file_name}")
     return output_dir
@@ -653,6 +654,7 @@ __all__ = [
     "convert_release",
     "download_file",
     "download_release",
+    "file_sha256",
     "get_release",
     "release_config",
     "release_model_card",
