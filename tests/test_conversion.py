@@ -172,7 +172,8 @@ def test_converter_writes_postprocessing_settings_into_the_processor_only(tmp_pa
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert not set(POSTPROCESSING_FIELDS) & set(config)
     # The yaml's own values (MODEL.MaskDINO.TEST of the ADE20K semantic config).
-    assert (processor["object_mask_threshold"], processor["instance_on"], processor["semantic_on"]) == (0.8, False, True)
+    settings = (processor["object_mask_threshold"], processor["instance_on"], processor["semantic_on"])
+    assert settings == (0.8, False, True)
     assert processor["size"]["shortest_edge"] == 128
 
 

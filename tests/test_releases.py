@@ -206,6 +206,25 @@ def test_converted_panoptic_release_gives_thing_classes_only_as_instances(panopt
     assert (result["labels"] < 80).all()
 
 
+def test_full_size_semantic_release_converts_and_segments(tmp_path):
+    name = "maskdino-r50-ade20k-semantic"
+    checkpoint = _random_checkpoint(get_release(name), tmp_path / "model.pth")
+    output = convert_release(name, tmp_path / "out", checkpoint=checkpoint, progress=False)
+    model = MaskDINOForUniversalSegmentation.from_pretrained(output).eval()
+    processor = MaskDINOImageProcessor.from_pretrained(output)
+    official = torch.load(checkpoint, weights_only=True)["model"]
+    assert torch.equal(model.model.decoder.query_feat.weight, official["sem_seg_head.predictor.query_feat.weight"])
+    assert model.config.num_classifier_outputs == 151 and processor.size == {"shortest_edge": 512, "longest_edge": 2048}
+    image = Image.fromarray((torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+    inputs = processor(image, return_tensors="pt", size={"shortest_edge": 64, "longest_edge": 96})
+    with torch.inference_mode():
+        outputs = model(**inputs)
+    segmentation = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=[(64, 96)], image_sizes=processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
+    )[0]
+    assert segmentation.shape == (64, 96) and 0 <= segmentation.min() and segmentation.max() < 150
+
+
 def test_corrupt_checkpoint_is_refused_with_its_path(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"\x00" * 1000)

@@ -267,7 +267,10 @@ def release_config(name: str) -> MaskDINOConfig:
 
 def releases_table() -> str:
     """The released checkpoints as a Markdown table (name, backbone, data set, task, official metrics, file)."""
-    rows = ["| name | backbone | data set | task | official metrics | official file |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| name | backbone | data set | task | official metrics | official file |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for release in RELEASES.values():
         metrics = ", ".join(f"{_METRIC_NAMES[key]} {value:.1f}" for key, value in release.metrics.items())
         rows.append(
@@ -415,11 +418,14 @@ def convert_release(
     release.image_processor().save_pretrained(output_dir)
     write_model_card(output_dir, release=release, model_id=push_to_hub)  # usage examples name the Hub id
     if push_to_hub is not None:
-        upload_folder(output_dir, push_to_hub, commit_message=f"Mask DINO {release.name} converted from {release.file_name}")
+        message = f"Mask DINO {release.name} converted from {release.file_name}"
+        upload_folder(output_dir, push_to_hub, commit_message=message)
     return output_dir
 
 
-def upload_folder(folder: str | Path, repo_id: str, commit_message: str, private: bool = False, token: str | None = None):
+def upload_folder(
+    folder: str | Path, repo_id: str, commit_message: str, private: bool = False, token: str | None = None
+):
     """Create `repo_id` if needed and upload every file of `folder` (weights, config, processor, code, card) in one
     commit."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -439,7 +445,8 @@ def upload_folder(folder: str | Path, repo_id: str, commit_message: str, private
 
 CITATION = """@inproceedings{li2023mask,
   title={Mask DINO: Towards A Unified Transformer-based Framework for Object Detection and Segmentation},
-  author={Li, Feng and Zhang, Hao and Xu, Huaizhe and Liu, Shilong and Zhang, Lei and Ni, Lionel M. and Shum, Heung-Yeung},
+  author={Li, Feng and Zhang, Hao and Xu, Huaizhe and Liu, Shilong and Zhang, Lei and Ni, Lionel M.
+          and Shum, Heung-Yeung},
   booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   pages={3041--3050},
   year={2023}
