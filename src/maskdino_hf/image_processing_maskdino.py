@@ -104,7 +104,14 @@ def get_resize_output_size(
     if longest_edge is not None and max(new_height, new_width) > longest_edge:
         shrink = float(longest_edge) / max(new_height, new_width)
         new_height, new_width = new_height * shrink, new_width * shrink
-    return int(new_height + 0.5), int(new_width + 0.5)
+    resized = int(new_height + 0.5), int(new_width + 0.5)
+    if min(resized) < 1:
+        raise ValueError(
+            f"an image of (height, width) = ({height}, {width}) resizes to {resized} with shortest_edge="
+            f"{shortest_edge} and longest_edge={longest_edge}: its aspect ratio is too extreme (a side under one "
+            "pixel); crop or pad it first"
+        )
+    return resized
 
 
 def _round_up(value: int, divisor: int) -> int:
@@ -182,14 +189,21 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
     Preprocessing (`preprocess` / `__call__`), in this order:
 
-    1. convert each image to RGB: a grey image (2-D, one channel, PIL `L`) is repeated three times, a fourth (alpha)
-       channel is dropped, other PIL modes go through PIL's `convert("RGB")`; anything else (1-D or 5-D arrays,
-       2 or 5 channels, non-image types, an empty list) raises;
-    2. resize so that the short side is `size["shortest_edge"]` unless the long side would exceed
+    1. convert each image to RGB (`do_convert_rgb`, the default): a grey image (2-D, one channel, PIL `L`) is
+       repeated three times, a fourth (alpha) channel is dropped, other PIL modes go through PIL's `convert("RGB")`;
+       anything else (1-D or 5-D arrays, 2 or 5 channels, non-image types, an empty list) raises;
+    2. bring the values to the 0-255 scale: uint8 as is; **16-bit images** (uint16 arrays, PIL modes `I;16` and
+       `I`) are scaled by their dtype range (x * 255 / 65535); other integer arrays must hold 0..255; float images
+       are read on the 0-255 scale and must be finite and within [0, 255] — a float image in [0, 1] or an already
+       normalised one raises (pass `do_rescale=True` with `rescale_factor`, default 255, or `do_normalize=False`);
+       with `do_rescale` the values are multiplied by `rescale_factor` instead of the dtype rule;
+    3. resize so that the short side is `size["shortest_edge"]` unless the long side would exceed
        `size["longest_edge"]` ([`get_resize_output_size`], detectron2 `ResizeShortestEdge`), with PIL bilinear on
-       uint8 images (float images, taken on the 0-255 scale, are resized per channel in PIL mode `F`);
-    3. normalise `(x - image_mean) / image_std` on the 0-255 scale;
-    4. zero-pad bottom/right to the largest image of the batch, rounded up to `size_divisibility`.
+       uint8 images (other images are resized per channel in PIL mode `F`, without rounding); an image whose aspect
+       ratio would make a side shorter than one pixel (e.g. 1 x 5000) raises, naming its size;
+    4. normalise `(x - image_mean) / image_std` on the 0-255 scale;
+    5. zero-pad bottom/right to the largest image of the batch, rounded up to `size_divisibility` (or to
+       `pad_size`).
 
     Returns `pixel_values` (batch, 3, H_pad, W_pad) float32 and `pixel_mask` (batch, H_pad, W_pad) int64, 1 on real
     pixels. The resized size of image i is `pixel_mask[i]`'s extent (see [`image_sizes_from_pixel_mask`]).
@@ -201,6 +215,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to `PIL.Image.BILINEAR`): PIL filter for images (masks always use nearest).
         do_normalize (`bool`, defaults to `True`), image_mean / image_std (3 floats, 0-255 scale, RGB order).
         do_pad (`bool`, defaults to `True`): pad the batch; without padding all resized images must share a size.
+        do_convert_rgb (`bool`, defaults to `True`): convert grey and RGBA images to RGB (step 1).
+        do_rescale (`bool`, defaults to `False`), rescale_factor (`float`, defaults to 255): multiply pixel values by
+            `rescale_factor` before normalisation (e.g. float images on the 0-1 scale).
         size_divisibility (`int`, defaults to 32): padded sizes are multiples of it.
         num_labels (`int`, *optional*): number of classes, see the class-logit rule below.
         ignore_index (`int`, defaults to 255): unlabelled value of semantic maps.
@@ -252,10 +269,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         instance_on: bool = True,
         panoptic_on: bool = False,
         semantic_on: bool = False,
+        do_convert_rgb: bool = True,
+        do_rescale: bool = False,
+        rescale_factor: float = 255.0,
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
+        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
         self.do_resize = do_resize
         self.size = self._standardize_size(size)
         self.resample = int(resample)
@@ -311,6 +334,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "image_mean and image_std are on the 0-255 scale of the official MODEL.PIXEL_MEAN/PIXEL_STD (e.g. "
                 f"123.675 / 58.395); got {self.image_mean} / {self.image_std}, which look like the 0-1 scale"
             )
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor}")
         if self.size_divisibility < 0:
             raise ValueError(f"size_divisibility must be >= 0, got {self.size_divisibility}")
         if self.num_labels is not None and self.num_labels <= 0:
@@ -345,13 +370,27 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ images
 
     @staticmethod
-    def _image_to_chw(image: Any, input_data_format: str | None) -> np.ndarray:
-        """One image as a (3, H, W) uint8 or float32 array (rules in the class docstring)."""
+    def _image_to_array(image: Any, input_data_format: str | None, do_convert_rgb: bool, where: str) -> np.ndarray:
+        """One image as a (channels, H, W) array of its own dtype (16-bit PIL images as uint16); see the class
+        docstring for the channel rules."""
         if isinstance(image, Image.Image):
-            if image.mode in ("L", "LA"):
+            if image.mode.startswith("I;16"):
+                array = np.asarray(image).astype(np.uint16)
+            elif image.mode == "I":
+                # 32-bit integer mode, which is how PIL may open 16-bit PNGs: read as 16-bit
+                array = np.asarray(image)
+                if array.size and (array.min() < 0 or array.max() > 65535):
+                    raise ValueError(
+                        f"{where}: a PIL mode 'I' image is read as 16-bit (0..65535), got values "
+                        f"{array.min()}..{array.max()}"
+                    )
+                array = array.astype(np.uint16)
+            elif image.mode == "F":
+                array = np.asarray(image)
+            elif image.mode in ("L", "LA"):
                 array = np.asarray(image.convert("L"))
             elif image.mode == "RGBA":
-                array = np.asarray(image)[..., :3]
+                array = np.asarray(image)
             else:
                 array = np.asarray(image.convert("RGB"))
             input_data_format = "channels_last"
@@ -368,7 +407,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if array.dtype == np.bool_ or not (
             np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
         ):
-            raise TypeError(f"image arrays must have an integer or floating dtype, got {array.dtype}")
+            raise TypeError(f"{where}: image arrays must have an integer or floating dtype, got {array.dtype}")
         if array.ndim == 2:
             array = array[None]
         elif array.ndim == 3:
@@ -376,10 +415,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 first, last = array.shape[0] in _CHANNEL_COUNTS, array.shape[-1] in _CHANNEL_COUNTS
                 if not (first or last):
                     raise ValueError(
-                        f"cannot find the channel axis of an image of shape {tuple(array.shape)}: the first or last "
-                        f"axis must have 1 (grey), 3 (RGB) or 4 (RGBA) channels"
+                        f"{where}: cannot find the channel axis of an image of shape {tuple(array.shape)}: the first "
+                        "or last axis must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, or pass input_data_format"
                     )
                 input_data_format = "channels_first" if first else "channels_last"
+            input_data_format = getattr(input_data_format, "value", input_data_format)  # a ChannelDimension
             if input_data_format in ("channels_last", "last"):
                 array = np.moveaxis(array, -1, 0)
             elif input_data_format not in ("channels_first", "first"):
@@ -388,35 +428,66 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 )
         else:
             raise ValueError(
-                f"an image must have 2 (H, W) or 3 (channels, H, W / H, W, channels) dimensions, got shape "
+                f"{where}: an image must have 2 (H, W) or 3 (channels, H, W / H, W, channels) dimensions, got shape "
                 f"{tuple(array.shape)}"
             )
+        if array.shape[1] == 0 or array.shape[2] == 0:
+            raise ValueError(f"{where}: an image must not be empty, got shape {tuple(array.shape)}")
 
         channels = array.shape[0]
-        if channels == 1:
-            array = np.repeat(array, 3, axis=0)
-        elif channels == 4:
-            array = array[:3]
-        elif channels != 3:
-            raise ValueError(f"an image must have 1, 3 or 4 channels, got {channels} (shape {tuple(array.shape)})")
-        if array.shape[1] == 0 or array.shape[2] == 0:
-            raise ValueError(f"an image must not be empty, got shape {tuple(array.shape)}")
+        if do_convert_rgb:
+            if channels == 1:
+                array = np.repeat(array, 3, axis=0)
+            elif channels == 4:
+                array = array[:3]
+            elif channels != 3:
+                raise ValueError(
+                    f"{where}: an image must have 1, 3 or 4 channels, got {channels} (grey, RGB or RGBA; shape "
+                    f"{tuple(array.shape)})"
+                )
+        return array
 
-        if array.dtype == np.uint8:
+    @staticmethod
+    def _to_pixel_scale(
+        array: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool, where: str
+    ) -> np.ndarray:
+        """Pixel values on the 0-255 scale of `image_mean` / `image_std`: uint8, or float32 (rules in the class
+        docstring)."""
+        if do_rescale:
+            array = array.astype(np.float32) * np.float32(rescale_factor)
+        elif array.dtype == np.uint8:
             return np.ascontiguousarray(array)
-        if np.issubdtype(array.dtype, np.integer):
+        elif array.dtype == np.uint16:
+            # 16-bit images (PNG modes I;16 / I): the dtype range 0..65535 mapped onto 0..255
+            return np.ascontiguousarray(array.astype(np.float32) * np.float32(255.0 / 65535.0))
+        elif np.issubdtype(array.dtype, np.integer):
             if array.min() < 0 or array.max() > 255:
-                raise ValueError(f"integer images must hold values in 0..255, got {array.min()}..{array.max()}")
+                raise ValueError(
+                    f"{where}: integer images must hold values in 0..255 (uint16 images are scaled from 0..65535), "
+                    f"got {array.min()}..{array.max()} with dtype {array.dtype}"
+                )
             return np.ascontiguousarray(array.astype(np.uint8))
         array = array.astype(np.float32)
-        if array.size and array.max() <= 1.0:
-            logger.warning_once(
-                "A float image has all values <= 1; MaskDINOImageProcessor expects the 0-255 scale "
-                "(image_mean/image_std are on that scale)."
-            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where}: the image holds NaN or infinite values")
+        if do_normalize:
+            low, high = float(array.min()), float(array.max())
+            scale = f" after rescaling by rescale_factor={rescale_factor}" if do_rescale else ""
+            if low < 0.0 or high > 255.0:
+                raise ValueError(
+                    f"{where}: pixel values must be in [0, 255] (the scale of image_mean / image_std){scale}, got "
+                    f"{low:g}..{high:g}; for an image that is already normalised pass do_normalize=False, for another "
+                    "scale pass do_rescale=True with the factor that maps it onto 0..255"
+                )
+            if not do_rescale and 0.0 < high <= 1.0:
+                raise ValueError(
+                    f"{where}: a float image with values in [0, 1] ({low:g}..{high:g}) looks like the 0-1 scale, but "
+                    "images are read on the 0-255 scale: pass do_rescale=True (rescale_factor=255) or multiply it "
+                    "by 255"
+                )
         return np.ascontiguousarray(array)
 
-    def _images_to_list(self, images: Any, input_data_format: str | None) -> list[np.ndarray]:
+    def _images_to_list(self, images: Any, input_data_format: str | None, do_convert_rgb: bool) -> list[np.ndarray]:
         if isinstance(images, (list, tuple)):
             if len(images) == 0:
                 raise ValueError("images is an empty list: pass at least one image")
@@ -430,14 +501,18 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         for item in items:
             if isinstance(item, (list, tuple)):
                 raise TypeError("images must be an image or a flat list of images, got a nested list")
-        return [self._image_to_chw(item, input_data_format) for item in items]
+        return [
+            self._image_to_array(item, input_data_format, do_convert_rgb, f"image {index}")
+            for index, item in enumerate(items)
+        ]
 
     def _resize_image(self, image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
         if image.shape[1:] == (height, width):
             return image
-        if image.dtype == np.uint8:
+        if image.dtype == np.uint8 and image.shape[0] == 3:
             resized = Image.fromarray(np.moveaxis(image, 0, -1)).resize((width, height), resample)
             return np.ascontiguousarray(np.moveaxis(np.asarray(resized), -1, 0))
+        # float images (PIL mode F) and other channel counts (do_convert_rgb=False): one channel at a time
         channels = [np.asarray(Image.fromarray(channel).resize((width, height), resample)) for channel in image]
         return np.stack(channels)
 
@@ -478,6 +553,17 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         do_reduce_labels: bool | None = None,
         input_data_format: str | None = None,
         return_tensors: str | None = "pt",
+        do_convert_rgb: bool | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        pad_size: dict[str, int] | int | None = None,
+        data_format: str | None = None,
+        device: str | torch.device | None = None,
+        do_center_crop: bool | None = None,
+        crop_size: Any = None,
+        default_to_square: bool | None = None,
+        disable_grouping: bool | None = None,
+        image_seq_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -499,6 +585,19 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             num_labels: classes allowed in annotations (else the processor's `num_labels`; unchecked if neither).
             input_data_format: `"channels_first"` or `"channels_last"` for arrays whose channel axis is ambiguous.
             return_tensors: `"pt"` (default) or `"np"` for `pixel_values` and `pixel_mask`.
+            do_convert_rgb: convert grey and RGBA images to RGB (default `True`); with `False` images keep their
+                channel count, which must then be the same for the batch and match `image_mean` / `image_std`.
+            do_rescale / rescale_factor: multiply the pixel values by `rescale_factor` (default 255: images on the
+                0-1 scale) before normalisation, which works on the 0-255 scale.
+            pad_size: pad to this `{"height": int, "width": int}` (or square int) instead of the batch maximum
+                rounded up to `size_divisibility`.
+            data_format: `"channels_first"` (default) or `"channels_last"` layout of `pixel_values`.
+            device: device of the returned tensors (`return_tensors="pt"`).
+            do_center_crop / crop_size / default_to_square: Transformers keywords of other resize rules; Mask DINO
+                resizes by the shortest edge and never crops, so `do_center_crop=True` and `default_to_square=True`
+                raise, and `crop_size` is only accepted without `do_center_crop`.
+            disable_grouping / image_seq_length: keywords of the torchvision backend and of image-token models;
+                nothing here depends on them (`image_seq_length` must be `None`).
             The other arguments override the processor's attributes for this call.
 
         Returns:
@@ -510,7 +609,25 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             objects whose mask is empty after resizing are dropped.
         """
         if kwargs:
+            settings = sorted(set(kwargs) & set(self.valid_kwargs.__annotations__))
+            if settings:
+                raise TypeError(
+                    f"{settings} are post-processing settings of MaskDINOImageProcessor, which preprocess does not "
+                    "use: set them on the processor (constructor or from_pretrained) or pass them to post_process_*"
+                )
             raise TypeError(f"preprocess got unexpected arguments {sorted(kwargs)}")
+        if do_center_crop:
+            raise ValueError(
+                "do_center_crop=True is not supported: Mask DINO resizes by the shortest edge and never crops "
+                "(predictions are read back through the padding)"
+            )
+        if default_to_square:
+            raise ValueError(
+                "default_to_square=True is not supported: an int size is the shortest edge (size={'shortest_edge': "
+                "n, 'longest_edge': None}), never a square"
+            )
+        if image_seq_length is not None:
+            raise ValueError(f"image_seq_length does not apply to Mask DINO (no image tokens), got {image_seq_length}")
         if annotations is not None and segmentation_maps is not None:
             raise ValueError("pass either annotations or segmentation_maps, not both")
         do_resize = self.do_resize if do_resize is None else do_resize
@@ -524,42 +641,83 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         num_labels = self.num_labels if num_labels is None else int(num_labels)
         ignore_index = self.ignore_index if ignore_index is None else int(ignore_index)
         do_reduce_labels = self.do_reduce_labels if do_reduce_labels is None else bool(do_reduce_labels)
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else bool(do_convert_rgb)
+        do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
+        rescale_factor = self.rescale_factor if rescale_factor is None else float(rescale_factor)
+        data_format = getattr(data_format, "value", data_format) or "channels_first"
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values, got {image_mean} and {image_std}")
+        if data_format not in ("channels_first", "channels_last"):
+            raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
+        if do_rescale and not (math.isfinite(rescale_factor) and rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive finite number, got {rescale_factor}")
+        if len(image_mean) != len(image_std):
+            raise ValueError(f"image_mean and image_std need as many values, got {image_mean} and {image_std}")
 
-        raw_images = self._images_to_list(images, input_data_format)
+        raw_images = self._images_to_list(images, input_data_format, do_convert_rgb)
+        channels = {image.shape[0] for image in raw_images}
+        if len(channels) > 1:
+            raise ValueError(
+                f"with do_convert_rgb=False all images of a batch need the same number of channels, got {sorted(channels)}"
+            )
+        (num_channels,) = channels
+        if do_normalize and len(image_mean) != num_channels:
+            raise ValueError(
+                f"image_mean and image_std have {len(image_mean)} values but the images have {num_channels} channels; "
+                "do_convert_rgb=True (the default) converts grey and RGBA images to RGB"
+            )
         original_sizes = [tuple(image.shape[1:]) for image in raw_images]
-        resized_sizes = [
-            get_resize_output_size(h, w, size["shortest_edge"], size["longest_edge"]) if do_resize else (h, w)
-            for h, w in original_sizes
-        ]
+        resized_sizes = []
+        for index, (height, width) in enumerate(original_sizes):
+            try:
+                resized_sizes.append(
+                    get_resize_output_size(height, width, size["shortest_edge"], size["longest_edge"])
+                    if do_resize
+                    else (height, width)
+                )
+            except ValueError as error:
+                raise ValueError(f"image {index}: {error}") from None
         mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1)
         tensors = []
-        for image, (height, width) in zip(raw_images, resized_sizes, strict=True):
+        for index, (image, (height, width)) in enumerate(zip(raw_images, resized_sizes, strict=True)):
+            image = self._to_pixel_scale(image, do_rescale, rescale_factor, do_normalize, f"image {index}")
             if do_resize:
                 image = self._resize_image(image, height, width, resample)
             tensor = torch.from_numpy(np.ascontiguousarray(image))
             tensor = (tensor - mean) / std if do_normalize else tensor.float()
             tensors.append(tensor)
 
-        if do_pad:
-            padded_height = _round_up(max(h for h, _ in resized_sizes), size_divisibility)
-            padded_width = _round_up(max(w for _, w in resized_sizes), size_divisibility)
+        largest = (max(h for h, _ in resized_sizes), max(w for _, w in resized_sizes))
+        if pad_size is not None:
+            if do_pad is False:
+                raise ValueError("pad_size needs do_pad=True")
+            pad = {"height": pad_size, "width": pad_size} if isinstance(pad_size, int) else dict(pad_size)
+            if set(pad) != {"height", "width"}:
+                raise ValueError(f"pad_size must be an int or a dict with 'height' and 'width', got {pad_size!r}")
+            padded_height, padded_width = int(pad["height"]), int(pad["width"])
+            if padded_height < largest[0] or padded_width < largest[1]:
+                raise ValueError(
+                    f"pad_size {(padded_height, padded_width)} (height, width) is smaller than the largest resized "
+                    f"image {largest}"
+                )
+        elif do_pad:
+            padded_height = _round_up(largest[0], size_divisibility)
+            padded_width = _round_up(largest[1], size_divisibility)
         else:
             if len(set(resized_sizes)) > 1:
                 raise ValueError(
                     f"do_pad=False needs all resized images to have the same size, got {sorted(set(resized_sizes))}"
                 )
             padded_height, padded_width = resized_sizes[0]
-        pixel_values = torch.zeros((len(tensors), 3, padded_height, padded_width), dtype=torch.float32)
+        pixel_values = torch.zeros((len(tensors), num_channels, padded_height, padded_width), dtype=torch.float32)
         pixel_mask = torch.zeros((len(tensors), padded_height, padded_width), dtype=torch.int64)
         for index, (tensor, (height, width)) in enumerate(zip(tensors, resized_sizes, strict=True)):
             pixel_values[index, :, :height, :width] = tensor
             pixel_mask[index, :height, :width] = 1
 
+        if data_format == "channels_last":
+            pixel_values = pixel_values.permute(0, 2, 3, 1).contiguous()
         if return_tensors == "np":
             data = {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
         else:
@@ -582,6 +740,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             encoded["mask_labels"] = [target["mask_labels"] for target in targets]
             encoded["class_labels"] = [target["class_labels"] for target in targets]
             encoded["boxes"] = [target["boxes"] for target in targets]
+        if device is not None and return_tensors != "np":
+            encoded = encoded.to(device)
         return encoded
 
     # ------------------------------------------------------------------ training targets
