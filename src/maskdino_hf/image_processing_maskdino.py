@@ -19,6 +19,7 @@ everything around the network:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -147,7 +148,10 @@ def rgb_to_id(color: np.ndarray) -> np.ndarray:
 
 
 def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
+    """(height, width) pairs from a list of pairs or a (batch, 2) tensor / array, refusing anything else."""
     if isinstance(sizes, (torch.Tensor, np.ndarray)):
+        if sizes.ndim != 2 or sizes.shape[1] != 2:
+            raise ValueError(f"{name} must be a (batch, 2) tensor of (height, width), got shape {tuple(sizes.shape)}")
         sizes = sizes.tolist()
     if not isinstance(sizes, Sequence) or isinstance(sizes, str):
         raise TypeError(f"{name} must be a list of (height, width) pairs or a (batch, 2) tensor, got {type(sizes)}")
@@ -155,13 +159,46 @@ def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
     for size in sizes:
         if isinstance(size, (torch.Tensor, np.ndarray)):
             size = size.tolist()
-        if not isinstance(size, Sequence) or len(size) != 2:
+        if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2:
             raise ValueError(f"every entry of {name} must be a (height, width) pair, got {size!r}")
+        for value in size:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must hold integer (height, width) pairs, got {size!r}")
+            if not (math.isfinite(value) and float(value).is_integer()):
+                raise ValueError(f"{name} must hold integer (height, width) pairs, got {size!r}")
         height, width = int(size[0]), int(size[1])
         if height <= 0 or width <= 0:
             raise ValueError(f"{name} must hold positive sizes, got {size!r}")
         pairs.append((height, width))
     return pairs
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    """A threshold in [0, 1] as a float, or a clear error."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_top_k(top_k: Any) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k must be a positive int (or None for test_topk_per_image), got {top_k!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be a positive int (or None for test_topk_per_image), got {top_k}")
+    return int(top_k)
+
+
+def _same_aspect(size: tuple[int, int], resized: tuple[int, int]) -> bool:
+    """Whether `resized` can be `size` scaled by one factor with each side rounded (|h' w - w' h| <= (h + w) / 2)."""
+    (height, width), (new_height, new_width) = size, resized
+    slack = 0.5 * (height + width) + 0.5 * (new_height + new_width) + 1
+    return abs(new_height * width - new_width * height) <= slack
 
 
 # Queries whose full-size maps are materialised at once in panoptic and semantic post-processing (memory bound).
@@ -963,19 +1000,40 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 raise ValueError(
                     f"image_sizes has {len(image_sizes)} entries but the outputs hold {batch_size} images"
                 )
+            if target_sizes is not None:
+                for target, image in zip(target_sizes, image_sizes, strict=True):
+                    if not _same_aspect(target, image) and _same_aspect(target[::-1], image):
+                        raise ValueError(
+                            f"target_sizes entry {target} has the aspect of the resized image {image} only when read "
+                            "as (width, height): target_sizes are (height, width) pairs"
+                        )
         elif target_sizes is not None:
             image_sizes = [self.get_resized_size(h, w) for h, w in target_sizes]
+            if batch_size == 1 and not self._fills(image_sizes[0], padded_size):
+                swapped = self.get_resized_size(*target_sizes[0][::-1])
+                if self._fills(swapped, padded_size):
+                    raise ValueError(
+                        f"target_sizes {target_sizes[0]} resizes to {image_sizes[0]}, which does not fill the padded "
+                        f"input {padded_size}, but read as (width, height) it does: target_sizes are (height, width) "
+                        "pairs"
+                    )
         else:
             image_sizes = [padded_size] * batch_size
         for height, width in image_sizes:
             if height > padded_size[0] or width > padded_size[1]:
                 raise ValueError(
                     f"image size {(height, width)} is larger than the padded input {padded_size} (4x the mask size): "
-                    "pass the right image_sizes"
+                    "pass the right image_sizes (resized, unpadded) and target_sizes as (height, width) pairs"
                 )
         if target_sizes is None:
             target_sizes = list(image_sizes)
         return target_sizes, image_sizes, padded_size
+
+    def _fills(self, image_size: tuple[int, int], padded_size: tuple[int, int]) -> bool:
+        """Whether `image_size` padded to `size_divisibility` gives `padded_size` (true of a batch's largest image)."""
+        return all(
+            _round_up(side, self.size_divisibility) == padded for side, padded in zip(image_size, padded_size)
+        )
 
     @staticmethod
     def _upsample_crop_resize(masks: torch.Tensor, padded_size, image_size, target_size) -> torch.Tensor:
@@ -1030,6 +1088,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     def _topk_queries(self, probabilities: torch.Tensor, top_k: int | None, drop_labels: Sequence[int]):
         """Official instance selection: top-k of the flattened (Q x C) scores, unsorted; optionally drop classes."""
         num_queries, num_classes = probabilities.shape
+        top_k = _check_top_k(top_k)
         top_k = self.test_topk_per_image if top_k is None else top_k
         top_k = min(top_k, num_queries * num_classes)
         scores, indices = probabilities.flatten().topk(top_k, sorted=False)
@@ -1056,15 +1115,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     def post_process_instance_segmentation(
         self,
         outputs,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         mask_threshold: float = 0.5,
         overlap_mask_area_threshold: float | None = None,
         target_sizes: Any = None,
+        return_coco_annotation: bool = False,
+        return_binary_maps: bool = False,
         image_sizes: Any = None,
         top_k: int | None = None,
         num_labels: int | None = None,
         panoptic_on: bool | None = None,
-        return_coco_annotation: bool = False,
     ) -> list[dict[str, Any]]:
         """
         Official Mask DINO instance inference (`instance_inference` + `box_postprocess`).
@@ -1076,26 +1136,43 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         probability inside the binary mask (unless `focus_on_box`). Boxes are the predicted boxes as absolute xyxy at
         the target size (not clipped; the padded canvas is mapped to the target scale as the official code does).
         Results are sorted by score (the official top-k order is arbitrary); `threshold` then drops results with a
-        lower score (0 keeps the official top-k).
+        lower score (`None`, the default, or 0 keeps the official top-k).
+
+        The arguments and the `segmentation` / `segments_info` keys are those of Transformers' Mask2Former.
 
         Args:
             outputs: object with `class_queries_logits` (B, Q, C), `masks_queries_logits` (B, Q, h, w) at 1/4 of the
                 padded input and `pred_boxes` (B, Q, 4) sigmoid cxcywh relative to the padded input.
+            threshold: score threshold in [0, 1] (`None`: 0, the official top-k).
+            mask_threshold: mask probability threshold in (0, 1) (official 0.5, i.e. logit > 0).
+            overlap_mask_area_threshold: in [0, 1]; accepted as Mask2Former's instance method does, unused.
             target_sizes: original (height, width) per image; `None` keeps the resized size.
+            return_coco_annotation: `segmentation` becomes the run-length encoding of the segment map (Mask2Former's
+                format), and `rle_masks` holds each instance's mask as COCO RLE (pycocotools).
+            return_binary_maps: `segmentation` becomes the (num_segments, H, W) stack of the segments' binary masks,
+                indexed by segment `id` (overlapping instances keep all their pixels).
             image_sizes: resized, unpadded (height, width) per image (see `image_sizes_from_pixel_mask`); derived
                 from `target_sizes` with this processor's resize rule if omitted.
-            overlap_mask_area_threshold: accepted for the image-segmentation pipeline; unused.
-            return_coco_annotation: also return the masks as COCO RLE (`rle_masks`).
+            top_k: queries x classes kept per image (default `test_topk_per_image`).
+            panoptic_on: drop stuff classes (default: the processor's `panoptic_on`).
 
         Returns:
-            One dict per image: `scores` (N,), `labels` (N,) int64, `boxes` (N, 4), `masks` (N, H, W) bool, and for
-            the Transformers pipeline `segmentation` (H, W) int64 (index of the instance shown at each pixel, the
-            highest-scoring one where they overlap, -1 for none) with `segments_info` (`id` = that index,
-            `label_id`, `was_fused`, `score`) for the instances visible in it; instances hidden by higher-scoring
-            ones or with an empty mask are only in `masks`.
+            One dict per image with Mask2Former's keys:
+            - `segmentation` (H, W) int64: at each pixel the `id` of the highest-scoring segment covering it, -1 for
+              none (or the RLE / binary maps above);
+            - `segments_info`: per instance with a non-empty mask, in score order, `id` (0, 1, ... in that order),
+              `label_id`, `was_fused` (False), `score`;
+            and Mask DINO's official per-instance results, every kept instance in score order (empty masks included):
+            `scores` (N,), `labels` (N,) int64, `boxes` (N, 4) xyxy at the target size, `masks` (N, H, W) bool.
         """
         if getattr(outputs, "pred_boxes", None) is None:
             raise ValueError("instance segmentation needs `pred_boxes` in the outputs")
+        if return_coco_annotation and return_binary_maps:
+            raise ValueError("return_coco_annotation and return_binary_maps cannot both be True")
+        threshold = 0.0 if threshold is None else _check_fraction("threshold", threshold)
+        if overlap_mask_area_threshold is not None:
+            _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
+        _check_top_k(top_k)
         target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         mask_logit_threshold = self._mask_logit_threshold(mask_threshold)
         drop_labels = self._instance_drop_labels(panoptic_on)
@@ -1128,29 +1205,34 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "boxes": boxes[order],
                 "masks": binary[order],
             }
-            result["segmentation"] = self._instance_map(result["masks"])
-            visible = torch.unique(result["segmentation"][result["segmentation"] >= 0]).tolist()
+            segment_rows = torch.nonzero(result["masks"].flatten(1).any(1)).flatten()
+            segment_masks = result["masks"][segment_rows]
             result["segments_info"] = [
-                {
-                    "id": i,
-                    "label_id": int(result["labels"][i]),
-                    "was_fused": False,
-                    "score": float(result["scores"][i]),
-                }
-                for i in visible
+                {"id": i, "label_id": label, "was_fused": False, "score": score}
+                for i, (label, score) in enumerate(
+                    zip(result["labels"][segment_rows].tolist(), result["scores"][segment_rows].tolist())
+                )
             ]
+            result["segmentation"] = self._instance_map(segment_masks)
             if return_coco_annotation:
+                from transformers.models.mask2former.image_processing_pil_mask2former import (
+                    convert_segmentation_to_rle,
+                )
+
                 result["rle_masks"] = [
                     coco_mask.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
                     for mask in result["masks"]
                 ]
+                result["segmentation"] = convert_segmentation_to_rle(result["segmentation"])
+            elif return_binary_maps and len(segment_rows):
+                result["segmentation"] = segment_masks
             results.append(result)
         return results
 
     def post_process_object_detection(
         self,
         outputs,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         target_sizes: Any = None,
         image_sizes: Any = None,
         top_k: int | None = None,
@@ -1160,13 +1242,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         """
         Box-only results with the instance top-k rule (no mask rescoring): top-`top_k` of the flattened
         (queries x classes) class probabilities, thing classes only for a panoptic model, boxes as absolute xyxy
-        at the target size (see `post_process_instance_segmentation`), sorted by score, `scores >= threshold` kept.
+        at the target size (see `post_process_instance_segmentation`), sorted by score, `scores >= threshold` kept
+        (`threshold` in [0, 1]; `None`, the default, keeps the official top-k).
 
         Returns:
             One dict per image with `scores` (N,), `labels` (N,) int64 and `boxes` (N, 4).
         """
         if getattr(outputs, "pred_boxes", None) is None:
             raise ValueError("object detection needs `pred_boxes` in the outputs")
+        threshold = 0.0 if threshold is None else _check_fraction("threshold", threshold)
+        _check_top_k(top_k)
         target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         drop_labels = self._instance_drop_labels(panoptic_on)
         results = []
@@ -1198,7 +1283,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         from `softmax(sigmoid(logits) / panoptic_temperature)` (when `panoptic_transform_eval`). Each pixel goes to
         the kept query maximising score x mask probability; a query becomes a segment if its pixels with mask
         probability >= `mask_threshold` are at least `overlap_mask_area_threshold` (`overlap_threshold`) of its
-        mask; segments of the same stuff class (`label_ids_to_fuse`, default `stuff_labels`) share the first id.
+        mask; segments of the same stuff class (`label_ids_to_fuse`, default `stuff_labels`; a given set replaces
+        it, as in Mask2Former, and ids outside the model's classes raise) share the first id. Thresholds must be in
+        [0, 1].
         For a softmax classifier (`num_labels + 1` logits) the Mask2Former rule is used instead: softmax scores, and
         queries predicting "no object" are dropped.
 
@@ -1207,10 +1294,15 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             official convention, unlike the -1 of Transformers' Mask2Former), and `segments_info`: `id`, `label_id`,
             `was_fused` (the class is fusable stuff), `isthing`, `score`.
         """
-        threshold = self.object_mask_threshold if threshold is None else threshold
-        overlap = self.overlap_threshold if overlap_mask_area_threshold is None else overlap_mask_area_threshold
-        fuse = set(self.stuff_labels if label_ids_to_fuse is None else (int(label) for label in label_ids_to_fuse))
+        threshold = self.object_mask_threshold if threshold is None else _check_fraction("threshold", threshold)
+        overlap = (
+            self.overlap_threshold
+            if overlap_mask_area_threshold is None
+            else _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
+        )
+        _check_fraction("mask_threshold", mask_threshold)
         target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        fuse = self._labels_to_fuse(label_ids_to_fuse, outputs.class_queries_logits, num_labels)
         results = []
         for index in range(len(target_sizes)):
             logits = outputs.class_queries_logits[index]
@@ -1231,6 +1323,31 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             )
             results.append({"segmentation": segmentation, "segments_info": segments})
         return results
+
+    def _labels_to_fuse(self, label_ids_to_fuse: Any, logits: torch.Tensor, num_labels: int | None) -> set[int]:
+        """The validated classes to fuse: `stuff_labels` by default, else exactly the given ones (as Mask2Former)."""
+        if label_ids_to_fuse is None:
+            return set(self.stuff_labels)
+        if isinstance(label_ids_to_fuse, (str, bytes)) or not isinstance(label_ids_to_fuse, Iterable):
+            raise TypeError(f"label_ids_to_fuse must be a set or list of class ids, got {label_ids_to_fuse!r}")
+        num_classes = logits.shape[-1] - int(self._classifier_kind(logits, num_labels))
+        fuse = set()
+        for label in label_ids_to_fuse:
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+                raise TypeError(f"label_ids_to_fuse must hold int class ids, got {label!r}")
+            if not 0 <= label < num_classes:
+                raise ValueError(
+                    f"label_ids_to_fuse holds {label}, which is not a class id: the model predicts classes "
+                    f"0..{num_classes - 1}"
+                )
+            fuse.add(int(label))
+        unfused = sorted(set(self.stuff_labels) - fuse)
+        if unfused:
+            logger.warning_once(
+                f"label_ids_to_fuse={sorted(fuse)} replaces the processor's stuff_labels: stuff classes {unfused} are "
+                "not fused (leave label_ids_to_fuse unset to fuse every stuff class)"
+            )
+        return fuse
 
     @staticmethod
     def _compute_segments(mask_probs, scores, labels, mask_threshold, overlap, fuse, size):
@@ -1283,8 +1400,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         self,
         outputs,
         target_sizes: Any = None,
-        image_sizes: Any = None,
         return_segmentation_scores: bool = False,
+        image_sizes: Any = None,
         num_labels: int | None = None,
     ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
@@ -1351,7 +1468,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         results = [{} for _ in range(outputs.class_queries_logits.shape[0])]
         if self.semantic_on:
             semantic = self.post_process_semantic_segmentation(
-                outputs, target_sizes, image_sizes, return_segmentation_scores=True, num_labels=num_labels
+                outputs, target_sizes, return_segmentation_scores=True, image_sizes=image_sizes, num_labels=num_labels
             )
             for result, item in zip(results, semantic, strict=True):
                 result["sem_seg"] = item.segmentation_scores
