@@ -50,6 +50,9 @@ logger = logging.get_logger(__name__)
 # detectron2 / Mask DINO defaults (RGB order, 0-255 scale).
 MASKDINO_PIXEL_MEAN = (123.675, 116.28, 103.53)
 MASKDINO_PIXEL_STD = (58.395, 57.12, 57.375)
+# Score threshold of the instances and detections shown to a user (`maskdino-hf predict`, the pipelines) when none is
+# given; the processor's own methods keep the official top-k (threshold 0), as the official evaluation does.
+DISPLAY_SCORE_THRESHOLD = 0.5
 # Channel counts an image array may have: grey, RGB, RGBA.
 _CHANNEL_COUNTS = (1, 3, 4)
 
@@ -139,6 +142,12 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
         if len(columns) and len(rows):
             boxes[index] = torch.tensor([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=torch.float32)
     return boxes
+
+
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Absolute xyxy boxes (N, 4) clipped to an image of `height` x `width` (a new tensor)."""
+    limits = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 def rgb_to_id(color: np.ndarray) -> np.ndarray:
@@ -1487,4 +1496,4 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         return results
 
 
-__all__ = ["MaskDINOImageProcessor", "get_resize_output_size"]
+__all__ = ["DISPLAY_SCORE_THRESHOLD", "MaskDINOImageProcessor", "clip_boxes", "get_resize_output_size"]
