@@ -144,6 +144,43 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+def _rle_counts(counts: Any, where: str) -> list[int]:
+    """Run lengths of a COCO RLE: a list of ints, or the compressed string (6-bit chunks from '0', the format
+    pycocotools writes), read here so that malformed counts are refused before pycocotools decodes them (it reads
+    past the runs it was given)."""
+    if isinstance(counts, list):
+        for count in counts:
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise ValueError(f"{where}: RLE counts must be non-negative ints, got {count!r}")
+        return [int(count) for count in counts]
+    if isinstance(counts, str):
+        counts = counts.encode()
+    if not isinstance(counts, bytes):
+        raise TypeError(f"{where}: RLE counts must be a list of ints or a compressed string, got {type(counts)}")
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                raise ValueError(f"{where}: compressed RLE counts {counts[:40]!r} end in the middle of a run")
+            chunk = counts[position] - 48
+            if not 0 <= chunk < 64:
+                raise ValueError(f"{where}: compressed RLE counts hold the invalid character {chr(counts[position])!r}")
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"{where}: compressed RLE counts decode to a negative run length {value}")
+        runs.append(value)
+    return runs
+
+
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Absolute xyxy boxes (N, 4) clipped to an image of `height` x `width` (a new tensor)."""
     limits = boxes.new_tensor([width, height, width, height])
@@ -869,7 +906,23 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         return targets
 
     @staticmethod
+    def _check_bbox(bbox: Any, where: str) -> None:
+        """A COCO `bbox` given with an object (boxes are recomputed from the masks) must still be sane."""
+        try:
+            values = np.asarray(bbox, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: bbox must be 4 numbers [x, y, width, height], got {bbox!r}") from None
+        if values.shape != (4,) or not np.isfinite(values).all() or values[2] < 0 or values[3] < 0:
+            raise ValueError(
+                f"{where}: bbox must be 4 finite numbers [x, y, width, height] with width, height >= 0, got {bbox!r}"
+            )
+
+    @staticmethod
     def _map_category(category_id: int, category_id_to_label: Mapping[int, int] | None, where: str) -> int:
+        if isinstance(category_id, (torch.Tensor, np.ndarray)) and category_id.ndim == 0:
+            category_id = category_id.item()
+        if isinstance(category_id, bool) or not isinstance(category_id, numbers.Integral):
+            raise TypeError(f"{where}: category_id must be an int, got {category_id!r}")
         category_id = int(category_id)
         if category_id_to_label is None:
             return category_id
@@ -889,20 +942,32 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
     def _instance_targets(self, item, height, width, new_height, new_width, category_id_to_label, where):
         masks, labels = [], []
-        for number, obj in enumerate(item["annotations"]):
+        objects = item["annotations"]
+        if not isinstance(objects, (list, tuple)):
+            raise TypeError(f"{where}: 'annotations' must be a list of object dicts, got {type(objects)}")
+        for number, obj in enumerate(objects):
+            what = f"{where}, object {number}"
+            if not isinstance(obj, Mapping):
+                raise TypeError(f"{what}: an instance annotation must be a dict, got {type(obj)}")
             if obj.get("iscrowd", 0):
                 continue
-            what = f"{where}, object {number}"
             if "segmentation" not in obj or "category_id" not in obj:
                 raise ValueError(f"{what}: an instance annotation needs 'segmentation' and 'category_id'")
+            if "bbox" in obj:
+                self._check_bbox(obj["bbox"], what)
             segmentation = obj["segmentation"]
             if isinstance(segmentation, list):
                 scale = np.array([new_width / width, new_height / height])
                 polygons = []
                 for polygon in segmentation:
-                    coords = np.asarray(polygon, dtype=np.float64).reshape(-1)
+                    try:
+                        coords = np.asarray(polygon, dtype=np.float64).reshape(-1)
+                    except (TypeError, ValueError):
+                        raise ValueError(f"{what}: a polygon must be a flat list of numbers, got {polygon!r}") from None
                     if coords.size < 6 or coords.size % 2:
                         raise ValueError(f"{what}: a polygon needs at least 3 (x, y) points, got {coords.size} values")
+                    if not np.isfinite(coords).all():
+                        raise ValueError(f"{what}: a polygon holds NaN or infinite coordinates: {polygon!r}")
                     polygons.append((coords.reshape(-1, 2) * scale).reshape(-1).tolist())
                 if not polygons:
                     raise ValueError(f"{what}: empty polygon list")
@@ -912,6 +977,13 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 rle_size = tuple(int(v) for v in segmentation.get("size", ()))
                 if rle_size != (height, width):
                     raise ValueError(f"{what}: RLE size {rle_size} does not match the image size {(height, width)}")
+                if "counts" not in segmentation:
+                    raise ValueError(f"{what}: an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
+                total = sum(_rle_counts(segmentation["counts"], what))
+                if total != height * width:
+                    raise ValueError(
+                        f"{what}: RLE counts sum to {total}, but a {height} x {width} mask has {height * width} pixels"
+                    )
                 if isinstance(segmentation["counts"], list):
                     rle = coco_mask.frPyObjects(dict(segmentation), height, width)
                 else:
@@ -924,6 +996,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     raise ValueError(
                         f"{what}: mask of shape {array.shape} does not match the image size {(height, width)}"
                     )
+                if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                    raise ValueError(f"{what}: the mask holds NaN or infinite values")
                 mask = _resize_nearest((array != 0).astype(np.uint8), new_height, new_width).astype(bool)
             masks.append(mask)
             labels.append(self._map_category(obj["category_id"], category_id_to_label, what))
@@ -951,9 +1025,24 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"{where}: panoptic_seg of size {ids.shape} does not match the image size {(height, width)}"
             )
+        segments = item["segments_info"]
+        if not isinstance(segments, (list, tuple)) or not all(isinstance(s, Mapping) for s in segments):
+            raise TypeError(f"{where}: segments_info must be a list of dicts, got {segments!r:.200}")
+        for segment in segments:
+            if "id" not in segment or "category_id" not in segment:
+                raise ValueError(f"{where}: every segments_info entry needs 'id' and 'category_id', got {segment}")
+        listed = [int(segment["id"]) for segment in segments]
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"{where}: segments_info lists a segment id twice: {sorted(listed)}")
+        missing = sorted(set(np.unique(ids).tolist()) - set(listed) - {0})
+        if missing:
+            raise ValueError(
+                f"{where}: panoptic_seg holds segment ids {missing[:10]} that are not in segments_info (0 is the only "
+                "unlabelled id)"
+            )
         ids = _resize_nearest(ids, new_height, new_width)
         masks, labels = [], []
-        for segment in item["segments_info"]:
+        for segment in segments:
             if segment.get("iscrowd", 0):
                 continue
             masks.append(ids == int(segment["id"]))
