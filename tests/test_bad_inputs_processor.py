@@ -119,6 +119,22 @@ def test_float_images_on_the_0_1_scale_with_do_rescale():
     )  # fmt: skip
 
 
+def test_transformers_rescale_convention_gives_the_same_pixels():
+    """`do_rescale=True, rescale_factor=1/255` with 0-1 mean / std (other processors' convention) is the same
+    normalisation as the official 0-255 one."""
+    image = rgb()
+    official = small_processor()
+    converted = small_processor(
+        do_rescale=True, rescale_factor=1 / 255, image_mean=[m / 255 for m in official.image_mean],
+        image_std=[s / 255 for s in official.image_std],
+    )  # fmt: skip
+    torch.testing.assert_close(converted(image)["pixel_values"], official(image)["pixel_values"], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\] .* after rescaling by rescale_factor=0.0039.*0\.\.3\.9"):
+        converted(np.linspace(0, 1000, 20 * 30 * 3, dtype=np.float32).reshape(20, 30, 3))
+    with pytest.raises(ValueError, match="look like the 0-1 scale .* do_rescale=True with rescale_factor=1/255"):
+        small_processor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
 def test_already_normalised_float_images_pass_with_do_normalize_false():
     normalised = np.random.default_rng(3).normal(size=(3, 32, 32)).astype(np.float32)
     encoded = MaskDINOImageProcessor(do_resize=False, do_normalize=False)(normalised)

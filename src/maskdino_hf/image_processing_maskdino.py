@@ -300,7 +300,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         do_pad (`bool`, defaults to `True`): pad the batch; without padding all resized images must share a size.
         do_convert_rgb (`bool`, defaults to `True`): convert grey and RGBA images to RGB (step 1).
         do_rescale (`bool`, defaults to `False`), rescale_factor (`float`, defaults to 255): multiply pixel values by
-            `rescale_factor` before normalisation (e.g. float images on the 0-1 scale).
+            `rescale_factor` before normalisation, e.g. float images on the 0-1 scale with the default factor, or the
+            Transformers convention `rescale_factor=1/255` with `image_mean` / `image_std` on the 0-1 scale (the
+            same normalisation).
         size_divisibility (`int`, defaults to 32): padded sizes are multiples of it.
         num_labels (`int`, *optional*): number of classes, see the class-logit rule below.
         ignore_index (`int`, defaults to 255): unlabelled value of semantic maps.
@@ -412,10 +414,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)}")
         if any(value == 0 for value in self.image_std):
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
-        if max(self.image_mean) <= 1.0 and max(self.image_std) <= 1.0:
+        if not self.do_rescale and max(self.image_mean) <= 1.0 and max(self.image_std) <= 1.0:
             raise ValueError(
                 "image_mean and image_std are on the 0-255 scale of the official MODEL.PIXEL_MEAN/PIXEL_STD (e.g. "
-                f"123.675 / 58.395); got {self.image_mean} / {self.image_std}, which look like the 0-1 scale"
+                f"123.675 / 58.395); got {self.image_mean} / {self.image_std}, which look like the 0-1 scale (for "
+                "that scale pass do_rescale=True with rescale_factor=1/255, as other Transformers processors do)"
             )
         if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
             raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor}")
@@ -532,12 +535,17 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _to_pixel_scale(
-        array: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool, where: str
+        array: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool, where: str, top: float = 255.0
     ) -> np.ndarray:
         """Pixel values on the 0-255 scale of `image_mean` / `image_std`: uint8, or float32 (rules in the class
-        docstring)."""
+        docstring). With `do_rescale` the values are only checked here: uint8 images stay uint8 (so that they are
+        resized as the official pipeline does) and the caller multiplies by `rescale_factor` after resizing; the
+        rescaled values must lie in [0, `top`], the scale of `image_mean` / `image_std` (255, or 1 for the 0-1 scale)."""
         if do_rescale:
-            array = array.astype(np.float32) * np.float32(rescale_factor)
+            if array.dtype == np.uint8 and rescale_factor * 255 <= top:
+                return np.ascontiguousarray(array)
+            array = array.astype(np.float32)
+            checked = array * np.float32(rescale_factor)
         elif array.dtype == np.uint8:
             return np.ascontiguousarray(array)
         elif array.dtype == np.uint16:
@@ -550,15 +558,17 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     f"got {array.min()}..{array.max()} with dtype {array.dtype}"
                 )
             return np.ascontiguousarray(array.astype(np.uint8))
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all():
+        else:
+            array = checked = array.astype(np.float32)
+        if not np.isfinite(checked).all():
             raise ValueError(f"{where}: the image holds NaN or infinite values")
         if do_normalize:
-            low, high = float(array.min()), float(array.max())
+            low, high = float(checked.min()), float(checked.max())
+            top = top if do_rescale else 255.0
             scale = f" after rescaling by rescale_factor={rescale_factor}" if do_rescale else ""
-            if low < 0.0 or high > 255.0:
+            if low < 0.0 or high > top:
                 raise ValueError(
-                    f"{where}: pixel values must be in [0, 255] (the scale of image_mean / image_std){scale}, got "
+                    f"{where}: pixel values must be in [0, {top:g}] (the scale of image_mean / image_std){scale}, got "
                     f"{low:g}..{high:g}; for an image that is already normalised pass do_normalize=False, for another "
                     "scale pass do_rescale=True with the factor that maps it onto 0..255"
                 )
@@ -762,12 +772,15 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 raise ValueError(f"image {index}: {error}") from None
         mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1)
+        top = 1.0 if max(image_mean) <= 1.0 and max(image_std) <= 1.0 else 255.0  # scale of image_mean / image_std
         tensors = []
         for index, (image, (height, width)) in enumerate(zip(raw_images, resized_sizes, strict=True)):
-            image = self._to_pixel_scale(image, do_rescale, rescale_factor, do_normalize, f"image {index}")
+            image = self._to_pixel_scale(image, do_rescale, rescale_factor, do_normalize, f"image {index}", top)
             if do_resize:
                 image = self._resize_image(image, height, width, resample)
             tensor = torch.from_numpy(np.ascontiguousarray(image))
+            if do_rescale:
+                tensor = tensor.float() * rescale_factor
             tensor = (tensor - mean) / std if do_normalize else tensor.float()
             tensors.append(tensor)
 
