@@ -204,6 +204,19 @@ def test_segmentation_defaults_return_what_predict_returns(models, name, subtask
         assert min(r["score"] for r in results) > 0.99
 
 
+def test_an_instance_model_defaults_to_instances(tmp_path_factory):
+    """A converted instance-only checkpoint: the pipeline's own subtask is instance, as predict's."""
+    model, processor = converted_model("instance_r50_mask2box")
+    folder = tmp_path_factory.mktemp("maskdino_instance")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image_path = FIXTURES / "instance_r50_mask2box" / "inputs" / "image0_original.png"
+    segmenter = pipeline("image-segmentation", model=str(folder))
+    report = predict_defaults(folder, image_path, None, tmp_path_factory)
+    assert report["task"] == "instance"
+    _assert_same_segments(segmenter(str(image_path)), report, segmenter.model.config.id2label, "instance")
+
+
 @pytest.mark.parametrize("name", ["demo", "fixture"])
 def test_object_detection_defaults_return_what_predict_returns(models, name, tmp_path_factory):
     folder, image_path, built = models[name]
