@@ -145,13 +145,14 @@ def test_already_normalised_float_images_pass_with_do_normalize_false():
 def test_grey_rgba_and_palette_images_are_converted_to_rgb(mode):
     image = rgb()
     grey = image[..., 0]
+    palette = Image.fromarray(image).convert("P")
     variants = {
         "grey_2d": (grey, np.repeat(grey[..., None], 3, -1)),
         "grey_pil": (Image.fromarray(grey), np.repeat(grey[..., None], 3, -1)),
         "rgba_array": (np.concatenate([image, np.full((20, 30, 1), 9, np.uint8)], -1), image),
         "rgba_pil": (Image.fromarray(np.concatenate([image, np.zeros((20, 30, 1), np.uint8)], -1), "RGBA"), image),
         "la_pil": (Image.fromarray(grey).convert("LA"), np.repeat(grey[..., None], 3, -1)),
-        "palette_pil": (Image.fromarray(image).convert("P"), np.asarray(Image.fromarray(image).convert("P").convert("RGB"))),
+        "palette_pil": (palette, np.asarray(palette.convert("RGB"))),
     }  # fmt: skip
     given, expected = variants[mode]
     processor = small_processor()

@@ -540,7 +540,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         """Pixel values on the 0-255 scale of `image_mean` / `image_std`: uint8, or float32 (rules in the class
         docstring). With `do_rescale` the values are only checked here: uint8 images stay uint8 (so that they are
         resized as the official pipeline does) and the caller multiplies by `rescale_factor` after resizing; the
-        rescaled values must lie in [0, `top`], the scale of `image_mean` / `image_std` (255, or 1 for the 0-1 scale)."""
+        rescaled values must lie in [0, `top`], the scale of `image_mean` / `image_std` (255, or 1 for 0-1)."""
         if do_rescale:
             if array.dtype == np.uint8 and rescale_factor * 255 <= top:
                 return np.ascontiguousarray(array)
@@ -751,7 +751,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         channels = {image.shape[0] for image in raw_images}
         if len(channels) > 1:
             raise ValueError(
-                f"with do_convert_rgb=False all images of a batch need the same number of channels, got {sorted(channels)}"
+                "with do_convert_rgb=False all images of a batch need the same number of channels, got "
+                f"{sorted(channels)}"
             )
         (num_channels,) = channels
         if do_normalize and len(image_mean) != num_channels:
