@@ -925,3 +925,30 @@ def test_instance_post_processing_with_no_kept_query_returns_empty_results():
         outputs, target_sizes=[(30, 30)], image_sizes=[(32, 32)], panoptic_on=True
     )[0]
     assert result["scores"].numel() == 0 and result["masks"].shape == (0, 30, 30)
+
+
+def test_target_sizes_of_other_preprocessing_resize_the_whole_prediction():
+    """Transformers' common post-processing test: outputs that this processor's settings did not produce (the
+    derived resized size does not fit the padded input) with any target size, as Mask2Former allows: the whole
+    prediction is resized to the target (with a warning), and a wrong number of target sizes raises."""
+    processor = MaskDINOImageProcessor(num_labels=3)  # official 800 / 1333 resize; the masks below are 8 x 8
+    generator = torch.Generator().manual_seed(0)
+    outputs = SimpleNamespace(
+        class_queries_logits=torch.randn(2, 5, 3, generator=generator),
+        masks_queries_logits=torch.randn(2, 5, 8, 8, generator=generator),
+        pred_boxes=torch.rand(2, 5, 4, generator=generator),
+    )
+    target_sizes = [(1, 4), (1, 4)]
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+    scores = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=target_sizes, return_segmentation_scores=True
+    )
+    for segmentation, result in zip(maps, scores, strict=True):
+        assert segmentation.shape == (1, 4) and torch.equal(result.segmentation, segmentation)
+        assert result.segmentation_scores.shape == (3, 1, 4)
+    whole = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes, image_sizes=[(32, 32)] * 2)
+    assert all(torch.equal(a, b) for a, b in zip(maps, whole, strict=True))
+    for method in (processor.post_process_instance_segmentation, processor.post_process_panoptic_segmentation):
+        assert method(outputs, target_sizes=target_sizes)[0]["segmentation"].shape == (1, 4)
+    with pytest.raises(ValueError):
+        processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes + [(1, 4)])

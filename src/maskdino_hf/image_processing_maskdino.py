@@ -1120,15 +1120,25 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                             "as (width, height): target_sizes are (height, width) pairs"
                         )
         elif target_sizes is not None:
-            image_sizes = [self.get_resized_size(h, w) for h, w in target_sizes]
+            image_sizes = [self._resized_size_or_none(size) for size in target_sizes]
             if batch_size == 1 and not self._fills(image_sizes[0], padded_size):
-                swapped = self.get_resized_size(*target_sizes[0][::-1])
+                swapped = self._resized_size_or_none(target_sizes[0][::-1])
                 if self._fills(swapped, padded_size):
                     raise ValueError(
                         f"target_sizes {target_sizes[0]} resizes to {image_sizes[0]}, which does not fill the padded "
                         f"input {padded_size}, but read as (width, height) it does: target_sizes are (height, width) "
                         "pairs"
                     )
+            for index, size in enumerate(image_sizes):
+                if size is None or size[0] > padded_size[0] or size[1] > padded_size[1]:
+                    # Outputs not preprocessed with this processor's settings: the whole prediction is resized
+                    # to the target size, as Mask2Former's post-processing does.
+                    logger.warning_once(
+                        f"target_sizes {target_sizes[index]} resizes to {size} with this processor's settings, which "
+                        f"does not fit the padded input {padded_size}: the whole padded prediction is resized to it. "
+                        "Pass image_sizes (see image_sizes_from_pixel_mask) to crop the padding."
+                    )
+                    image_sizes[index] = padded_size
         else:
             image_sizes = [padded_size] * batch_size
         for height, width in image_sizes:
@@ -1141,9 +1151,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             target_sizes = list(image_sizes)
         return target_sizes, image_sizes, padded_size
 
-    def _fills(self, image_size: tuple[int, int], padded_size: tuple[int, int]) -> bool:
+    def _resized_size_or_none(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        """This processor's resized size of an original `size`, `None` where the resize rule refuses it."""
+        try:
+            return self.get_resized_size(*size)
+        except ValueError:
+            return None
+
+    def _fills(self, image_size: tuple[int, int] | None, padded_size: tuple[int, int]) -> bool:
         """Whether `image_size` padded to `size_divisibility` gives `padded_size` (true of a batch's largest image)."""
-        return all(
+        return image_size is not None and all(
             _round_up(side, self.size_divisibility) == padded for side, padded in zip(image_size, padded_size)
         )
 
