@@ -325,6 +325,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     Class logits: with `num_labels` known (argument of the post-processing methods, else the processor's), logits of
     width `num_labels + 1` are a softmax classifier whose last logit is "no object" (`SEMANTIC_CE_LOSS` semantic
     models); width `num_labels` (or `num_labels` unknown) is the sigmoid (focal) classifier. Any other width raises.
+
+    Post-processing takes Mask2Former's arguments and returns its keys (`segmentation`, `segments_info`), with the
+    official inference as the default of every argument left `None`; thresholds outside [0, 1], a non-positive
+    `top_k`, unknown `label_ids_to_fuse` and malformed `target_sizes` (including (width, height) pairs recognisable
+    from the padded size) raise. `maskdino_hf.pipelines` gives Transformers' pipelines the same defaults.
     """
 
     valid_kwargs = MaskDINOImageProcessorKwargs
