@@ -186,6 +186,11 @@ def test_every_images_kwargs_keyword_is_accepted():
     assert processor(image, data_format="channels_last")["pixel_values"].shape == (1, 32, 64, 3)
     assert processor(image, pad_size={"height": 40, "width": 70})["pixel_values"].shape == (1, 3, 40, 70)
     assert MaskDINOImageProcessor.from_dict({}, do_convert_rgb=False).do_convert_rgb is False
+    # every keyword of the kwargs class, restating the processor's own settings
+    settings = {name: getattr(processor, name) for name in MaskDINOImageProcessor.valid_kwargs.__annotations__
+                if hasattr(processor, name)}  # fmt: skip
+    settings.update(return_tensors="pt", data_format="channels_first", input_data_format="channels_last")
+    torch.testing.assert_close(processor(image, **settings)["pixel_values"], reference, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ annotations

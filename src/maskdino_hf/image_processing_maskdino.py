@@ -334,6 +334,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
     valid_kwargs = MaskDINOImageProcessorKwargs
     model_input_names = ["pixel_values", "pixel_mask"]
+    default_to_square = False  # an int size is the shortest edge
 
     def __init__(
         self,
@@ -452,6 +453,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             Image.HAMMING,
         ):
             raise ValueError(f"resample must be a PIL resampling filter, got {self.resample}")
+
+    @staticmethod
+    def _standardized_setting(name: str, value: Any) -> Any:
+        """A post-processing setting as the constructor stores it (`stuff_labels` sorted ints)."""
+        return sorted(int(label) for label in value) if name == "stuff_labels" else value
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -706,14 +712,21 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             rasterised); boxes are the tight boxes of the resized masks (detectron2 `BitMasks` convention, x1 + 1);
             objects whose mask is empty after resizing are dropped.
         """
-        if kwargs:
-            settings = sorted(set(kwargs) & set(self.valid_kwargs.__annotations__))
-            if settings:
-                raise TypeError(
-                    f"{settings} are post-processing settings of MaskDINOImageProcessor, which preprocess does not "
-                    "use: set them on the processor (constructor or from_pretrained) or pass them to post_process_*"
-                )
-            raise TypeError(f"preprocess got unexpected arguments {sorted(kwargs)}")
+        unknown = sorted(set(kwargs) - set(self.valid_kwargs.__annotations__))
+        if unknown:
+            raise TypeError(f"preprocess got unexpected arguments {unknown}")
+        # The post-processing settings of the kwargs class: accepted when they restate the processor's own value
+        # (or are None), since preprocessing does not depend on them; another value would be silently unused.
+        different = sorted(
+            name
+            for name, value in kwargs.items()
+            if value is not None and self._standardized_setting(name, value) != getattr(self, name)
+        )
+        if different:
+            raise TypeError(
+                f"{different} are post-processing settings of MaskDINOImageProcessor, which preprocess does not use: "
+                "set them on the processor (constructor or from_pretrained) or pass them to post_process_*"
+            )
         if do_center_crop:
             raise ValueError(
                 "do_center_crop=True is not supported: Mask DINO resizes by the shortest edge and never crops "
