@@ -321,25 +321,43 @@ def test_instance_pipeline_fields_and_threshold():
     result = processor.post_process_instance_segmentation(official_outputs(name), **sizes(name))[0]
     segmentation = result["segmentation"]
     assert segmentation.shape == tuple(sizes(name)["target_sizes"][0])
-    visible = sorted(set(segmentation.unique().tolist()) - {-1})
-    assert [segment["id"] for segment in result["segments_info"]] == visible
-    for segment in result["segments_info"]:
-        assert segment["label_id"] == int(result["labels"][segment["id"]])
+    # Mask2Former's segments_info: every instance with a non-empty mask, ids 0, 1, ... in score order
+    non_empty = result["masks"].flatten(1).any(1)
+    assert 0 < int(non_empty.sum()) and len(result["segments_info"]) == int(non_empty.sum())
+    assert [segment["id"] for segment in result["segments_info"]] == list(range(int(non_empty.sum())))
+    assert [segment["label_id"] for segment in result["segments_info"]] == result["labels"][non_empty].tolist()
+    assert [segment["score"] for segment in result["segments_info"]] == result["scores"][non_empty].tolist()
+    assert all(segment["was_fused"] is False for segment in result["segments_info"])
     # every labelled pixel belongs to the highest-scoring instance covering it
     covered = result["masks"].any(0)
     assert torch.equal(segmentation >= 0, covered)
-    first_owner = result["masks"].float().argmax(0)
+    first_owner = result["masks"][non_empty].float().argmax(0)
     assert torch.equal(segmentation[covered], first_owner[covered])
+    # return_binary_maps: the segments' own masks, indexed by id (overlaps kept)
+    binary = processor.post_process_instance_segmentation(
+        official_outputs(name), return_binary_maps=True, **sizes(name)
+    )[0]
+    assert torch.equal(binary["segmentation"], result["masks"][non_empty])
+    assert binary["segments_info"] == result["segments_info"]
 
     threshold = float(result["scores"][10])
     kept = processor.post_process_instance_segmentation(official_outputs(name), threshold=threshold, **sizes(name))[0]
     assert len(kept["scores"]) == int((result["scores"] >= threshold).sum()) == 11
     torch.testing.assert_close(kept["boxes"], result["boxes"][:11])
 
-    rle = processor.post_process_instance_segmentation(
+    coco = processor.post_process_instance_segmentation(
         official_outputs(name), return_coco_annotation=True, **sizes(name)
-    )[0]["rle_masks"]
-    assert np.array_equal(coco_mask.decode(rle[0]).astype(bool), result["masks"][0].numpy())
+    )[0]
+    assert np.array_equal(coco_mask.decode(coco["rle_masks"][0]).astype(bool), result["masks"][0].numpy())
+    # Mask2Former's format: one run-length encoding per value of the segment map (-1 first), column-major runs
+    values = segmentation.unique().tolist()
+    assert len(coco["segmentation"]) == len(values)
+    for value, runs in zip(values, coco["segmentation"], strict=True):
+        assert sum(runs[1::2]) == int((segmentation == value).sum())
+    with pytest.raises(ValueError, match="cannot both be True"):
+        processor.post_process_instance_segmentation(
+            official_outputs(name), return_coco_annotation=True, return_binary_maps=True, **sizes(name)
+        )
 
 
 def test_object_detection_uses_the_instance_topk_without_mask_rescoring():
@@ -561,9 +579,11 @@ def test_pipeline_style_calls_work_without_image_sizes():
             outputs, threshold=0.5, mask_threshold=0.5, overlap_mask_area_threshold=0.5, target_sizes=target_sizes
         )[0]
         assert result["segmentation"].shape == tuple(target_sizes[0])
+        assert result["segments_info"]
         for segment in result["segments_info"]:
-            assert (result["segmentation"] == segment["id"]).any()
             assert isinstance(segment["label_id"], int) and isinstance(segment["score"], float)
+        if method == processor.post_process_panoptic_segmentation:
+            assert all((result["segmentation"] == segment["id"]).any() for segment in result["segments_info"])
     semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)[0]
     assert semantic.shape == tuple(target_sizes[0]) and semantic.dtype == torch.int64
 
@@ -905,3 +925,30 @@ def test_instance_post_processing_with_no_kept_query_returns_empty_results():
         outputs, target_sizes=[(30, 30)], image_sizes=[(32, 32)], panoptic_on=True
     )[0]
     assert result["scores"].numel() == 0 and result["masks"].shape == (0, 30, 30)
+
+
+def test_target_sizes_of_other_preprocessing_resize_the_whole_prediction():
+    """Transformers' common post-processing test: outputs that this processor's settings did not produce (the
+    derived resized size does not fit the padded input) with any target size, as Mask2Former allows: the whole
+    prediction is resized to the target (with a warning), and a wrong number of target sizes raises."""
+    processor = MaskDINOImageProcessor(num_labels=3)  # official 800 / 1333 resize; the masks below are 8 x 8
+    generator = torch.Generator().manual_seed(0)
+    outputs = SimpleNamespace(
+        class_queries_logits=torch.randn(2, 5, 3, generator=generator),
+        masks_queries_logits=torch.randn(2, 5, 8, 8, generator=generator),
+        pred_boxes=torch.rand(2, 5, 4, generator=generator),
+    )
+    target_sizes = [(1, 4), (1, 4)]
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+    scores = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=target_sizes, return_segmentation_scores=True
+    )
+    for segmentation, result in zip(maps, scores, strict=True):
+        assert segmentation.shape == (1, 4) and torch.equal(result.segmentation, segmentation)
+        assert result.segmentation_scores.shape == (3, 1, 4)
+    whole = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes, image_sizes=[(32, 32)] * 2)
+    assert all(torch.equal(a, b) for a, b in zip(maps, whole, strict=True))
+    for method in (processor.post_process_instance_segmentation, processor.post_process_panoptic_segmentation):
+        assert method(outputs, target_sizes=target_sizes)[0]["segmentation"].shape == (1, 4)
+    with pytest.raises(ValueError):
+        processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes + [(1, 4)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
         assert "Not pushing" in text
     else:
         assert "instances" in text and "panoptic segments" in text
+        for subtask in ("default", "panoptic", "instance", "semantic"):
+            assert f"pipeline {subtask}:" in text
+        assert "pipeline object-detection:" in text
+        # every displayed result is non-empty: no empty list, no zero count
+        assert "[]" not in text, text
+        counts = re.findall(r"(\d+) (instances|boxes|panoptic segments|segments)\b", text)
+        assert len(counts) >= 7 and all(int(count) > 0 for count, _ in counts), counts
     figures = sum(
         1
         for cell in notebook.cells

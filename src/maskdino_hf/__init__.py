@@ -50,6 +50,16 @@ def _register() -> None:
         modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES,
     ):
         names.setdefault(MaskDINOConfig.model_type, MaskDINOForUniversalSegmentation.__name__)
+    # The two tasks build Mask DINO's pipeline subclasses (official post-processing defaults, see `pipelines.py`),
+    # which hand any other model to the stock Transformers pipeline. By dotted path: imported on first use.
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    for task, name in (
+        ("image-segmentation", "MaskDINOImageSegmentationPipeline"),
+        ("object-detection", "MaskDINOObjectDetectionPipeline"),
+    ):
+        entry = PIPELINE_REGISTRY.supported_tasks[task]
+        PIPELINE_REGISTRY.supported_tasks[task] = {**entry, "impl": f"{__name__}.pipelines.{name}"}
 
 
 _register()

@@ -19,6 +19,7 @@ everything around the network:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -49,6 +50,9 @@ logger = logging.get_logger(__name__)
 # detectron2 / Mask DINO defaults (RGB order, 0-255 scale).
 MASKDINO_PIXEL_MEAN = (123.675, 116.28, 103.53)
 MASKDINO_PIXEL_STD = (58.395, 57.12, 57.375)
+# Score threshold of the instances and detections shown to a user (`maskdino-hf predict`, the pipelines) when none is
+# given; the processor's own methods keep the official top-k (threshold 0), as the official evaluation does.
+DISPLAY_SCORE_THRESHOLD = 0.5
 # Channel counts an image array may have: grey, RGB, RGBA.
 _CHANNEL_COUNTS = (1, 3, 4)
 
@@ -104,7 +108,14 @@ def get_resize_output_size(
     if longest_edge is not None and max(new_height, new_width) > longest_edge:
         shrink = float(longest_edge) / max(new_height, new_width)
         new_height, new_width = new_height * shrink, new_width * shrink
-    return int(new_height + 0.5), int(new_width + 0.5)
+    resized = int(new_height + 0.5), int(new_width + 0.5)
+    if min(resized) < 1:
+        raise ValueError(
+            f"an image of (height, width) = ({height}, {width}) resizes to {resized} with shortest_edge="
+            f"{shortest_edge} and longest_edge={longest_edge}: its aspect ratio is too extreme (a side under one "
+            "pixel); crop or pad it first"
+        )
+    return resized
 
 
 def _round_up(value: int, divisor: int) -> int:
@@ -133,6 +144,49 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+def _rle_counts(counts: Any, where: str) -> list[int]:
+    """Run lengths of a COCO RLE: a list of ints, or the compressed string (6-bit chunks from '0', the format
+    pycocotools writes), read here so that malformed counts are refused before pycocotools decodes them (it reads
+    past the runs it was given)."""
+    if isinstance(counts, list):
+        for count in counts:
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise ValueError(f"{where}: RLE counts must be non-negative ints, got {count!r}")
+        return [int(count) for count in counts]
+    if isinstance(counts, str):
+        counts = counts.encode()
+    if not isinstance(counts, bytes):
+        raise TypeError(f"{where}: RLE counts must be a list of ints or a compressed string, got {type(counts)}")
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                raise ValueError(f"{where}: compressed RLE counts {counts[:40]!r} end in the middle of a run")
+            chunk = counts[position] - 48
+            if not 0 <= chunk < 64:
+                raise ValueError(f"{where}: compressed RLE counts hold the invalid character {chr(counts[position])!r}")
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"{where}: compressed RLE counts decode to a negative run length {value}")
+        runs.append(value)
+    return runs
+
+
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Absolute xyxy boxes (N, 4) clipped to an image of `height` x `width` (a new tensor)."""
+    limits = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), limits)
+
+
 def rgb_to_id(color: np.ndarray) -> np.ndarray:
     """COCO panoptic PNG colour to segment id: id = R + 256 G + 256^2 B."""
     color = color.astype(np.int64)
@@ -140,7 +194,10 @@ def rgb_to_id(color: np.ndarray) -> np.ndarray:
 
 
 def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
+    """(height, width) pairs from a list of pairs or a (batch, 2) tensor / array, refusing anything else."""
     if isinstance(sizes, (torch.Tensor, np.ndarray)):
+        if sizes.ndim != 2 or sizes.shape[1] != 2:
+            raise ValueError(f"{name} must be a (batch, 2) tensor of (height, width), got shape {tuple(sizes.shape)}")
         sizes = sizes.tolist()
     if not isinstance(sizes, Sequence) or isinstance(sizes, str):
         raise TypeError(f"{name} must be a list of (height, width) pairs or a (batch, 2) tensor, got {type(sizes)}")
@@ -148,13 +205,46 @@ def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
     for size in sizes:
         if isinstance(size, (torch.Tensor, np.ndarray)):
             size = size.tolist()
-        if not isinstance(size, Sequence) or len(size) != 2:
+        if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2:
             raise ValueError(f"every entry of {name} must be a (height, width) pair, got {size!r}")
+        for value in size:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must hold integer (height, width) pairs, got {size!r}")
+            if not (math.isfinite(value) and float(value).is_integer()):
+                raise ValueError(f"{name} must hold integer (height, width) pairs, got {size!r}")
         height, width = int(size[0]), int(size[1])
         if height <= 0 or width <= 0:
             raise ValueError(f"{name} must hold positive sizes, got {size!r}")
         pairs.append((height, width))
     return pairs
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    """A threshold in [0, 1] as a float, or a clear error."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_top_k(top_k: Any) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k must be a positive int (or None for test_topk_per_image), got {top_k!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be a positive int (or None for test_topk_per_image), got {top_k}")
+    return int(top_k)
+
+
+def _same_aspect(size: tuple[int, int], resized: tuple[int, int]) -> bool:
+    """Whether `resized` can be `size` scaled by one factor with each side rounded (|h' w - w' h| <= (h + w) / 2)."""
+    (height, width), (new_height, new_width) = size, resized
+    slack = 0.5 * (height + width) + 0.5 * (new_height + new_width) + 1
+    return abs(new_height * width - new_width * height) <= slack
 
 
 # Queries whose full-size maps are materialised at once in panoptic and semantic post-processing (memory bound).
@@ -182,14 +272,21 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
     Preprocessing (`preprocess` / `__call__`), in this order:
 
-    1. convert each image to RGB: a grey image (2-D, one channel, PIL `L`) is repeated three times, a fourth (alpha)
-       channel is dropped, other PIL modes go through PIL's `convert("RGB")`; anything else (1-D or 5-D arrays,
-       2 or 5 channels, non-image types, an empty list) raises;
-    2. resize so that the short side is `size["shortest_edge"]` unless the long side would exceed
+    1. convert each image to RGB (`do_convert_rgb`, the default): a grey image (2-D, one channel, PIL `L`) is
+       repeated three times, a fourth (alpha) channel is dropped, other PIL modes go through PIL's `convert("RGB")`;
+       anything else (1-D or 5-D arrays, 2 or 5 channels, non-image types, an empty list) raises;
+    2. bring the values to the 0-255 scale: uint8 as is; **16-bit images** (uint16 arrays, PIL modes `I;16` and
+       `I`) are scaled by their dtype range (x * 255 / 65535); other integer arrays must hold 0..255; float images
+       are read on the 0-255 scale and must be finite and within [0, 255] — a float image in [0, 1] or an already
+       normalised one raises (pass `do_rescale=True` with `rescale_factor`, default 255, or `do_normalize=False`);
+       with `do_rescale` the values are multiplied by `rescale_factor` instead of the dtype rule;
+    3. resize so that the short side is `size["shortest_edge"]` unless the long side would exceed
        `size["longest_edge"]` ([`get_resize_output_size`], detectron2 `ResizeShortestEdge`), with PIL bilinear on
-       uint8 images (float images, taken on the 0-255 scale, are resized per channel in PIL mode `F`);
-    3. normalise `(x - image_mean) / image_std` on the 0-255 scale;
-    4. zero-pad bottom/right to the largest image of the batch, rounded up to `size_divisibility`.
+       uint8 images (other images are resized per channel in PIL mode `F`, without rounding); an image whose aspect
+       ratio would make a side shorter than one pixel (e.g. 1 x 5000) raises, naming its size;
+    4. normalise `(x - image_mean) / image_std` on the 0-255 scale;
+    5. zero-pad bottom/right to the largest image of the batch, rounded up to `size_divisibility` (or to
+       `pad_size`).
 
     Returns `pixel_values` (batch, 3, H_pad, W_pad) float32 and `pixel_mask` (batch, H_pad, W_pad) int64, 1 on real
     pixels. The resized size of image i is `pixel_mask[i]`'s extent (see [`image_sizes_from_pixel_mask`]).
@@ -201,6 +298,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to `PIL.Image.BILINEAR`): PIL filter for images (masks always use nearest).
         do_normalize (`bool`, defaults to `True`), image_mean / image_std (3 floats, 0-255 scale, RGB order).
         do_pad (`bool`, defaults to `True`): pad the batch; without padding all resized images must share a size.
+        do_convert_rgb (`bool`, defaults to `True`): convert grey and RGBA images to RGB (step 1).
+        do_rescale (`bool`, defaults to `False`), rescale_factor (`float`, defaults to 255): multiply pixel values by
+            `rescale_factor` before normalisation, e.g. float images on the 0-1 scale with the default factor, or the
+            Transformers convention `rescale_factor=1/255` with `image_mean` / `image_std` on the 0-1 scale (the
+            same normalisation).
         size_divisibility (`int`, defaults to 32): padded sizes are multiples of it.
         num_labels (`int`, *optional*): number of classes, see the class-logit rule below.
         ignore_index (`int`, defaults to 255): unlabelled value of semantic maps.
@@ -223,10 +325,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     Class logits: with `num_labels` known (argument of the post-processing methods, else the processor's), logits of
     width `num_labels + 1` are a softmax classifier whose last logit is "no object" (`SEMANTIC_CE_LOSS` semantic
     models); width `num_labels` (or `num_labels` unknown) is the sigmoid (focal) classifier. Any other width raises.
+
+    Post-processing takes Mask2Former's arguments and returns its keys (`segmentation`, `segments_info`), with the
+    official inference as the default of every argument left `None`; thresholds outside [0, 1], a non-positive
+    `top_k`, unknown `label_ids_to_fuse` and malformed `target_sizes` (including (width, height) pairs recognisable
+    from the padded size) raise. `maskdino_hf.pipelines` gives Transformers' pipelines the same defaults.
     """
 
     valid_kwargs = MaskDINOImageProcessorKwargs
     model_input_names = ["pixel_values", "pixel_mask"]
+    default_to_square = False  # an int size is the shortest edge
 
     def __init__(
         self,
@@ -252,10 +360,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         instance_on: bool = True,
         panoptic_on: bool = False,
         semantic_on: bool = False,
+        do_convert_rgb: bool = True,
+        do_rescale: bool = False,
+        rescale_factor: float = 255.0,
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
+        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
         self.do_resize = do_resize
         self.size = self._standardize_size(size)
         self.resample = int(resample)
@@ -306,11 +420,14 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)}")
         if any(value == 0 for value in self.image_std):
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
-        if max(self.image_mean) <= 1.0 and max(self.image_std) <= 1.0:
+        if not self.do_rescale and max(self.image_mean) <= 1.0 and max(self.image_std) <= 1.0:
             raise ValueError(
                 "image_mean and image_std are on the 0-255 scale of the official MODEL.PIXEL_MEAN/PIXEL_STD (e.g. "
-                f"123.675 / 58.395); got {self.image_mean} / {self.image_std}, which look like the 0-1 scale"
+                f"123.675 / 58.395); got {self.image_mean} / {self.image_std}, which look like the 0-1 scale (for "
+                "that scale pass do_rescale=True with rescale_factor=1/255, as other Transformers processors do)"
             )
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor}")
         if self.size_divisibility < 0:
             raise ValueError(f"size_divisibility must be >= 0, got {self.size_divisibility}")
         if self.num_labels is not None and self.num_labels <= 0:
@@ -337,6 +454,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         ):
             raise ValueError(f"resample must be a PIL resampling filter, got {self.resample}")
 
+    @staticmethod
+    def _standardized_setting(name: str, value: Any) -> Any:
+        """A post-processing setting as the constructor stores it (`stuff_labels` sorted ints)."""
+        return sorted(int(label) for label in value) if name == "stuff_labels" else value
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["size"] = dict(self.size)
@@ -345,13 +467,27 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ images
 
     @staticmethod
-    def _image_to_chw(image: Any, input_data_format: str | None) -> np.ndarray:
-        """One image as a (3, H, W) uint8 or float32 array (rules in the class docstring)."""
+    def _image_to_array(image: Any, input_data_format: str | None, do_convert_rgb: bool, where: str) -> np.ndarray:
+        """One image as a (channels, H, W) array of its own dtype (16-bit PIL images as uint16); see the class
+        docstring for the channel rules."""
         if isinstance(image, Image.Image):
-            if image.mode in ("L", "LA"):
+            if image.mode.startswith("I;16"):
+                array = np.asarray(image).astype(np.uint16)
+            elif image.mode == "I":
+                # 32-bit integer mode, which is how PIL may open 16-bit PNGs: read as 16-bit
+                array = np.asarray(image)
+                if array.size and (array.min() < 0 or array.max() > 65535):
+                    raise ValueError(
+                        f"{where}: a PIL mode 'I' image is read as 16-bit (0..65535), got values "
+                        f"{array.min()}..{array.max()}"
+                    )
+                array = array.astype(np.uint16)
+            elif image.mode == "F":
+                array = np.asarray(image)
+            elif image.mode in ("L", "LA"):
                 array = np.asarray(image.convert("L"))
             elif image.mode == "RGBA":
-                array = np.asarray(image)[..., :3]
+                array = np.asarray(image)
             else:
                 array = np.asarray(image.convert("RGB"))
             input_data_format = "channels_last"
@@ -368,7 +504,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if array.dtype == np.bool_ or not (
             np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
         ):
-            raise TypeError(f"image arrays must have an integer or floating dtype, got {array.dtype}")
+            raise TypeError(f"{where}: image arrays must have an integer or floating dtype, got {array.dtype}")
         if array.ndim == 2:
             array = array[None]
         elif array.ndim == 3:
@@ -376,10 +512,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 first, last = array.shape[0] in _CHANNEL_COUNTS, array.shape[-1] in _CHANNEL_COUNTS
                 if not (first or last):
                     raise ValueError(
-                        f"cannot find the channel axis of an image of shape {tuple(array.shape)}: the first or last "
-                        f"axis must have 1 (grey), 3 (RGB) or 4 (RGBA) channels"
+                        f"{where}: cannot find the channel axis of an image of shape {tuple(array.shape)}: the first "
+                        "or last axis must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, or pass input_data_format"
                     )
                 input_data_format = "channels_first" if first else "channels_last"
+            input_data_format = getattr(input_data_format, "value", input_data_format)  # a ChannelDimension
             if input_data_format in ("channels_last", "last"):
                 array = np.moveaxis(array, -1, 0)
             elif input_data_format not in ("channels_first", "first"):
@@ -388,35 +525,73 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 )
         else:
             raise ValueError(
-                f"an image must have 2 (H, W) or 3 (channels, H, W / H, W, channels) dimensions, got shape "
+                f"{where}: an image must have 2 (H, W) or 3 (channels, H, W / H, W, channels) dimensions, got shape "
                 f"{tuple(array.shape)}"
             )
+        if array.shape[1] == 0 or array.shape[2] == 0:
+            raise ValueError(f"{where}: an image must not be empty, got shape {tuple(array.shape)}")
 
         channels = array.shape[0]
-        if channels == 1:
-            array = np.repeat(array, 3, axis=0)
-        elif channels == 4:
-            array = array[:3]
-        elif channels != 3:
-            raise ValueError(f"an image must have 1, 3 or 4 channels, got {channels} (shape {tuple(array.shape)})")
-        if array.shape[1] == 0 or array.shape[2] == 0:
-            raise ValueError(f"an image must not be empty, got shape {tuple(array.shape)}")
+        if do_convert_rgb:
+            if channels == 1:
+                array = np.repeat(array, 3, axis=0)
+            elif channels == 4:
+                array = array[:3]
+            elif channels != 3:
+                raise ValueError(
+                    f"{where}: an image must have 1, 3 or 4 channels, got {channels} (grey, RGB or RGBA; shape "
+                    f"{tuple(array.shape)})"
+                )
+        return array
 
-        if array.dtype == np.uint8:
+    @staticmethod
+    def _to_pixel_scale(
+        array: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool, where: str, top: float = 255.0
+    ) -> np.ndarray:
+        """Pixel values on the 0-255 scale of `image_mean` / `image_std`: uint8, or float32 (rules in the class
+        docstring). With `do_rescale` the values are only checked here: uint8 images stay uint8 (so that they are
+        resized as the official pipeline does) and the caller multiplies by `rescale_factor` after resizing; the
+        rescaled values must lie in [0, `top`], the scale of `image_mean` / `image_std` (255, or 1 for 0-1)."""
+        if do_rescale:
+            if array.dtype == np.uint8 and rescale_factor * 255 <= top:
+                return np.ascontiguousarray(array)
+            array = array.astype(np.float32)
+            checked = array * np.float32(rescale_factor)
+        elif array.dtype == np.uint8:
             return np.ascontiguousarray(array)
-        if np.issubdtype(array.dtype, np.integer):
+        elif array.dtype == np.uint16:
+            # 16-bit images (PNG modes I;16 / I): the dtype range 0..65535 mapped onto 0..255
+            return np.ascontiguousarray(array.astype(np.float32) * np.float32(255.0 / 65535.0))
+        elif np.issubdtype(array.dtype, np.integer):
             if array.min() < 0 or array.max() > 255:
-                raise ValueError(f"integer images must hold values in 0..255, got {array.min()}..{array.max()}")
+                raise ValueError(
+                    f"{where}: integer images must hold values in 0..255 (uint16 images are scaled from 0..65535), "
+                    f"got {array.min()}..{array.max()} with dtype {array.dtype}"
+                )
             return np.ascontiguousarray(array.astype(np.uint8))
-        array = array.astype(np.float32)
-        if array.size and array.max() <= 1.0:
-            logger.warning_once(
-                "A float image has all values <= 1; MaskDINOImageProcessor expects the 0-255 scale "
-                "(image_mean/image_std are on that scale)."
-            )
+        else:
+            array = checked = array.astype(np.float32)
+        if not np.isfinite(checked).all():
+            raise ValueError(f"{where}: the image holds NaN or infinite values")
+        if do_normalize:
+            low, high = float(checked.min()), float(checked.max())
+            top = top if do_rescale else 255.0
+            scale = f" after rescaling by rescale_factor={rescale_factor}" if do_rescale else ""
+            if low < 0.0 or high > top:
+                raise ValueError(
+                    f"{where}: pixel values must be in [0, {top:g}] (the scale of image_mean / image_std){scale}, got "
+                    f"{low:g}..{high:g}; for an image that is already normalised pass do_normalize=False, for another "
+                    "scale pass do_rescale=True with the factor that maps it onto 0..255"
+                )
+            if not do_rescale and 0.0 < high <= 1.0:
+                raise ValueError(
+                    f"{where}: a float image with values in [0, 1] ({low:g}..{high:g}) looks like the 0-1 scale, but "
+                    "images are read on the 0-255 scale: pass do_rescale=True (rescale_factor=255) or multiply it "
+                    "by 255"
+                )
         return np.ascontiguousarray(array)
 
-    def _images_to_list(self, images: Any, input_data_format: str | None) -> list[np.ndarray]:
+    def _images_to_list(self, images: Any, input_data_format: str | None, do_convert_rgb: bool) -> list[np.ndarray]:
         if isinstance(images, (list, tuple)):
             if len(images) == 0:
                 raise ValueError("images is an empty list: pass at least one image")
@@ -430,14 +605,18 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         for item in items:
             if isinstance(item, (list, tuple)):
                 raise TypeError("images must be an image or a flat list of images, got a nested list")
-        return [self._image_to_chw(item, input_data_format) for item in items]
+        return [
+            self._image_to_array(item, input_data_format, do_convert_rgb, f"image {index}")
+            for index, item in enumerate(items)
+        ]
 
     def _resize_image(self, image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
         if image.shape[1:] == (height, width):
             return image
-        if image.dtype == np.uint8:
+        if image.dtype == np.uint8 and image.shape[0] == 3:
             resized = Image.fromarray(np.moveaxis(image, 0, -1)).resize((width, height), resample)
             return np.ascontiguousarray(np.moveaxis(np.asarray(resized), -1, 0))
+        # float images (PIL mode F) and other channel counts (do_convert_rgb=False): one channel at a time
         channels = [np.asarray(Image.fromarray(channel).resize((width, height), resample)) for channel in image]
         return np.stack(channels)
 
@@ -478,6 +657,17 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         do_reduce_labels: bool | None = None,
         input_data_format: str | None = None,
         return_tensors: str | None = "pt",
+        do_convert_rgb: bool | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        pad_size: dict[str, int] | int | None = None,
+        data_format: str | None = None,
+        device: str | torch.device | None = None,
+        do_center_crop: bool | None = None,
+        crop_size: Any = None,
+        default_to_square: bool | None = None,
+        disable_grouping: bool | None = None,
+        image_seq_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -499,6 +689,19 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             num_labels: classes allowed in annotations (else the processor's `num_labels`; unchecked if neither).
             input_data_format: `"channels_first"` or `"channels_last"` for arrays whose channel axis is ambiguous.
             return_tensors: `"pt"` (default) or `"np"` for `pixel_values` and `pixel_mask`.
+            do_convert_rgb: convert grey and RGBA images to RGB (default `True`); with `False` images keep their
+                channel count, which must then be the same for the batch and match `image_mean` / `image_std`.
+            do_rescale / rescale_factor: multiply the pixel values by `rescale_factor` (default 255: images on the
+                0-1 scale) before normalisation, which works on the 0-255 scale.
+            pad_size: pad to this `{"height": int, "width": int}` (or square int) instead of the batch maximum
+                rounded up to `size_divisibility`.
+            data_format: `"channels_first"` (default) or `"channels_last"` layout of `pixel_values`.
+            device: device of the returned tensors (`return_tensors="pt"`).
+            do_center_crop / crop_size / default_to_square: Transformers keywords of other resize rules; Mask DINO
+                resizes by the shortest edge and never crops, so `do_center_crop=True` and `default_to_square=True`
+                raise, and `crop_size` is only accepted without `do_center_crop`.
+            disable_grouping / image_seq_length: keywords of the torchvision backend and of image-token models;
+                nothing here depends on them (`image_seq_length` must be `None`).
             The other arguments override the processor's attributes for this call.
 
         Returns:
@@ -509,8 +712,33 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             rasterised); boxes are the tight boxes of the resized masks (detectron2 `BitMasks` convention, x1 + 1);
             objects whose mask is empty after resizing are dropped.
         """
-        if kwargs:
-            raise TypeError(f"preprocess got unexpected arguments {sorted(kwargs)}")
+        unknown = sorted(set(kwargs) - set(self.valid_kwargs.__annotations__))
+        if unknown:
+            raise TypeError(f"preprocess got unexpected arguments {unknown}")
+        # The post-processing settings of the kwargs class: accepted when they restate the processor's own value
+        # (or are None), since preprocessing does not depend on them; another value would be silently unused.
+        different = sorted(
+            name
+            for name, value in kwargs.items()
+            if value is not None and self._standardized_setting(name, value) != getattr(self, name)
+        )
+        if different:
+            raise TypeError(
+                f"{different} are post-processing settings of MaskDINOImageProcessor, which preprocess does not use: "
+                "set them on the processor (constructor or from_pretrained) or pass them to post_process_*"
+            )
+        if do_center_crop:
+            raise ValueError(
+                "do_center_crop=True is not supported: Mask DINO resizes by the shortest edge and never crops "
+                "(predictions are read back through the padding)"
+            )
+        if default_to_square:
+            raise ValueError(
+                "default_to_square=True is not supported: an int size is the shortest edge (size={'shortest_edge': "
+                "n, 'longest_edge': None}), never a square"
+            )
+        if image_seq_length is not None:
+            raise ValueError(f"image_seq_length does not apply to Mask DINO (no image tokens), got {image_seq_length}")
         if annotations is not None and segmentation_maps is not None:
             raise ValueError("pass either annotations or segmentation_maps, not both")
         do_resize = self.do_resize if do_resize is None else do_resize
@@ -524,42 +752,87 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         num_labels = self.num_labels if num_labels is None else int(num_labels)
         ignore_index = self.ignore_index if ignore_index is None else int(ignore_index)
         do_reduce_labels = self.do_reduce_labels if do_reduce_labels is None else bool(do_reduce_labels)
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else bool(do_convert_rgb)
+        do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
+        rescale_factor = self.rescale_factor if rescale_factor is None else float(rescale_factor)
+        data_format = getattr(data_format, "value", data_format) or "channels_first"
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values, got {image_mean} and {image_std}")
+        if data_format not in ("channels_first", "channels_last"):
+            raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
+        if do_rescale and not (math.isfinite(rescale_factor) and rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a positive finite number, got {rescale_factor}")
+        if len(image_mean) != len(image_std):
+            raise ValueError(f"image_mean and image_std need as many values, got {image_mean} and {image_std}")
 
-        raw_images = self._images_to_list(images, input_data_format)
+        raw_images = self._images_to_list(images, input_data_format, do_convert_rgb)
+        channels = {image.shape[0] for image in raw_images}
+        if len(channels) > 1:
+            raise ValueError(
+                "with do_convert_rgb=False all images of a batch need the same number of channels, got "
+                f"{sorted(channels)}"
+            )
+        (num_channels,) = channels
+        if do_normalize and len(image_mean) != num_channels:
+            raise ValueError(
+                f"image_mean and image_std have {len(image_mean)} values but the images have {num_channels} channels; "
+                "do_convert_rgb=True (the default) converts grey and RGBA images to RGB"
+            )
         original_sizes = [tuple(image.shape[1:]) for image in raw_images]
-        resized_sizes = [
-            get_resize_output_size(h, w, size["shortest_edge"], size["longest_edge"]) if do_resize else (h, w)
-            for h, w in original_sizes
-        ]
+        resized_sizes = []
+        for index, (height, width) in enumerate(original_sizes):
+            try:
+                resized_sizes.append(
+                    get_resize_output_size(height, width, size["shortest_edge"], size["longest_edge"])
+                    if do_resize
+                    else (height, width)
+                )
+            except ValueError as error:
+                raise ValueError(f"image {index}: {error}") from None
         mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1)
+        top = 1.0 if max(image_mean) <= 1.0 and max(image_std) <= 1.0 else 255.0  # scale of image_mean / image_std
         tensors = []
-        for image, (height, width) in zip(raw_images, resized_sizes, strict=True):
+        for index, (image, (height, width)) in enumerate(zip(raw_images, resized_sizes, strict=True)):
+            image = self._to_pixel_scale(image, do_rescale, rescale_factor, do_normalize, f"image {index}", top)
             if do_resize:
                 image = self._resize_image(image, height, width, resample)
             tensor = torch.from_numpy(np.ascontiguousarray(image))
+            if do_rescale:
+                tensor = tensor.float() * rescale_factor
             tensor = (tensor - mean) / std if do_normalize else tensor.float()
             tensors.append(tensor)
 
-        if do_pad:
-            padded_height = _round_up(max(h for h, _ in resized_sizes), size_divisibility)
-            padded_width = _round_up(max(w for _, w in resized_sizes), size_divisibility)
+        largest = (max(h for h, _ in resized_sizes), max(w for _, w in resized_sizes))
+        if pad_size is not None:
+            if do_pad is False:
+                raise ValueError("pad_size needs do_pad=True")
+            pad = {"height": pad_size, "width": pad_size} if isinstance(pad_size, int) else dict(pad_size)
+            if set(pad) != {"height", "width"}:
+                raise ValueError(f"pad_size must be an int or a dict with 'height' and 'width', got {pad_size!r}")
+            padded_height, padded_width = int(pad["height"]), int(pad["width"])
+            if padded_height < largest[0] or padded_width < largest[1]:
+                raise ValueError(
+                    f"pad_size {(padded_height, padded_width)} (height, width) is smaller than the largest resized "
+                    f"image {largest}"
+                )
+        elif do_pad:
+            padded_height = _round_up(largest[0], size_divisibility)
+            padded_width = _round_up(largest[1], size_divisibility)
         else:
             if len(set(resized_sizes)) > 1:
                 raise ValueError(
                     f"do_pad=False needs all resized images to have the same size, got {sorted(set(resized_sizes))}"
                 )
             padded_height, padded_width = resized_sizes[0]
-        pixel_values = torch.zeros((len(tensors), 3, padded_height, padded_width), dtype=torch.float32)
+        pixel_values = torch.zeros((len(tensors), num_channels, padded_height, padded_width), dtype=torch.float32)
         pixel_mask = torch.zeros((len(tensors), padded_height, padded_width), dtype=torch.int64)
         for index, (tensor, (height, width)) in enumerate(zip(tensors, resized_sizes, strict=True)):
             pixel_values[index, :, :height, :width] = tensor
             pixel_mask[index, :height, :width] = 1
 
+        if data_format == "channels_last":
+            pixel_values = pixel_values.permute(0, 2, 3, 1).contiguous()
         if return_tensors == "np":
             data = {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()}
         else:
@@ -582,6 +855,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             encoded["mask_labels"] = [target["mask_labels"] for target in targets]
             encoded["class_labels"] = [target["class_labels"] for target in targets]
             encoded["boxes"] = [target["boxes"] for target in targets]
+        if device is not None and return_tensors != "np":
+            encoded = encoded.to(device)
         return encoded
 
     # ------------------------------------------------------------------ training targets
@@ -663,7 +938,23 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         return targets
 
     @staticmethod
+    def _check_bbox(bbox: Any, where: str) -> None:
+        """A COCO `bbox` given with an object (boxes are recomputed from the masks) must still be sane."""
+        try:
+            values = np.asarray(bbox, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: bbox must be 4 numbers [x, y, width, height], got {bbox!r}") from None
+        if values.shape != (4,) or not np.isfinite(values).all() or values[2] < 0 or values[3] < 0:
+            raise ValueError(
+                f"{where}: bbox must be 4 finite numbers [x, y, width, height] with width, height >= 0, got {bbox!r}"
+            )
+
+    @staticmethod
     def _map_category(category_id: int, category_id_to_label: Mapping[int, int] | None, where: str) -> int:
+        if isinstance(category_id, (torch.Tensor, np.ndarray)) and category_id.ndim == 0:
+            category_id = category_id.item()
+        if isinstance(category_id, bool) or not isinstance(category_id, numbers.Integral):
+            raise TypeError(f"{where}: category_id must be an int, got {category_id!r}")
         category_id = int(category_id)
         if category_id_to_label is None:
             return category_id
@@ -683,20 +974,32 @@ class MaskDINOImageProcessor(BaseImageProcessor):
 
     def _instance_targets(self, item, height, width, new_height, new_width, category_id_to_label, where):
         masks, labels = [], []
-        for number, obj in enumerate(item["annotations"]):
+        objects = item["annotations"]
+        if not isinstance(objects, (list, tuple)):
+            raise TypeError(f"{where}: 'annotations' must be a list of object dicts, got {type(objects)}")
+        for number, obj in enumerate(objects):
+            what = f"{where}, object {number}"
+            if not isinstance(obj, Mapping):
+                raise TypeError(f"{what}: an instance annotation must be a dict, got {type(obj)}")
             if obj.get("iscrowd", 0):
                 continue
-            what = f"{where}, object {number}"
             if "segmentation" not in obj or "category_id" not in obj:
                 raise ValueError(f"{what}: an instance annotation needs 'segmentation' and 'category_id'")
+            if "bbox" in obj:
+                self._check_bbox(obj["bbox"], what)
             segmentation = obj["segmentation"]
             if isinstance(segmentation, list):
                 scale = np.array([new_width / width, new_height / height])
                 polygons = []
                 for polygon in segmentation:
-                    coords = np.asarray(polygon, dtype=np.float64).reshape(-1)
+                    try:
+                        coords = np.asarray(polygon, dtype=np.float64).reshape(-1)
+                    except (TypeError, ValueError):
+                        raise ValueError(f"{what}: a polygon must be a flat list of numbers, got {polygon!r}") from None
                     if coords.size < 6 or coords.size % 2:
                         raise ValueError(f"{what}: a polygon needs at least 3 (x, y) points, got {coords.size} values")
+                    if not np.isfinite(coords).all():
+                        raise ValueError(f"{what}: a polygon holds NaN or infinite coordinates: {polygon!r}")
                     polygons.append((coords.reshape(-1, 2) * scale).reshape(-1).tolist())
                 if not polygons:
                     raise ValueError(f"{what}: empty polygon list")
@@ -706,6 +1009,13 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 rle_size = tuple(int(v) for v in segmentation.get("size", ()))
                 if rle_size != (height, width):
                     raise ValueError(f"{what}: RLE size {rle_size} does not match the image size {(height, width)}")
+                if "counts" not in segmentation:
+                    raise ValueError(f"{what}: an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
+                total = sum(_rle_counts(segmentation["counts"], what))
+                if total != height * width:
+                    raise ValueError(
+                        f"{what}: RLE counts sum to {total}, but a {height} x {width} mask has {height * width} pixels"
+                    )
                 if isinstance(segmentation["counts"], list):
                     rle = coco_mask.frPyObjects(dict(segmentation), height, width)
                 else:
@@ -718,6 +1028,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     raise ValueError(
                         f"{what}: mask of shape {array.shape} does not match the image size {(height, width)}"
                     )
+                if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                    raise ValueError(f"{what}: the mask holds NaN or infinite values")
                 mask = _resize_nearest((array != 0).astype(np.uint8), new_height, new_width).astype(bool)
             masks.append(mask)
             labels.append(self._map_category(obj["category_id"], category_id_to_label, what))
@@ -745,9 +1057,24 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"{where}: panoptic_seg of size {ids.shape} does not match the image size {(height, width)}"
             )
+        segments = item["segments_info"]
+        if not isinstance(segments, (list, tuple)) or not all(isinstance(s, Mapping) for s in segments):
+            raise TypeError(f"{where}: segments_info must be a list of dicts, got {segments!r:.200}")
+        for segment in segments:
+            if "id" not in segment or "category_id" not in segment:
+                raise ValueError(f"{where}: every segments_info entry needs 'id' and 'category_id', got {segment}")
+        listed = [int(segment["id"]) for segment in segments]
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"{where}: segments_info lists a segment id twice: {sorted(listed)}")
+        missing = sorted(set(np.unique(ids).tolist()) - set(listed) - {0})
+        if missing:
+            raise ValueError(
+                f"{where}: panoptic_seg holds segment ids {missing[:10]} that are not in segments_info (0 is the only "
+                "unlabelled id)"
+            )
         ids = _resize_nearest(ids, new_height, new_width)
         masks, labels = [], []
-        for segment in item["segments_info"]:
+        for segment in segments:
             if segment.get("iscrowd", 0):
                 continue
             masks.append(ids == int(segment["id"]))
@@ -803,19 +1130,57 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 raise ValueError(
                     f"image_sizes has {len(image_sizes)} entries but the outputs hold {batch_size} images"
                 )
+            if target_sizes is not None:
+                for target, image in zip(target_sizes, image_sizes, strict=True):
+                    if not _same_aspect(target, image) and _same_aspect(target[::-1], image):
+                        raise ValueError(
+                            f"target_sizes entry {target} has the aspect of the resized image {image} only when read "
+                            "as (width, height): target_sizes are (height, width) pairs"
+                        )
         elif target_sizes is not None:
-            image_sizes = [self.get_resized_size(h, w) for h, w in target_sizes]
+            image_sizes = [self._resized_size_or_none(size) for size in target_sizes]
+            if batch_size == 1 and not self._fills(image_sizes[0], padded_size):
+                swapped = self._resized_size_or_none(target_sizes[0][::-1])
+                if self._fills(swapped, padded_size):
+                    raise ValueError(
+                        f"target_sizes {target_sizes[0]} resizes to {image_sizes[0]}, which does not fill the padded "
+                        f"input {padded_size}, but read as (width, height) it does: target_sizes are (height, width) "
+                        "pairs"
+                    )
+            for index, size in enumerate(image_sizes):
+                if size is None or size[0] > padded_size[0] or size[1] > padded_size[1]:
+                    # Outputs not preprocessed with this processor's settings: the whole prediction is resized
+                    # to the target size, as Mask2Former's post-processing does.
+                    logger.warning_once(
+                        f"target_sizes {target_sizes[index]} resizes to {size} with this processor's settings, which "
+                        f"does not fit the padded input {padded_size}: the whole padded prediction is resized to it. "
+                        "Pass image_sizes (see image_sizes_from_pixel_mask) to crop the padding."
+                    )
+                    image_sizes[index] = padded_size
         else:
             image_sizes = [padded_size] * batch_size
         for height, width in image_sizes:
             if height > padded_size[0] or width > padded_size[1]:
                 raise ValueError(
                     f"image size {(height, width)} is larger than the padded input {padded_size} (4x the mask size): "
-                    "pass the right image_sizes"
+                    "pass the right image_sizes (resized, unpadded) and target_sizes as (height, width) pairs"
                 )
         if target_sizes is None:
             target_sizes = list(image_sizes)
         return target_sizes, image_sizes, padded_size
+
+    def _resized_size_or_none(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        """This processor's resized size of an original `size`, `None` where the resize rule refuses it."""
+        try:
+            return self.get_resized_size(*size)
+        except ValueError:
+            return None
+
+    def _fills(self, image_size: tuple[int, int] | None, padded_size: tuple[int, int]) -> bool:
+        """Whether `image_size` padded to `size_divisibility` gives `padded_size` (true of a batch's largest image)."""
+        return image_size is not None and all(
+            _round_up(side, self.size_divisibility) == padded for side, padded in zip(image_size, padded_size)
+        )
 
     @staticmethod
     def _upsample_crop_resize(masks: torch.Tensor, padded_size, image_size, target_size) -> torch.Tensor:
@@ -870,6 +1235,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     def _topk_queries(self, probabilities: torch.Tensor, top_k: int | None, drop_labels: Sequence[int]):
         """Official instance selection: top-k of the flattened (Q x C) scores, unsorted; optionally drop classes."""
         num_queries, num_classes = probabilities.shape
+        top_k = _check_top_k(top_k)
         top_k = self.test_topk_per_image if top_k is None else top_k
         top_k = min(top_k, num_queries * num_classes)
         scores, indices = probabilities.flatten().topk(top_k, sorted=False)
@@ -896,15 +1262,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     def post_process_instance_segmentation(
         self,
         outputs,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         mask_threshold: float = 0.5,
         overlap_mask_area_threshold: float | None = None,
         target_sizes: Any = None,
+        return_coco_annotation: bool = False,
+        return_binary_maps: bool = False,
         image_sizes: Any = None,
         top_k: int | None = None,
         num_labels: int | None = None,
         panoptic_on: bool | None = None,
-        return_coco_annotation: bool = False,
     ) -> list[dict[str, Any]]:
         """
         Official Mask DINO instance inference (`instance_inference` + `box_postprocess`).
@@ -916,26 +1283,43 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         probability inside the binary mask (unless `focus_on_box`). Boxes are the predicted boxes as absolute xyxy at
         the target size (not clipped; the padded canvas is mapped to the target scale as the official code does).
         Results are sorted by score (the official top-k order is arbitrary); `threshold` then drops results with a
-        lower score (0 keeps the official top-k).
+        lower score (`None`, the default, or 0 keeps the official top-k).
+
+        The arguments and the `segmentation` / `segments_info` keys are those of Transformers' Mask2Former.
 
         Args:
             outputs: object with `class_queries_logits` (B, Q, C), `masks_queries_logits` (B, Q, h, w) at 1/4 of the
                 padded input and `pred_boxes` (B, Q, 4) sigmoid cxcywh relative to the padded input.
+            threshold: score threshold in [0, 1] (`None`: 0, the official top-k).
+            mask_threshold: mask probability threshold in (0, 1) (official 0.5, i.e. logit > 0).
+            overlap_mask_area_threshold: in [0, 1]; accepted as Mask2Former's instance method does, unused.
             target_sizes: original (height, width) per image; `None` keeps the resized size.
+            return_coco_annotation: `segmentation` becomes the run-length encoding of the segment map (Mask2Former's
+                format), and `rle_masks` holds each instance's mask as COCO RLE (pycocotools).
+            return_binary_maps: `segmentation` becomes the (num_segments, H, W) stack of the segments' binary masks,
+                indexed by segment `id` (overlapping instances keep all their pixels).
             image_sizes: resized, unpadded (height, width) per image (see `image_sizes_from_pixel_mask`); derived
                 from `target_sizes` with this processor's resize rule if omitted.
-            overlap_mask_area_threshold: accepted for the image-segmentation pipeline; unused.
-            return_coco_annotation: also return the masks as COCO RLE (`rle_masks`).
+            top_k: queries x classes kept per image (default `test_topk_per_image`).
+            panoptic_on: drop stuff classes (default: the processor's `panoptic_on`).
 
         Returns:
-            One dict per image: `scores` (N,), `labels` (N,) int64, `boxes` (N, 4), `masks` (N, H, W) bool, and for
-            the Transformers pipeline `segmentation` (H, W) int64 (index of the instance shown at each pixel, the
-            highest-scoring one where they overlap, -1 for none) with `segments_info` (`id` = that index,
-            `label_id`, `was_fused`, `score`) for the instances visible in it; instances hidden by higher-scoring
-            ones or with an empty mask are only in `masks`.
+            One dict per image with Mask2Former's keys:
+            - `segmentation` (H, W) int64: at each pixel the `id` of the highest-scoring segment covering it, -1 for
+              none (or the RLE / binary maps above);
+            - `segments_info`: per instance with a non-empty mask, in score order, `id` (0, 1, ... in that order),
+              `label_id`, `was_fused` (False), `score`;
+            and Mask DINO's official per-instance results, every kept instance in score order (empty masks included):
+            `scores` (N,), `labels` (N,) int64, `boxes` (N, 4) xyxy at the target size, `masks` (N, H, W) bool.
         """
         if getattr(outputs, "pred_boxes", None) is None:
             raise ValueError("instance segmentation needs `pred_boxes` in the outputs")
+        if return_coco_annotation and return_binary_maps:
+            raise ValueError("return_coco_annotation and return_binary_maps cannot both be True")
+        threshold = 0.0 if threshold is None else _check_fraction("threshold", threshold)
+        if overlap_mask_area_threshold is not None:
+            _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
+        _check_top_k(top_k)
         target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         mask_logit_threshold = self._mask_logit_threshold(mask_threshold)
         drop_labels = self._instance_drop_labels(panoptic_on)
@@ -968,29 +1352,34 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "boxes": boxes[order],
                 "masks": binary[order],
             }
-            result["segmentation"] = self._instance_map(result["masks"])
-            visible = torch.unique(result["segmentation"][result["segmentation"] >= 0]).tolist()
+            segment_rows = torch.nonzero(result["masks"].flatten(1).any(1)).flatten()
+            segment_masks = result["masks"][segment_rows]
             result["segments_info"] = [
-                {
-                    "id": i,
-                    "label_id": int(result["labels"][i]),
-                    "was_fused": False,
-                    "score": float(result["scores"][i]),
-                }
-                for i in visible
+                {"id": i, "label_id": label, "was_fused": False, "score": score}
+                for i, (label, score) in enumerate(
+                    zip(result["labels"][segment_rows].tolist(), result["scores"][segment_rows].tolist())
+                )
             ]
+            result["segmentation"] = self._instance_map(segment_masks)
             if return_coco_annotation:
+                from transformers.models.mask2former.image_processing_pil_mask2former import (
+                    convert_segmentation_to_rle,
+                )
+
                 result["rle_masks"] = [
                     coco_mask.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
                     for mask in result["masks"]
                 ]
+                result["segmentation"] = convert_segmentation_to_rle(result["segmentation"])
+            elif return_binary_maps and len(segment_rows):
+                result["segmentation"] = segment_masks
             results.append(result)
         return results
 
     def post_process_object_detection(
         self,
         outputs,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         target_sizes: Any = None,
         image_sizes: Any = None,
         top_k: int | None = None,
@@ -1000,13 +1389,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         """
         Box-only results with the instance top-k rule (no mask rescoring): top-`top_k` of the flattened
         (queries x classes) class probabilities, thing classes only for a panoptic model, boxes as absolute xyxy
-        at the target size (see `post_process_instance_segmentation`), sorted by score, `scores >= threshold` kept.
+        at the target size (see `post_process_instance_segmentation`), sorted by score, `scores >= threshold` kept
+        (`threshold` in [0, 1]; `None`, the default, keeps the official top-k).
 
         Returns:
             One dict per image with `scores` (N,), `labels` (N,) int64 and `boxes` (N, 4).
         """
         if getattr(outputs, "pred_boxes", None) is None:
             raise ValueError("object detection needs `pred_boxes` in the outputs")
+        threshold = 0.0 if threshold is None else _check_fraction("threshold", threshold)
+        _check_top_k(top_k)
         target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         drop_labels = self._instance_drop_labels(panoptic_on)
         results = []
@@ -1038,7 +1430,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         from `softmax(sigmoid(logits) / panoptic_temperature)` (when `panoptic_transform_eval`). Each pixel goes to
         the kept query maximising score x mask probability; a query becomes a segment if its pixels with mask
         probability >= `mask_threshold` are at least `overlap_mask_area_threshold` (`overlap_threshold`) of its
-        mask; segments of the same stuff class (`label_ids_to_fuse`, default `stuff_labels`) share the first id.
+        mask; segments of the same stuff class (`label_ids_to_fuse`, default `stuff_labels`; a given set replaces
+        it, as in Mask2Former, and ids outside the model's classes raise) share the first id. Thresholds must be in
+        [0, 1].
         For a softmax classifier (`num_labels + 1` logits) the Mask2Former rule is used instead: softmax scores, and
         queries predicting "no object" are dropped.
 
@@ -1047,10 +1441,15 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             official convention, unlike the -1 of Transformers' Mask2Former), and `segments_info`: `id`, `label_id`,
             `was_fused` (the class is fusable stuff), `isthing`, `score`.
         """
-        threshold = self.object_mask_threshold if threshold is None else threshold
-        overlap = self.overlap_threshold if overlap_mask_area_threshold is None else overlap_mask_area_threshold
-        fuse = set(self.stuff_labels if label_ids_to_fuse is None else (int(label) for label in label_ids_to_fuse))
+        threshold = self.object_mask_threshold if threshold is None else _check_fraction("threshold", threshold)
+        overlap = (
+            self.overlap_threshold
+            if overlap_mask_area_threshold is None
+            else _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
+        )
+        _check_fraction("mask_threshold", mask_threshold)
         target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        fuse = self._labels_to_fuse(label_ids_to_fuse, outputs.class_queries_logits, num_labels)
         results = []
         for index in range(len(target_sizes)):
             logits = outputs.class_queries_logits[index]
@@ -1071,6 +1470,31 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             )
             results.append({"segmentation": segmentation, "segments_info": segments})
         return results
+
+    def _labels_to_fuse(self, label_ids_to_fuse: Any, logits: torch.Tensor, num_labels: int | None) -> set[int]:
+        """The validated classes to fuse: `stuff_labels` by default, else exactly the given ones (as Mask2Former)."""
+        if label_ids_to_fuse is None:
+            return set(self.stuff_labels)
+        if isinstance(label_ids_to_fuse, (str, bytes)) or not isinstance(label_ids_to_fuse, Iterable):
+            raise TypeError(f"label_ids_to_fuse must be a set or list of class ids, got {label_ids_to_fuse!r}")
+        num_classes = logits.shape[-1] - int(self._classifier_kind(logits, num_labels))
+        fuse = set()
+        for label in label_ids_to_fuse:
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+                raise TypeError(f"label_ids_to_fuse must hold int class ids, got {label!r}")
+            if not 0 <= label < num_classes:
+                raise ValueError(
+                    f"label_ids_to_fuse holds {label}, which is not a class id: the model predicts classes "
+                    f"0..{num_classes - 1}"
+                )
+            fuse.add(int(label))
+        unfused = sorted(set(self.stuff_labels) - fuse)
+        if unfused:
+            logger.warning_once(
+                f"label_ids_to_fuse={sorted(fuse)} replaces the processor's stuff_labels: stuff classes {unfused} are "
+                "not fused (leave label_ids_to_fuse unset to fuse every stuff class)"
+            )
+        return fuse
 
     @staticmethod
     def _compute_segments(mask_probs, scores, labels, mask_threshold, overlap, fuse, size):
@@ -1123,8 +1547,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         self,
         outputs,
         target_sizes: Any = None,
-        image_sizes: Any = None,
         return_segmentation_scores: bool = False,
+        image_sizes: Any = None,
         num_labels: int | None = None,
     ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
@@ -1191,7 +1615,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         results = [{} for _ in range(outputs.class_queries_logits.shape[0])]
         if self.semantic_on:
             semantic = self.post_process_semantic_segmentation(
-                outputs, target_sizes, image_sizes, return_segmentation_scores=True, num_labels=num_labels
+                outputs, target_sizes, return_segmentation_scores=True, image_sizes=image_sizes, num_labels=num_labels
             )
             for result, item in zip(results, semantic, strict=True):
                 result["sem_seg"] = item.segmentation_scores
@@ -1210,4 +1634,4 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         return results
 
 
-__all__ = ["MaskDINOImageProcessor", "get_resize_output_size"]
+__all__ = ["DISPLAY_SCORE_THRESHOLD", "MaskDINOImageProcessor", "clip_boxes", "get_resize_output_size"]
