@@ -63,6 +63,7 @@ _LEGEND_FG = (20, 20, 20)
 # Void: the image in light grey under dark diagonal stripes (slate, a tint the grey image never has).
 VOID_STRIPE = (40, 40, 56)
 _VOID_GREY = 210
+_OUTLINE = (25, 25, 25)
 _DEFAULT_ALPHA = {"instance": 0.6, "panoptic": 0.6, "semantic": 0.8}
 
 
@@ -213,27 +214,39 @@ def _paint_void(canvas: np.ndarray, void: np.ndarray) -> np.ndarray:
     return out
 
 
+def _bounds(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice] | None:
+    """The slices of ``mask``'s bounding box grown by ``pad`` pixels (clipped to the array); ``None`` if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return (
+        slice(max(0, rows[0] - pad), min(mask.shape[0], rows[-1] + 1 + pad)),
+        slice(max(0, cols[0] - pad), min(mask.shape[1], cols[-1] + 1 + pad)),
+    )
+
+
 def _blend_layers(
     base: np.ndarray, layers: Sequence[tuple[np.ndarray, tuple[int, int, int]]], alpha: float, scale: float
 ) -> np.ndarray:
-    """Paint ``(mask, colour)`` layers in order (later ones on top) with ``alpha`` and a darker outline."""
+    """Paint ``(mask, colour)`` layers in order (later ones on top) with ``alpha`` and a near-black outline (a
+    darker shade of the fill would read as another segment's colour)."""
     canvas = base.astype(np.float32)
     color_map = np.zeros_like(canvas)
     covered = np.zeros(base.shape[:2], dtype=bool)
     edges = np.zeros(base.shape[:2], dtype=bool)
-    edge_colors = np.zeros_like(canvas)
-    thickness = max(0, round(scale / 2))
+    thickness = max(0, round(scale / 3))
     for mask, color in layers:
-        if not mask.any():
+        box = _bounds(mask, pad=1)
+        if box is None:
             continue
-        color_map[mask] = color
-        covered |= mask
-        edge = _thicken(_boundary(mask), thickness) & mask
-        edges &= ~mask  # a segment on top hides the outline below it
-        edges |= edge
-        edge_colors[edge] = [c * 0.55 for c in color]
+        crop = mask[box]
+        color_map[box][crop] = color
+        covered[box] |= crop
+        edge = _thicken(_boundary(crop), thickness) & crop
+        edges[box] &= ~crop  # a segment on top hides the outline below it
+        edges[box] |= edge
     canvas[covered] = canvas[covered] * (1 - alpha) + color_map[covered] * alpha
-    canvas[edges] = edge_colors[edges]
+    canvas[edges] = _OUTLINE
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 
@@ -249,10 +262,15 @@ def _box_sums(region: np.ndarray, rows: np.ndarray, cols: np.ndarray, height: in
 
 
 def _place_label(
-    region: np.ndarray, size: tuple[int, int], taken: Sequence[tuple[int, int, int, int]], margin: int = 1
+    region: np.ndarray,
+    offset: tuple[int, int],
+    size: tuple[int, int],
+    taken: Sequence[tuple[int, int, int, int]],
+    margin: int = 1,
 ) -> tuple[tuple[int, int, int, int], float] | None:
-    """A ``(x0, y0, x1, y1)`` label box of ``size`` (w, h) centred on a pixel of ``region`` and overlapping no box
-    of ``taken``, and the share of the box inside ``region``.
+    """A ``(x0, y0, x1, y1)`` label box of ``size`` (w, h) centred on a pixel of ``region`` (a crop whose top-left
+    pixel is at ``offset`` = (y, x) in the drawing) and overlapping no box of ``taken``, and the share of the box
+    inside ``region``.
 
     Among allowed centres the box most inside ``region`` wins, then the centre farthest from the region's border
     (the pole of inaccessibility when the label fits there). ``None`` when every centre is taken."""
@@ -262,19 +280,19 @@ def _place_label(
     if len(ys) == 0:
         return None
     w, h = size
-    top, left = ys.min(), xs.min()
-    crop = region[top : ys.max() + 1, left : xs.max() + 1]
-    distance = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1][ys - top, xs - left]
     y0s, x0s = ys - h // 2, xs - w // 2
+    gy0s, gx0s = y0s + offset[0], x0s + offset[1]
     allowed = np.ones(len(ys), dtype=bool)
     for bx0, by0, bx1, by1 in taken:
-        allowed &= ~((x0s < bx1 + margin) & (x0s + w > bx0 - margin) & (y0s < by1 + margin) & (y0s + h > by0 - margin))
+        allowed &= ~(
+            (gx0s < bx1 + margin) & (gx0s + w > bx0 - margin) & (gy0s < by1 + margin) & (gy0s + h > by0 - margin)
+        )
     if not allowed.any():
         return None
+    distance = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1][ys[allowed], xs[allowed]]
     inside = _box_sums(region, y0s[allowed], x0s[allowed], h, w) / float(w * h)
-    key = np.round(inside, 3) * 1e6 + distance[allowed]
-    best = int(np.argmax(key))
-    x0, y0 = int(x0s[allowed][best]), int(y0s[allowed][best])
+    best = int(np.argmax(np.round(inside, 3) * 1e6 + distance))
+    x0, y0 = int(gx0s[allowed][best]), int(gy0s[allowed][best])
     return (x0, y0, x0 + w, y0 + h), float(inside[best])
 
 
@@ -298,11 +316,12 @@ def _draw_labels(
     The largest connected piece of every segment gets a tag, the most constrained (smallest) pieces first; then
     other pieces (a class split in two by an object in front) get one where it fits entirely inside them. Returns
     what was drawn where."""
+    from scipy.ndimage import find_objects
     from scipy.ndimage import label as connected_components
 
     draw = ImageDraw.Draw(pil)
     height, width = pil.height, pil.width
-    required, optional = [], []
+    required, optional = [], []  # (segment index, piece size, (y, x) offset, piece crop)
     above = np.zeros((height, width), dtype=bool)
     for index, segment in enumerate(segments):
         if segment.mask is not None:
@@ -311,27 +330,31 @@ def _draw_labels(
             full = np.zeros((height, width), dtype=bool)
             x0, y0, x1, y1 = (int(round(v)) for v in segment.box)
             full[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
-        visible = full & ~above
-        above |= full
-        region = visible if visible.any() else full
-        if not region.any():
+        box = _bounds(full)
+        if box is None:
             continue
+        visible = full[box] & ~above[box]
+        above[box] |= full[box]
+        region = visible if visible.any() else full[box]
         pieces, count = connected_components(region)
         sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
-        order = np.argsort(-sizes, kind="stable")
-        required.append((index, pieces == order[0] + 1))
-        optional.extend((index, pieces == k + 1) for k in order[1:])
+        slices = find_objects(pieces)
+        for rank, k in enumerate(np.argsort(-sizes, kind="stable")):
+            rows, cols = slices[k]
+            offset = (box[0].start + rows.start, box[1].start + cols.start)
+            item = (index, int(sizes[k]), offset, pieces[rows, cols] == k + 1)
+            (required if rank == 0 else optional).append(item)
     pad = max(2, round(scale))
     taken: list[tuple[int, int, int, int]] = []
     placed = []
-    queue = sorted(required, key=lambda item: int(item[1].sum())) + sorted(optional, key=lambda item: -int(item[1].sum()))
-    for number, (index, region) in enumerate(queue):
+    queue = sorted(required, key=lambda item: item[1]) + sorted(optional, key=lambda item: -item[1])
+    for number, (index, _, offset, region) in enumerate(queue):
         must = number < len(required)
         segment = segments[index]
         choice = None
         for text in dict.fromkeys((segment.tag, segment.short_tag)):
             tw, th = _text_size(draw, text, font)
-            found = _place_label(region, (tw + 2 * pad + 2, th + 2 * pad + 2), taken)
+            found = _place_label(region, offset, (tw + 2 * pad + 2, th + 2 * pad + 2), taken)
             if found is not None and (choice is None or found[1] > choice[2]):
                 choice = (text, found[0], found[1])
             if choice is not None and choice[2] >= 1.0:
@@ -489,7 +512,7 @@ def draw_instances(
         text = name if scores_np is None else f"{name} {scores_np[i]:.2f}"
         mask = None
         if masks_np is not None:
-            mask = _resize_label_map(masks_np[i].astype(np.uint8), height, width).astype(bool)
+            mask = _resize_label_map(masks_np[i], height, width)
         box = None if boxes_np is None else tuple(boxes_np[i])
         segments.append(_Segment(colors[i], text, name, text, mask=mask, box=box))
     return _render(pil, scale, segments, None, 0, alpha, legend, title, boxes=boxes_np is not None)
