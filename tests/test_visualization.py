@@ -130,6 +130,13 @@ def test_every_fill_is_nearest_to_its_own_legend_swatch(mode):
             assert distances[k] < 45, (fill, swatches[k])
 
 
+def test_one_colour_per_segment_even_with_many_segments_of_one_class():
+    labels = [7] * 40 + list(range(133)) * 2
+    colours = segment_colors(labels)
+    assert len(set(colours)) == len(labels)
+    assert all(max(c) - min(c) > 40 for c in colours), "a grey colour would read as void"
+
+
 @pytest.mark.parametrize("mode", ["panoptic", "semantic"])
 def test_void_pixels_are_hatched_and_counted_in_the_legend(mode):
     seg, info = _panoptic()

@@ -4,12 +4,13 @@ The pictures are meant to be read against their legend without guessing:
 
 * the image is shown in grey, so every colour in the drawing is a prediction (an unlabelled red object cannot pass
   for a red segment);
-* one colour per segment (the ``k``-th segment of a class gets the ``k``-th shade of its class hue) (instance, panoptic segment or semantic class); the legend has one row per segment and its
-  swatch is exactly the colour blended into that segment's pixels (``alpha`` of it over the image);
+* one colour per segment (instance, panoptic segment or semantic class; the ``k``-th segment of a class gets the
+  ``k``-th shade of its class hue); the legend has one row per segment and its swatch is exactly the colour
+  blended into that segment's pixels (``alpha`` of it over the grey image), outlines are near-black;
 * each segment's label sits inside its own visible mask (at the interior point farthest from the border where the
   label box fits, found with a distance transform; other pieces of a split segment get one too where it fits), in
-  a box of the segment's colour with black or white text chosen by luminance; labels never overlap (a label that
-  cannot be placed without overlap is left out of the image, its legend row stays);
+  a box of the segment's colour with black or white text, whichever contrasts more (WCAG); labels never overlap
+  (a label that cannot be placed without overlap is left out of the image, its legend row stays);
 * void pixels (panoptic id 0 or -1, semantic ``ignore_index``) are greyed and hatched, and the legend lists
   ``void (N px)``: what the model missed stays visible;
 * semantic maps are drawn nearly opaque (``alpha`` 0.8) so their colours are the legend's.
@@ -43,7 +44,6 @@ __all__ = [
     "draw_panoptic",
     "draw_result",
     "draw_semantic",
-    "instance_colors",
     "segment_colors",
     "segment_table",
     "summarize",
@@ -51,13 +51,6 @@ __all__ = [
 
 TASKS = ("instance", "panoptic", "semantic", "detection")
 
-# Distinct, saturated colours (tab10 without its grey, which would read as void, then a few more), then
-# golden-ratio hues.
-_BASE_PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (188, 189, 34), (23, 190, 207), (0, 90, 255), (255, 215, 0), (0, 200, 120),
-    (255, 60, 160), (120, 60, 0), (90, 0, 160), (255, 160, 122),
-]
 _LEGEND_BG = (255, 255, 255)
 _LEGEND_FG = (20, 20, 20)
 # Void: the image in light grey under dark diagonal stripes (slate, a tint the grey image never has).
@@ -67,40 +60,34 @@ _OUTLINE = (25, 25, 25)
 _DEFAULT_ALPHA = {"instance": 0.6, "panoptic": 0.6, "semantic": 0.8}
 
 
-def _hue_color(index: int, saturation: float = 0.75, value: float = 0.95) -> tuple[int, int, int]:
-    hue = (index * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def instance_colors(count: int) -> list[tuple[int, int, int]]:
-    """``count`` distinct colours, the same for the same index every time (no greys: grey means void)."""
-    return [_BASE_PALETTE[i] if i < len(_BASE_PALETTE) else _hue_color(i) for i in range(count)]
-
-
-def class_color(label: int) -> tuple[int, int, int]:
-    """A fixed colour per class id (golden-ratio hue walk; differs from neighbouring ids)."""
-    return _hue_color(int(label) + 3, saturation=0.65, value=0.9)
-
-
 # (saturation, value) of the 1st, 2nd, ... segment of a class: its class colour, then darker and lighter shades.
 _SHADES = [(0.65, 0.9), (0.95, 0.55), (0.35, 1.0), (1.0, 0.38)]
 
 
 def segment_colors(labels: Sequence[int]) -> list[tuple[int, int, int]]:
     """One distinct colour per segment of ``labels`` (class ids in drawing order): the ``k``-th segment of a class
-    gets the ``k``-th shade of its class hue, so a class keeps its colour family in every image and mode."""
+    gets the ``k``-th shade of its class hue (a golden-ratio walk over hues, so neighbouring ids differ), so a
+    class keeps its colour family in every image and mode. No greys: grey means "no prediction"."""
     seen: dict[int, int] = {}
-    colors = []
+    colors: list[tuple[int, int, int]] = []
     for label in labels:
         k = seen.get(int(label), 0)
         seen[int(label)] = k + 1
         saturation, value = _SHADES[k % len(_SHADES)]
         shift = (k // len(_SHADES)) * 0.045 * (-1) ** (k // len(_SHADES))
-        hue = ((int(label) + 3) * 0.618033988749895 + shift) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
-        colors.append((int(r * 255), int(g * 255), int(b * 255)))
+        hue = (int(label) + 3) * 0.618033988749895 + shift
+        color = None
+        while color is None or color in colors:  # another class's shade landed on the same colour: nudge the hue
+            r, g, b = colorsys.hsv_to_rgb(hue % 1.0, saturation, value)
+            color = (int(r * 255), int(g * 255), int(b * 255))
+            hue += 0.007
+        colors.append(color)
     return colors
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """The colour of class ``label`` (the first shade of :func:`segment_colors`)."""
+    return segment_colors([label])[0]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
