@@ -261,7 +261,7 @@ def demo_predictions():
     image = cli.load_image(cli.demo_images()[0])
     predict = cli.model_predict_fn(model, processor, ["instance", "detection", "panoptic", "semantic"],
                                    threshold=cli.DEFAULT_INSTANCE_THRESHOLD)
-    return image, predict([image])[0], cli._id2label(model.config)
+    return image, predict([image])[0], model.config.id2label
 
 
 @pytest.mark.parametrize("task", ["instance", "detection", "panoptic", "semantic"])

@@ -8,6 +8,7 @@ Needs gradio (the ``demo`` extra), selenium (the ``test`` extra) and ``/usr/bin/
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import socket
@@ -117,12 +118,17 @@ def _table(driver, count: int) -> list[list[str]]:
     return _wait(driver, rows, f"{count} rows in the segment table")
 
 
+@functools.cache
+def _bundled_model():
+    return cli.load_model_and_processor(None)
+
+
 def _expected(image: Image.Image, task: str) -> list[dict]:
     """The rows of the CLI's predict path for ``image`` with the CLI's default threshold of ``task``."""
-    model, processor = cli.load_model_and_processor(None)
+    model, processor = _bundled_model()
     threshold = cli.DEFAULT_INSTANCE_THRESHOLD if task in ("instance", "detection") else None
     result = cli.model_predict_fn(model, processor, [task], threshold=threshold)([image])[0][task]
-    return segment_table(result, cli._id2label(model.config), task)
+    return segment_table(result, model.config.id2label, task)
 
 
 def test_upload_segment_and_read_the_overlay_and_table_in_a_browser(browser, app_url):

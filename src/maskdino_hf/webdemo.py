@@ -13,6 +13,7 @@ Hugging Face Space. Gradio is the ``demo`` extra (``pip install "maskdino-hf[dem
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .visualization import TASKS, draw_result, segment_table, summarize
@@ -26,7 +27,9 @@ TABLE_HEADERS = ["id", "label", "score", "area (px)", "box (x0, y0, x1, y1)"]
 
 
 def _predict_api():
-    """The predict path shared with the CLI: model loading, device choice, image loading and inference."""
+    """The predict path shared with the CLI, the one place this module says where it lives. Used:
+    ``load_model_and_processor``, ``resolve_device``, ``model_predict_fn`` (inference + post-processing),
+    ``demo_images``, ``demo_model_dir`` and ``DEFAULT_INSTANCE_THRESHOLD``."""
     from . import cli
 
     return cli
@@ -61,7 +64,7 @@ def default_threshold(task: str, processor) -> float:
     return float(_predict_api().DEFAULT_INSTANCE_THRESHOLD)
 
 
-def _table(result: Any, id2label: dict[int, str], task: str) -> list[list[Any]]:
+def _table(result: Any, id2label: Mapping[int, str], task: str) -> list[list[Any]]:
     rows = []
     for row in segment_table(result, id2label, task):
         score = "" if row["score"] is None else f"{row['score']:.3f}"
@@ -78,7 +81,7 @@ def build_demo(model: str | None = None) -> "gradio.Blocks":
     api = _predict_api()
     device = api.resolve_device("auto")
     network, processor = api.load_model_and_processor(model, device)
-    id2label = api._id2label(network.config)
+    id2label = network.config.id2label
     name = "the bundled demo model" if model is None else str(model)
     first_task = default_task(network.config)
 
