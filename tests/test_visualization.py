@@ -240,8 +240,8 @@ def test_summary_and_table_count_what_the_result_holds():
 
     boxes = np.array([[1, 2, 11, 22], [5, 5, 15, 10], [0, 0, 4, 4]], dtype=np.float32)
     instances = {"labels": np.array([2, 0, 2]), "scores": np.array([0.9, 0.7, 0.6]), "boxes": boxes}
-    assert summarize(instances, ID2LABEL, "instance") == "instance: 3 instances (triangle 2, circle 1)"
-    assert summarize(instances, ID2LABEL, "detection") == "detection: 3 detections (triangle 2, circle 1)"
+    assert summarize(instances, ID2LABEL, "instance") == "instance: 3 instances (circle 1, triangle 2)"
+    assert summarize(instances, ID2LABEL, "detection") == "detection: 3 detections (circle 1, triangle 2)"
     assert [row["area"] for row in segment_table(instances, ID2LABEL, "detection")] == [200, 50, 16]
     empty = {"labels": np.zeros(0, int), "scores": np.zeros(0), "boxes": np.zeros((0, 4))}
     assert summarize(empty, ID2LABEL, "instance") == "instance: 0 instances"

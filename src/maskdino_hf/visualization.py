@@ -595,13 +595,13 @@ def _check_task(task: str) -> None:
 
 def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) -> list[dict[str, Any]]:
     """One row per segment of one image's ``result`` (as :func:`draw_result` takes it): ``id`` (instance /
-    detection: rank from 1; panoptic: segment id; semantic: class id), ``label``, ``score`` (``None`` for semantic
-    classes and stuff without a score), ``area`` in pixels (detection: box area) and ``box`` (``[x0, y0, x1, y1]``
-    in pixels; from the mask for panoptic and semantic)."""
+    detection: rank from 1; panoptic: segment id; semantic: class id), ``label_id``, ``label``, ``score``
+    (``None`` for semantic classes and stuff without a score), ``area`` in pixels (detection: box area) and
+    ``box`` (``[x0, y0, x1, y1]`` in pixels; from the mask for panoptic and semantic)."""
     _check_task(task)
-    from .image_processing_maskdino import masks_to_boxes_xyxy
-
     import torch
+
+    from .image_processing_maskdino import masks_to_boxes_xyxy
 
     def boxes_of(masks: np.ndarray) -> list[list[float]]:
         return masks_to_boxes_xyxy(torch.from_numpy(masks)).tolist() if len(masks) else []
@@ -619,7 +619,8 @@ def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) ->
         )
         for i in range(len(labels)):
             rows.append(
-                {"id": i + 1, "label": _label_name(labels[i], id2label), "score": round(float(scores[i]), 4),
+                {"id": i + 1, "label_id": int(labels[i]), "label": _label_name(labels[i], id2label),
+                 "score": round(float(scores[i]), 4),
                  "area": int(round(float(areas[i]))), "box": [round(float(v), 1) for v in boxes[i]]}
             )
         return rows
@@ -629,9 +630,9 @@ def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) ->
         masks = np.stack([segmentation == int(info["id"]) for info in infos]) if infos else np.zeros((0, 1, 1), bool)
         for info, mask, box in zip(infos, masks, boxes_of(masks)):
             score = info.get("score")
+            label = int(info.get("label_id", info.get("category_id", -1)))
             rows.append(
-                {"id": int(info["id"]),
-                 "label": _label_name(int(info.get("label_id", info.get("category_id", -1))), id2label),
+                {"id": int(info["id"]), "label_id": label, "label": _label_name(label, id2label),
                  "score": None if score is None else round(float(score), 4), "area": int(mask.sum()), "box": box}
             )
         return rows
@@ -639,14 +640,14 @@ def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) ->
     labels = [label for label in np.unique(label_map).tolist() if label >= 0]
     masks = np.stack([label_map == label for label in labels]) if labels else np.zeros((0, 1, 1), bool)
     for label, mask, box in zip(labels, masks, boxes_of(masks)):
-        rows.append({"id": label, "label": _label_name(label, id2label), "score": None, "area": int(mask.sum()),
-                     "box": box})
+        rows.append({"id": label, "label_id": label, "label": _label_name(label, id2label), "score": None,
+                     "area": int(mask.sum()), "box": box})
     return rows
 
 
 def summarize(result: Any, id2label: Mapping[int, str] | None, task: str) -> str:
-    """One line about one image's ``result``: the number of segments and the count per class (semantic: the share
-    of the image per class), and for panoptic the void pixels (what no segment covers), e.g.
+    """One line about one image's ``result``: the number of segments and the count per class in class id order
+    (semantic: the share of the image per class), and for panoptic the void pixels (what no segment covers), e.g.
     ``"panoptic: 4 segments (triangle 1, rectangle 1, sky 1, ground 1), void 4489 px (31.5%)"``."""
     rows = segment_table(result, id2label, task)
     if task == "semantic":
@@ -654,7 +655,7 @@ def summarize(result: Any, id2label: Mapping[int, str] | None, task: str) -> str
         shares = ", ".join(f"{row['label']} {100.0 * row['area'] / total:.1f}%" for row in rows)
         return f"semantic: {len(rows)} classes ({shares})" if rows else "semantic: no class"
     counts: dict[str, int] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row["label_id"]):
         counts[row["label"]] = counts.get(row["label"], 0) + 1
     noun = {"instance": "instance", "detection": "detection", "panoptic": "segment"}[task]
     line = f"{task}: {len(rows)} {noun}{'' if len(rows) == 1 else 's'}"
