@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from maskdino_hf.data import dataset_to_coco_instances, mask_to_rle, rgb2id
+from maskdino_hf.data import dataset_to_coco_instances, mask_to_rle, panoptic_ids
 from maskdino_hf.evaluation import (
     COCO_STAT_NAMES,
     compute_coco_metrics,
@@ -151,7 +151,7 @@ SEGMENTS = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 0}]
 
 def test_pq_perfect_on_synthetic(val):
     refs = [(np.asarray(ex["panoptic"]), ex["segments_info"]) for ex in val]
-    preds = [(rgb2id(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
+    preds = [(panoptic_ids(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
     r = compute_panoptic_quality(preds, refs, SHAPES_CATEGORIES)
     for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
         assert r[k] == pytest.approx(1.0), k
@@ -295,7 +295,7 @@ def test_evaluate_modules_match_functions(val, offline):
 
     # panoptic quality: maps as arrays, Transformers-style segments_info (label_id, score) accepted
     pq = load_metric("panoptic_quality", keep_in_memory=True)
-    ref_maps = [(rgb2id(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
+    ref_maps = [(panoptic_ids(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
     pred_maps = [(m.copy(), s) for m, s in ref_maps]
     for m, _ in pred_maps[:2]:  # perturb two images: the left 60 columns become the bottom-right segment
         m[:, :60] = m[-1, -1]
