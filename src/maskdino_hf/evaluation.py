@@ -838,11 +838,13 @@ def evaluate(
     and the metrics, computed once on the main process in data set order, are returned on every process.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 (or None for all), got {max_images}")
     columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
     tasks = tasks_for_dataset(tasks, columns)
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
@@ -859,7 +861,7 @@ def evaluate(
         predict_fn = model_predict_fn(model, processor, tasks, str(model.device), threshold=None, bf16=bf16)
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as an Accelerator would set it up
     was_training = model.training
     model.eval()
     records = []
