@@ -801,7 +801,8 @@ def _dataset_row(dataset: Any, index: int) -> dict:
         image = row["image"]
         row["image"] = image.convert("RGB") if hasattr(image, "convert") else PILImage.fromarray(np.asarray(image)).convert("RGB")
     except (OSError, SyntaxError) as error:
-        name = dataset[int(index)]["file_name"] if "file_name" in getattr(dataset, "column_names", ()) else ""
+        columns = getattr(dataset, "column_names", ())
+        name = dataset.select_columns(["file_name"])[int(index)]["file_name"] if "file_name" in columns else ""
         raise ValueError(f"row {index} ({name or 'no file_name'}) of the data set: cannot decode its image: {error}") from None
     return row
 
