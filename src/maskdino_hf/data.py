@@ -323,6 +323,12 @@ def _image_size(path: Path) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _image_row(image_id: int, info: Mapping, embed: bool) -> dict:
+    """The common columns of one image (see the module docstring)."""
+    return {"image": _image_entry(info["path"], embed), "image_id": image_id, "file_name": info["file_name"],
+            "width": info["width"], "height": info["height"]}
+
+
 def _resolve_instances_paths(folder_or_json, image_dir) -> tuple[Path, Path]:
     path = Path(folder_or_json)
     if path.is_dir():
@@ -443,18 +449,7 @@ def load_coco_instances(
     where = str(json_path)
     images = _parse_images(data, where, image_dir)
     objects = _parse_instance_annotations(data, where, images)
-    rows = []
-    for image_id, info in images.items():
-        rows.append(
-            {
-                "image": _image_entry(info["path"], embed_images),
-                "image_id": image_id,
-                "file_name": info["file_name"],
-                "width": info["width"],
-                "height": info["height"],
-                "objects": objects[image_id],
-            }
-        )
+    rows = [{**_image_row(image_id, info, embed_images), "objects": objects[image_id]} for image_id, info in images.items()]
     return rows_to_dataset(rows, features=build_features(instances=True, panoptic=False, semantic=False))
 
 
@@ -530,21 +525,12 @@ def load_coco_panoptic(
     where = str(json_path)
     images = _parse_images(data, where, image_dir)
     panoptic = _parse_panoptic(data, where, images, png_dir)
-    rows = []
-    for image_id, info in images.items():
-        if image_id not in panoptic:
-            continue
-        rows.append(
-            {
-                "image": _image_entry(info["path"], embed_images),
-                "image_id": image_id,
-                "file_name": info["file_name"],
-                "width": info["width"],
-                "height": info["height"],
-                "panoptic": _image_entry(panoptic[image_id]["png_path"], embed_images),
-                "segments_info": panoptic[image_id]["segments_info"],
-            }
-        )
+    rows = [
+        {**_image_row(image_id, info, embed_images), "panoptic": _image_entry(panoptic[image_id]["png_path"], embed_images),
+         "segments_info": panoptic[image_id]["segments_info"]}
+        for image_id, info in images.items()
+        if image_id in panoptic
+    ]
     return rows_to_dataset(rows, features=build_features(instances=False, panoptic=True, semantic=False))
 
 
@@ -647,13 +633,7 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
 
     rows = []
     for image_id, info in images.items():
-        row = {
-            "image": _image_entry(info["path"], embed_images),
-            "image_id": image_id,
-            "file_name": info["file_name"],
-            "width": info["width"],
-            "height": info["height"],
-        }
+        row = _image_row(image_id, info, embed_images)
         if objects is not None:
             row["objects"] = objects[image_id]
         if panoptic is not None:

@@ -989,13 +989,20 @@ def load_metric(name: str, **kwargs: Any):
     return evaluate.load(metric_path(name), **kwargs)
 
 
-def schema_conforming_metric(features: Any):
-    """An `evaluate.Metric` base whose `add`/`add_batch` reshape inputs to `features` (see `conform_to_schema`):
-    evaluate 0.4 rejects missing or extra keys, so box-only predictions or Transformers' `segments_info` could not
-    be passed as they are. Imported lazily so `evaluate` stays optional for the package."""
+def schema_conforming_metric(
+    features: Any, description: str, citation: str, inputs_description: str, reference_urls: Sequence[str] = ()
+):
+    """An `evaluate.Metric` base with its `MetricInfo`, whose `add`/`add_batch` reshape inputs to `features` (see
+    `conform_to_schema`): evaluate 0.4 rejects missing or extra keys, so box-only predictions or Transformers'
+    `segments_info` could not be passed as they are. Imported lazily so `evaluate` stays optional for the package."""
     import evaluate
 
     class SchemaConformingMetric(evaluate.Metric):
+        def _info(self):
+            return evaluate.MetricInfo(description=description, citation=citation,
+                                       inputs_description=inputs_description, features=features,
+                                       reference_urls=list(reference_urls))
+
         def add_batch(self, *, predictions=None, references=None, **kwargs):
             """Add a batch of predictions and references, reshaped to the metric's features first."""
             if predictions is not None:

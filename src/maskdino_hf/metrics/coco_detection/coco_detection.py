@@ -74,19 +74,11 @@ _FEATURES = datasets.Features(
     }
 )
 
+_REFERENCE_URLS = ["https://cocodataset.org/#detection-eval"]
+
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CocoDetection(schema_conforming_metric(_FEATURES)):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=_FEATURES,
-            reference_urls=["https://cocodataset.org/#detection-eval"],
-        )
-
-
+class CocoDetection(schema_conforming_metric(_FEATURES, _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, _REFERENCE_URLS)):
     def _compute(self, predictions, references, categories=None, iou_types=None, per_category=True):
         results = []
         for ref, preds in zip(references, predictions):
