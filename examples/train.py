@@ -19,9 +19,13 @@ embeddings, backbone lr x 0.1), step decay x0.1 at 88.9% and 96.3% of `--max-ste
 full-model gradient-norm clipping at 0.01, mixed precision through Accelerate.
 
 Checkpoints (`--save-every`) are `accelerator.save_state` folders under `OUTPUT_DIR/checkpoints/checkpoint-STEP`
-(model, optimizer, scheduler, RNG states and the data position); `--resume-from PATH|latest` continues exactly where
-the checkpoint was taken: the sampler is seeded per epoch, the augmentation of image i in epoch e only depends on
-(seed, e, i), and the batches already seen in the current epoch are skipped with `accelerator.skip_first_batches`.
+(model, optimizer, scheduler, RNG states and the data position), written as `checkpoint-STEP.tmp` and renamed when
+complete. `--resume-from PATH|latest` checks the checkpoint first (a truncated file, or a pickled one holding more
+than tensors, is refused with its path; `latest` takes the newest good one, skipping unfinished and broken ones) and
+continues exactly where it was taken: the sampler is seeded per epoch, the augmentation of image i in epoch e only
+depends on (seed, e, i), and the batches already seen in the current epoch are skipped with
+`accelerator.skip_first_batches`. Periodic and final evaluation (`maskdino_hf.evaluation.evaluate`) runs on every
+process, each on its share of the images.
 
 At the end the model and its image processor are written with `save_pretrained` to `--output-dir`, together with
 `metrics.json` (final evaluation, timings) and `log.jsonl` (one line per logged step / evaluation).

@@ -500,15 +500,19 @@ def _json_safe(value: Any) -> Any:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, format_metrics_table, load_eval_dataset, tasks_for_dataset
+    from .evaluation import evaluate, format_metrics_table, load_eval_dataset, process_state, tasks_for_dataset
 
     dataset, categories = load_eval_dataset(args.data, args.split)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: the {args.split!r} split is empty")
     tasks = tasks_for_dataset(args.task, dataset.column_names)
-    model, processor = load_model_and_processor(args.model, resolve_device(args.device))
+    state = process_state()  # under `accelerate launch` every process evaluates its share on its own device
+    device = str(state.device) if state.num_processes > 1 else resolve_device(args.device)
+    model, processor = load_model_and_processor(args.model, device)
     metrics = evaluate(model, processor, dataset, tasks, categories=categories, batch_size=args.batch_size,
                        max_images=args.max_images, bf16=args.bf16, progress=True)
+    if not state.is_main_process:
+        return 0
     num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
     model_name = str(args.model) if args.model is not None else str(demo_model_dir())
     report = {"model": model_name, "data": str(args.data), "split": args.split, "tasks": tasks,

@@ -793,6 +793,15 @@ class DatasetEvaluator:
         return metrics
 
 
+def process_state():
+    """Accelerate's process state (one process unless started by `accelerate launch`), set up as an `Accelerator`
+    would set it up (`ACCELERATE_USE_CPU` runs CPU processes over gloo)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _dataset_row(dataset: Any, index: int) -> dict:
     """Row ``index`` of a data set (or a list of rows), with its image as RGB; an image that cannot be decoded is
     a ``ValueError`` naming the row and its file."""
@@ -838,8 +847,7 @@ def evaluate(
     Under Accelerate (``accelerate launch``) each process predicts its share of the batches; the records are gathered
     and the metrics, computed once on the main process in data set order, are returned on every process.
     """
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+    from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -862,7 +870,7 @@ def evaluate(
         predict_fn = model_predict_fn(model, processor, tasks, str(model.device), threshold=None, bf16=bf16)
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as an Accelerator would set it up
+    state = process_state()
     was_training = model.training
     model.eval()
     records = []
