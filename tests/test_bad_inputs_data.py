@@ -144,6 +144,15 @@ INSTANCE_CASES = {
     "uncompressed RLE with a negative count": (
         lambda d: d["annotations"][1]["segmentation"].update(counts=[0, -2, 770]), ValueError,
         ["annotations[1]", "non-negative"]),
+    "compressed RLE counts short of height * width": (
+        lambda d: d["annotations"][1]["segmentation"].update(counts="0220"), ValueError,
+        ["annotations[1]", "compressed RLE counts sum to 6", "768"]),
+    "empty compressed RLE": (
+        lambda d: d["annotations"][1]["segmentation"].update(counts=""), ValueError,
+        ["annotations[1]", "sum to 0", "768"]),
+    "compressed RLE of invalid characters": (
+        lambda d: d["annotations"][1]["segmentation"].update(counts="0z1~"), ValueError,
+        ["annotations[1]", "not a valid COCO RLE string"]),
     "RLE of another size than the image": (
         lambda d: d["annotations"][1]["segmentation"].update(size=[10, 10], counts=[0, 100]), ValueError,
         ["annotations[1]", "[10, 10]", "[24, 32]"]),
@@ -288,6 +297,32 @@ def test_a_missing_semantic_map_is_named(folder):
 def test_rows_with_bad_uncompressed_rle_are_refused():
     with pytest.raises(ValueError, match="objects\\[0\\].*sum to 3.*12"):
         rle_to_mask({"size": [3, 4], "counts": [1, 2]}, "objects[0]")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda o: o.update(bbox=[2.0, 3.0, -1.0, 8.0]), ["image 1: objects[0]", "negative width"]),
+    (lambda o: o.update(bbox=[2.0, 3.0, 100.0, 8.0]), ["image 1: objects[0]", "outside the 32 x 24 image"]),
+    (lambda o: o["segmentation"].update(size=[8, 8]), ["image 1: objects[0]", "[8, 8]", "[24, 32]"]),
+    (lambda o: o["segmentation"].update(counts="0220"), ["image 1: objects[0]", "sum to 6", "768"]),
+])
+def test_ground_truth_rows_with_bad_objects_are_refused(edit, words, folder):
+    rows = [dict(row) for row in load_coco_instances(folder).remove_columns("image")]
+    edit(rows[0]["objects"][0])
+    with pytest.raises(ValueError) as info:
+        dataset_to_coco_instances(rows, CATEGORIES[:1])
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_semantic_classes_outside_the_categories_are_refused(folder):
+    from maskdino_hf.evaluation import DatasetEvaluator
+
+    evaluator = DatasetEvaluator(["semantic"], CATEGORIES, {0: 1, 1: 2}, 2)
+    row = {"image_id": 1, "semantic": np.full((HEIGHT, WIDTH), 2, dtype=np.uint8)}
+    assert evaluator.image_record(row, {"semantic": np.ones((HEIGHT, WIDTH), dtype=np.int64)})["semantic"] is not None
+    row["semantic"][0, 0] = 9
+    with pytest.raises(ValueError, match=r"image 1: the semantic map has class ids \[9\]"):
+        evaluator.image_record(row, {"semantic": np.ones((HEIGHT, WIDTH), dtype=np.int64)})
 
 
 def test_ground_truth_of_an_unknown_category_is_refused(folder):

@@ -157,27 +157,55 @@ def _rle_size(rle: Mapping, where: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _compressed_counts(counts: bytes, where: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' format: 5 bits a character from ``'0'``, a
+    continuation bit, a sign bit on the last character, each count after the second stored as a difference to the
+    count two before)."""
+    values: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts) or not 48 <= counts[position] < 112:
+                raise ValueError(f"{where}: compressed RLE counts {counts[:20]!r} are not a valid COCO RLE string")
+            code = counts[position] - 48
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        values.append(value + values[-2] if len(values) > 2 else value)
+    return values
+
+
+def _check_counts(values: Sequence[int], height: int, width: int, kind: str, where: str) -> None:
+    """Run lengths must be non-negative and cover the mask exactly: pycocotools reads (or writes) past the mask
+    otherwise and returns a different mask on every call."""
+    if any(v < 0 for v in values):
+        raise ValueError(f"{where}: {kind} RLE counts must be non-negative integers, got {list(values)[:8]}")
+    if sum(values) != height * width:
+        raise ValueError(
+            f"{where}: {kind} RLE counts sum to {sum(values)}, but size {height}x{width} needs {height * width}"
+        )
+
+
 def _to_compressed_rle(rle: Mapping, where: str = "RLE") -> dict:
-    """A compressed RLE with ``bytes`` counts. Uncompressed ``counts`` are checked first (non-negative integers
-    summing to ``height * width``): pycocotools reads past the end of shorter lists."""
+    """A compressed RLE with ``bytes`` counts, its counts checked first (see :func:`_check_counts`)."""
     from pycocotools import mask as mask_utils
 
     height, width = _rle_size(rle, where)
     counts = rle["counts"]
     if isinstance(counts, (list, tuple, np.ndarray)):
         values = np.asarray(counts)
-        if values.ndim != 1 or (values.size and (values.dtype.kind not in "iu" or values.min() < 0)):
+        if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
             raise ValueError(f"{where}: uncompressed RLE counts must be non-negative integers, got {list(counts)[:8]}")
-        if int(values.sum()) != height * width:
-            raise ValueError(
-                f"{where}: uncompressed RLE counts sum to {int(values.sum())}, but size {height}x{width} needs "
-                f"{height * width}"
-            )
+        _check_counts([int(v) for v in values], height, width, "uncompressed", where)
         return mask_utils.frPyObjects({"size": [height, width], "counts": [int(v) for v in values]}, height, width)
     if isinstance(counts, str):
-        counts = counts.encode("ascii")
+        counts = counts.encode("ascii", errors="replace")
     if not isinstance(counts, bytes):
         raise ValueError(f"{where}: RLE counts must be a string (compressed) or a list of integers, got {type(counts).__name__}")
+    _check_counts(_compressed_counts(counts, where), height, width, "compressed", where)
     return {"size": [height, width], "counts": counts}
 
 
@@ -718,9 +746,16 @@ def dataset_to_coco_instances(
         if image_id in seen:
             raise ValueError(f"Duplicate image_id {image_id} in the data set")
         seen.add(image_id)
-        images.append({"id": image_id, "width": int(row["width"]), "height": int(row["height"]),
+        width, height = int(row["width"]), int(row["height"])
+        images.append({"id": image_id, "width": width, "height": height,
                        "file_name": row.get("file_name") or f"{image_id:06d}.png"})
-        annotations += [{**annotation, "image_id": image_id} for annotation in instance_annotations(row)]
+        for k, annotation in enumerate(instance_annotations(row)):
+            where = f"image {image_id}: objects[{k}]"
+            if "bbox" in annotation:
+                _check_box(annotation["bbox"], width, height, where)
+            if "segmentation" in annotation:
+                segmentation_to_rle(annotation["segmentation"], height, width, where)
+            annotations.append({**annotation, "image_id": image_id})
     ids = [annotation.get("id") for annotation in annotations]
     if not (all(i is not None and i > 0 for i in ids) and len(set(ids)) == len(ids)):
         for number, annotation in enumerate(annotations, start=1):

@@ -759,7 +759,12 @@ class DatasetEvaluator:
             )
         if "semantic" in self.tasks:
             reference = _to_numpy(row["semantic"].convert("L") if hasattr(row["semantic"], "convert") else row["semantic"])
-            reference = self._category_to_label[np.clip(reference.astype(np.int64), 0, len(self._category_to_label) - 1)]
+            reference = reference.astype(np.int64)
+            unknown = sorted(set(np.unique(reference).tolist()) - {c["id"] for c in self.categories} - {self.ignore_index})
+            if unknown:
+                raise ValueError(f"image {image_id}: the semantic map has class ids {unknown[:10]} that are neither "
+                                 f"categories {[c['id'] for c in self.categories][:20]} nor {self.ignore_index} (ignore)")
+            reference = self._category_to_label[reference]
             record["semantic"] = self._semantic_accumulator().image_counts(_to_numpy(prediction["semantic"]), reference)
         return record
 
