@@ -53,14 +53,24 @@ def _free_port() -> str:
         return str(probe.getsockname()[1])
 
 
-def _run(launcher: list[str], data: Path, output: Path) -> list[dict]:
+def _launch(launcher: list[str], data: Path, output: Path) -> subprocess.CompletedProcess:
     output.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([*launcher, __file__, str(data), str(output)], env=env, capture_output=True, text=True,
+    return subprocess.run([*launcher, __file__, str(data), str(output)], env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def _run(launcher: list[str], data: Path, output: Path) -> list[dict]:
+    done = _launch(launcher, data, output)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return [json.loads(path.read_text()) for path in sorted(output.glob("rank*.json"))]
+
+
+def _two_processes() -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", _free_port()]
 
 
 def _same(a: float, b: float) -> bool:
@@ -76,10 +86,7 @@ def test_two_processes_give_exactly_the_single_process_metrics(tmp_path):
         str(data)
     )
     (single,) = _run([sys.executable], data, tmp_path / "one")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", _free_port()]
-    ranks = _run(launcher, data, tmp_path / "two")
+    ranks = _run(_two_processes(), data, tmp_path / "two")
 
     assert single["num_processes"] == 1 and sorted(single["images"]) == list(range(1, NUM_IMAGES + 1))
     assert [r["num_processes"] for r in ranks] == [2, 2]
@@ -94,6 +101,26 @@ def test_two_processes_give_exactly_the_single_process_metrics(tmp_path):
         assert rank["metrics"].keys() == expected.keys()
         different = {k: (v, expected[k]) for k, v in rank["metrics"].items() if not _same(v, expected[k])}
         assert not different, different
+
+
+def test_a_failure_on_one_process_stops_every_process(tmp_path):
+    """The last image (the second process's share) cannot be decoded: both processes stop with the error naming
+    it, instead of the first one waiting for the second at the gather."""
+    pytest.importorskip("accelerate")
+    import datasets
+
+    from maskdino_hf.synthetic import generate_shapes_split
+
+    rows = generate_shapes_split(NUM_IMAGES, image_size=((96, 128), (96, 128)), seed=5, split="validation")
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    broken = rows.map(lambda row, i: {"image": {"bytes": row["image"]["bytes"][:200], "path": None}}
+                      if i == NUM_IMAGES - 1 else {}, with_indices=True)
+    data = tmp_path / "broken"
+    broken.cast_column("image", datasets.Image()).save_to_disk(str(data))
+    done = _launch(_two_processes(), data, tmp_path / "out")
+    assert done.returncode != 0
+    assert "row 4" in done.stderr and "cannot decode its image" in done.stderr, done.stderr[-3000:]
+    assert "evaluation failed on 1 process(es)" in done.stderr, done.stderr[-3000:]
 
 
 if __name__ == "__main__":

@@ -859,7 +859,9 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 (or None for all), got {max_images}")
-    columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
+    if len(dataset) == 0:
+        raise ValueError("the data set to evaluate has no rows")
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
     tasks = tasks_for_dataset(tasks, columns)
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     if categories is None:
@@ -886,10 +888,17 @@ def evaluate(
                 predictions = predict_fn([row["image"] for row in rows], rows)
                 for index, row, prediction in zip(indices, rows, predictions, strict=True):
                     records.append((index, evaluator.image_record(row, prediction)))
+    except Exception as error:  # noqa: BLE001  (the other processes must not wait for this one forever)
+        if state.num_processes == 1:
+            raise
+        records.append((-1, f"{type(error).__name__}: {error}"))
     finally:
         model.train(was_training)
     if state.num_processes > 1:
         records = gather_object(records)
+        failures = [record for index, record in records if index == -1]
+        if failures:
+            raise ValueError(f"evaluation failed on {len(failures)} process(es): {failures[0]}")
     metrics = None
     if state.is_main_process:
         metrics = evaluator.compute([record for _, record in sorted(records, key=lambda item: item[0])], per_category)
