@@ -207,6 +207,18 @@ def test_unreadable_image_files_are_named(name, folder):
         load_coco_instances(folder)
 
 
+def test_verify_images_false_reads_only_headers(folder):
+    """For very large data sets: sizes still checked from the headers, decoding left to when a row is read."""
+    _truncate(folder / "images" / "b.png")
+    data = load_coco_folder(folder, verify_images=False)
+    assert data.num_rows == 2 and data[0]["segments_info"][0]["area"] == 80
+    with pytest.raises(OSError):
+        data[1]["image"]
+    _set_instances(folder, INSTANCE_CASES["json size disagrees with the file"][0])
+    with pytest.raises(ValueError, match="64 x 48"):
+        load_coco_instances(folder, verify_images=False)
+
+
 def test_a_truncated_jpeg_is_named(folder):
     image = Image.open(folder / "images" / "a.png")
     image.save(folder / "images" / "a.jpg", quality=95)

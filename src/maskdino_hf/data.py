@@ -26,7 +26,8 @@ and what is allowed: images that cannot be decoded (truncated or corrupt files),
 image file, polygons with non-finite coordinates, uncompressed RLEs whose counts do not cover ``height * width``,
 boxes with a negative size or outside the image, category ids missing from ``categories``, panoptic PNG segments
 missing from ``segments_info`` (and the reverse). Images without annotations are legitimate and load with empty
-lists. :func:`dataset_to_coco_instances` is the one builder of COCO instance ground truth (evaluation uses it).
+lists. Checking decodability and PNG segments decodes every image once; ``verify_images=False`` reads only the
+headers (for very large data sets: a broken file then fails when its row is read). :func:`dataset_to_coco_instances` is the one builder of COCO instance ground truth (evaluation uses it).
 """
 
 from __future__ import annotations
@@ -345,10 +346,17 @@ def _image_entry(path: Path, embed: bool) -> dict:
     return {"bytes": None, "path": str(path.resolve())}
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of the image at ``path``, decoded in full so that a truncated file is caught here."""
-    width, height = read_image(path).size
-    return int(width), int(height)
+def _image_size(path: Path, verify: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of the image at ``path``: decoded in full so that a truncated file is caught here, or
+    (``verify=False``, for very large data sets) read from the header only."""
+    if verify:
+        width, height = read_image(path).size
+        return int(width), int(height)
+    try:
+        with PILImage.open(path) as image:
+            return int(image.size[0]), int(image.size[1])
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read image {path}: {error} (not an image file)") from None
 
 
 def _image_row(image_id: int, info: Mapping, embed: bool) -> dict:
@@ -372,7 +380,7 @@ def _resolve_instances_paths(folder_or_json, image_dir) -> tuple[Path, Path]:
     return json_path, image_dir
 
 
-def _parse_images(data: Mapping, where: str, image_dir: Path) -> dict[int, dict]:
+def _parse_images(data: Mapping, where: str, image_dir: Path, verify: bool = True) -> dict[int, dict]:
     _require_keys(data, ["images"], where)
     images = {}
     for i, img in enumerate(data["images"]):
@@ -383,7 +391,7 @@ def _parse_images(data: Mapping, where: str, image_dir: Path) -> dict[int, dict]
         path = image_dir / img["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image {img['file_name']!r} (id {image_id}) not found at {path}")
-        width, height = _image_size(path)
+        width, height = _image_size(path, verify)
         if ("width" in img and int(img["width"]) != width) or ("height" in img and int(img["height"]) != height):
             raise ValueError(
                 f"{where}: images[{i}] ({img['file_name']!r}) says width x height = {img.get('width')} x "
@@ -458,7 +466,11 @@ def _parse_instance_annotations(data: Mapping, where: str, images: Mapping[int, 
 
 
 def load_coco_instances(
-    folder_or_json: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, embed_images: bool = False
+    folder_or_json: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    embed_images: bool = False,
+    verify_images: bool = True,
 ) -> datasets.Dataset:
     """Load a COCO instances json into a :class:`datasets.Dataset` with columns
     ``image, image_id, file_name, width, height, objects``.
@@ -475,15 +487,18 @@ def load_coco_instances(
     json_path, image_dir = _resolve_instances_paths(folder_or_json, image_dir)
     data = _load_json(json_path)
     where = str(json_path)
-    images = _parse_images(data, where, image_dir)
+    images = _parse_images(data, where, image_dir, verify_images)
     objects = _parse_instance_annotations(data, where, images)
     rows = [{**_image_row(image_id, info, embed_images), "objects": objects[image_id]} for image_id, info in images.items()]
     return rows_to_dataset(rows, features=build_features(instances=True, panoptic=False, semantic=False))
 
 
-def _parse_panoptic(data: Mapping, where: str, images: Mapping[int, dict], png_dir: Path) -> dict[int, dict]:
-    """Segments of every panoptic annotation, checked against its PNG: the PNG has the image's size, and its
-    segment ids are exactly those of ``segments_info`` (an id missing from it would silently become void)."""
+def _parse_panoptic(
+    data: Mapping, where: str, images: Mapping[int, dict], png_dir: Path, verify: bool = True
+) -> dict[int, dict]:
+    """Segments of every panoptic annotation, checked against its PNG (``verify``): the PNG has the image's size,
+    and its segment ids are exactly those of ``segments_info`` (an id missing from it would silently become void).
+    Without ``verify`` a PNG is read only to fill in a missing ``area`` or ``bbox``."""
     _require_keys(data, ["annotations", "categories"], where)
     isthing = {int(cat["id"]): int(cat.get("isthing", 1)) for cat in data["categories"] if cat.get("id") is not None}
     _category_ids(data, where)
@@ -497,9 +512,10 @@ def _parse_panoptic(data: Mapping, where: str, images: Mapping[int, dict], png_d
         png_path = png_dir / ann["file_name"]
         if not png_path.is_file():
             raise FileNotFoundError(f"{here}: panoptic PNG {ann['file_name']!r} not found at {png_path}")
-        ids = panoptic_ids(read_image(png_path, "RGB"))
+        complete = all("area" in seg and "bbox" in seg for seg in ann["segments_info"])
+        ids = panoptic_ids(read_image(png_path, "RGB")) if verify or not complete else None
         size = (images[image_id]["height"], images[image_id]["width"])
-        if ids.shape != size:
+        if ids is not None and ids.shape != size:
             raise ValueError(f"{here}: panoptic PNG {png_path} is {ids.shape[1]} x {ids.shape[0]} but its image is "
                              f"{size[1]} x {size[0]}")
         segments = []
@@ -509,7 +525,7 @@ def _parse_panoptic(data: Mapping, where: str, images: Mapping[int, dict], png_d
             if category_id not in isthing:
                 raise ValueError(f"{here}: segment {seg['id']} of image {image_id} has category_id {category_id}, "
                                  f"which is not in the json's categories {sorted(isthing)}")
-            mask = ids == int(seg["id"])
+            mask = ids == int(seg["id"]) if ids is not None else None
             segments.append(
                 {
                     "id": int(seg["id"]),
@@ -520,6 +536,9 @@ def _parse_panoptic(data: Mapping, where: str, images: Mapping[int, dict], png_d
                     "bbox": [int(round(float(v))) for v in seg["bbox"]] if "bbox" in seg else mask_to_bbox(mask),
                 }
             )
+        if not verify:
+            out[image_id] = {"png_path": png_path, "segments_info": segments}
+            continue
         listed = {s["id"] for s in segments}
         present = set(np.unique(ids).tolist()) - {0}
         if present - listed:
@@ -538,6 +557,7 @@ def load_coco_panoptic(
     image_dir: str | os.PathLike,
     *,
     embed_images: bool = False,
+    verify_images: bool = True,
 ) -> datasets.Dataset:
     """Load a COCO panoptic json + PNG folder into a :class:`datasets.Dataset` with columns
     ``image, image_id, file_name, width, height, panoptic, segments_info``.
@@ -551,8 +571,8 @@ def load_coco_panoptic(
             raise FileNotFoundError(f"{what} directory not found: {d}")
     data = _load_json(json_path)
     where = str(json_path)
-    images = _parse_images(data, where, image_dir)
-    panoptic = _parse_panoptic(data, where, images, png_dir)
+    images = _parse_images(data, where, image_dir, verify_images)
+    panoptic = _parse_panoptic(data, where, images, png_dir, verify_images)
     rows = [
         {**_image_row(image_id, info, embed_images), "panoptic": _image_entry(panoptic[image_id]["png_path"], embed_images),
          "segments_info": panoptic[image_id]["segments_info"]}
@@ -574,6 +594,7 @@ def load_semantic_folder(
     label_suffix: str = ".png",
     image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
     embed_images: bool = False,
+    verify_images: bool = True,
 ) -> datasets.Dataset:
     """Pair every image of ``image_dir`` with ``label_dir/<stem><label_suffix>`` (a single-channel PNG of class ids,
     255 = ignore) into a :class:`datasets.Dataset` with columns ``image, image_id, file_name, width, height,
@@ -597,8 +618,8 @@ def load_semantic_folder(
     rows = []
     for i, path in enumerate(image_paths):
         label_path = label_dir / (path.stem + label_suffix)
-        width, height = _image_size(path)
-        lw, lh = _image_size(label_path)
+        width, height = _image_size(path, verify_images)
+        lw, lh = _image_size(label_path, verify_images)
         if (lw, lh) != (width, height):
             raise ValueError(f"Label map {label_path} is {lw}x{lh} but image {path} is {width}x{height}")
         rows.append(
@@ -614,7 +635,9 @@ def load_semantic_folder(
     return rows_to_dataset(rows, features=build_features(instances=False, panoptic=False, semantic=True))
 
 
-def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -> datasets.Dataset:
+def load_coco_folder(
+    folder: str | os.PathLike, *, embed_images: bool = False, verify_images: bool = True
+) -> datasets.Dataset:
     """Load a folder written by :func:`maskdino_hf.synthetic.export_coco_folder` (or laid out the same way):
 
     ``images/``, ``annotations/instances.json``, ``annotations/panoptic.json`` + ``panoptic/``, ``semantic/``.
@@ -645,19 +668,19 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
     objects = panoptic = None
     if has_instances:
         data = _load_json(instances_json)
-        images = _parse_images(data, str(instances_json), image_dir)
+        images = _parse_images(data, str(instances_json), image_dir, verify_images)
         objects = _parse_instance_annotations(data, str(instances_json), images)
     if has_panoptic:
         data = _load_json(panoptic_json)
-        pan_images = _parse_images(data, str(panoptic_json), image_dir)
+        pan_images = _parse_images(data, str(panoptic_json), image_dir, verify_images)
         if images is None:
             images = pan_images
-        panoptic = _parse_panoptic(data, str(panoptic_json), images, panoptic_dir)
+        panoptic = _parse_panoptic(data, str(panoptic_json), images, panoptic_dir, verify_images)
         missing = [i for i in images if i not in panoptic]
         if missing:
             raise ValueError(f"{panoptic_json}: no panoptic annotation for image id(s) {missing[:10]}")
     if images is None:
-        return load_semantic_folder(image_dir, semantic_dir, embed_images=embed_images)
+        return load_semantic_folder(image_dir, semantic_dir, embed_images=embed_images, verify_images=verify_images)
 
     rows = []
     for image_id, info in images.items():
@@ -671,8 +694,9 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
             label_path = semantic_dir / (Path(info["file_name"]).stem + ".png")
             if not label_path.is_file():
                 raise FileNotFoundError(f"Semantic label map for image {info['file_name']!r} not found at {label_path}")
-            if _image_size(label_path) != (info["width"], info["height"]):
-                raise ValueError(f"Label map {label_path} is {'x'.join(map(str, _image_size(label_path)))} but image "
+            label_size = _image_size(label_path, verify_images)
+            if label_size != (info["width"], info["height"]):
+                raise ValueError(f"Label map {label_path} is {label_size[0]}x{label_size[1]} but image "
                                  f"{info['path']} is {info['width']}x{info['height']}")
             row["semantic"] = _image_entry(label_path, embed_images)
         rows.append(row)
