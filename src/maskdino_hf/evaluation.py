@@ -758,8 +758,10 @@ class DatasetEvaluator:
                 segmentation, segments, row["panoptic"], row["segments_info"]
             )
         if "semantic" in self.tasks:
-            reference = _to_numpy(row["semantic"].convert("L") if hasattr(row["semantic"], "convert") else row["semantic"])
-            reference = reference.astype(np.int64)
+            reference = _to_numpy(row["semantic"]).astype(np.int64)  # L, P or 16-bit maps of class ids
+            if reference.ndim != 2:
+                raise ValueError(f"image {image_id}: the semantic map must be one channel of class ids, got shape "
+                                 f"{reference.shape}")
             unknown = sorted(set(np.unique(reference).tolist()) - {c["id"] for c in self.categories} - {self.ignore_index})
             if unknown:
                 raise ValueError(f"image {image_id}: the semantic map has class ids {unknown[:10]} that are neither "
