@@ -4,7 +4,7 @@ The speed issue's precision rule: bf16 results compared with fp32 ones, "same to
 script measures it on the bundled demo model (or `--model`) over `--images` held-out synthetic validation images
 (the demo model's validation distribution; none of them was trained on), and prints:
 
-* the held-out metrics in fp32 and under bf16 autocast (COCO mask / box AP, PQ) through `training.evaluate_model`;
+* the held-out metrics in fp32 and under bf16 autocast (COCO mask / box AP, PQ) through `evaluation.evaluate`;
 * for the fp32 top-`--top` instances of every image: the share that has a bf16 instance of the same label with mask
   IoU >= `--min-iou` (matched by mask, since instances with close scores may swap ranks), by fp32 score band;
 * the same share for a float32 run on the input rounded to bfloat16 (`pixel_values.bfloat16().float()`): no bf16
@@ -51,7 +51,7 @@ def main() -> None:
     from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
     from maskdino_hf.cli import demo_model_dir
     from maskdino_hf.synthetic import SHAPES_CATEGORIES, generate_shapes_split
-    from maskdino_hf.training import _to_rgb_array, evaluate_model
+    from maskdino_hf.evaluation import evaluate
 
     folder = args.model or demo_model_dir()
     model = MaskDINOForUniversalSegmentation.from_pretrained(folder).eval()
@@ -61,11 +61,11 @@ def main() -> None:
     print(f"model {folder}; {args.images} held-out synthetic images; torch {torch.__version__}, {args.threads} threads")
 
     started = time.perf_counter()
-    with torch.inference_mode():
-        metrics = {
-            name: evaluate_model(model, processor, dataset, "panoptic", SHAPES_CATEGORIES, autocast_dtype=dtype)
-            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
-        }
+    metrics = {
+        name: evaluate(model, processor, dataset, ["instance", "panoptic"], categories=SHAPES_CATEGORIES, batch_size=4,
+                       bf16=bf16)
+        for name, bf16 in (("fp32", False), ("bf16", True))
+    }
     keys = [key for key in ("segm_AP", "segm_AP50", "bbox_AP", "PQ") if key in metrics["fp32"]]
     print("\nheld-out metrics (fraction, not percent)")
     print("        " + "".join(f"{key:>10s}" for key in keys))
@@ -76,9 +76,9 @@ def main() -> None:
     lowest = {name: (1.0, None) for name in shares}
     with torch.inference_mode():
         for row in range(len(dataset)):
-            image = _to_rgb_array(dataset[row]["image"])
-            inputs = processor(images=image, return_tensors="pt", input_data_format="channels_last")
-            size = [image.shape[:2]]
+            image = dataset[row]["image"].convert("RGB")
+            inputs = processor(images=image, return_tensors="pt")
+            size = [(image.height, image.width)]
             reference = processor.post_process_instance_segmentation(model(**inputs), target_sizes=size)[0]
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 bf16 = processor.post_process_instance_segmentation(model(**inputs), target_sizes=size)[0]

@@ -19,9 +19,13 @@ embeddings, backbone lr x 0.1), step decay x0.1 at 88.9% and 96.3% of `--max-ste
 full-model gradient-norm clipping at 0.01, mixed precision through Accelerate.
 
 Checkpoints (`--save-every`) are `accelerator.save_state` folders under `OUTPUT_DIR/checkpoints/checkpoint-STEP`
-(model, optimizer, scheduler, RNG states and the data position); `--resume-from PATH|latest` continues exactly where
-the checkpoint was taken: the sampler is seeded per epoch, the augmentation of image i in epoch e only depends on
-(seed, e, i), and the batches already seen in the current epoch are skipped with `accelerator.skip_first_batches`.
+(model, optimizer, scheduler, RNG states and the data position), written as `checkpoint-STEP.tmp` and renamed when
+complete. `--resume-from PATH|latest` checks the checkpoint first (a truncated file, or a pickled one holding more
+than tensors, is refused with its path; `latest` takes the newest good one, skipping unfinished and broken ones) and
+continues exactly where it was taken: the sampler is seeded per epoch, the augmentation of image i in epoch e only
+depends on (seed, e, i), and the batches already seen in the current epoch are skipped with
+`accelerator.skip_first_batches`. Periodic and final evaluation (`maskdino_hf.evaluation.evaluate`) runs on every
+process, each on its share of the images.
 
 At the end the model and its image processor are written with `save_pretrained` to `--output-dir`, together with
 `metrics.json` (final evaluation, timings) and `log.jsonl` (one line per logged step / evaluation).
@@ -31,29 +35,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 import maskdino_hf  # noqa: F401  (registers the Auto classes)
 from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
+from maskdino_hf.evaluation import evaluate, label_to_category_mapping
 from maskdino_hf.releases import card_metrics, upload_folder, write_model_card
 from maskdino_hf.training import (
     OFFICIAL_CLIP_VALUE,
     OFFICIAL_STEP_FRACTIONS,
     BatchInvariantRandomSource,
+    CheckpointError,
     MaskDINOTrainCollator,
     MaskDINOTrainDataset,
     build_optimizer,
     build_scheduler,
     dataset_categories,
-    evaluate_model,
     load_dataset_splits,
+    resume_checkpoint,
+    save_checkpoint,
     tiny_config,
 )
 
@@ -145,7 +152,8 @@ def _json_arg(text: str | None):
 
 
 def resolve_labels(args, categories: list[dict], model_id2label: dict[int, str] | None):
-    """(id2label, category_id_to_label, stuff_labels) for the run."""
+    """(id2label, category_id_to_label, stuff_labels) for the run; categories map to labels by
+    `evaluation.label_to_category_mapping`, the rule evaluation uses too."""
     if args.id2label:
         id2label = {int(k): str(v) for k, v in _json_arg(args.id2label).items()}
     elif model_id2label is not None:
@@ -153,12 +161,11 @@ def resolve_labels(args, categories: list[dict], model_id2label: dict[int, str] 
     else:
         contiguous = [int(c["id"]) for c in categories] == list(range(len(categories)))
         id2label = {int(c["id"]) if contiguous else i: str(c["name"]) for i, c in enumerate(categories)}
-    by_name = {name: label for label, name in id2label.items()}
-    category_id_to_label = {int(c["id"]): by_name[str(c["name"])] for c in categories if str(c["name"]) in by_name}
-    if not category_id_to_label:  # names do not match: identity on the ids the class set knows
-        category_id_to_label = {int(c["id"]): int(c["id"]) for c in categories if int(c["id"]) in id2label}
-    if not category_id_to_label:
-        raise SystemExit("no data set category maps to a model label: pass --id2label with the data set's names")
+    try:
+        label_to_category = label_to_category_mapping(id2label, categories)
+    except ValueError as error:
+        _fail(f"{error}: pass --id2label with the data set's names")
+    category_id_to_label = {category: label for label, category in label_to_category.items()}
     if args.stuff_labels is not None:
         stuff = [int(v) for v in args.stuff_labels.split(",") if v.strip()]
     else:
@@ -289,45 +296,28 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    folder = output_dir / "checkpoints"
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
-    found = [p for p in found if not p.name.endswith(".tmp")]
-    return found[-1] if found else None
+def _fail(message: str):
+    """Stop with one line on stderr and exit status 2 (a mistake in the arguments or the files they name)."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
-    is_main = accelerator.is_main_process
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-
-    splits = load_dataset_splits(args.dataset)
+def load_data(args):
+    """(train split, evaluation split or None, categories)."""
+    try:
+        splits = load_dataset_splits(args.dataset)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        _fail(f"--dataset {args.dataset}: {error}")
     if args.train_split not in splits:
-        raise SystemExit(f"split {args.train_split!r} not in {list(splits)}")
-    train_data = splits[args.train_split]
+        _fail(f"split {args.train_split!r} not in {list(splits)}")
     eval_data = splits[args.eval_split] if args.eval_split and args.eval_split in splits else None
     if eval_data is not None and args.max_eval_images:
         eval_data = eval_data.select(range(min(args.max_eval_images, len(eval_data))))
-    categories = dataset_categories(splits, args.dataset)
+    return splits[args.train_split], eval_data, dataset_categories(splits, args.dataset, args.train_split)
 
-    set_seed(args.seed)  # identical initialisation everywhere
-    model, category_id_to_label, label_to_category = build_model(args, categories)
-    processor = build_processor(args, model)
-    if args.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
 
+def build_loader(args, train_data, processor, category_id_to_label):
+    """The augmenting data set, its per-epoch sampler and the data loader."""
     dataset = MaskDINOTrainDataset(
         train_data, args.task, None if args.no_augment else args.image_size, category_id_to_label,
         args.min_scale, args.max_scale, not args.no_flip, args.seed, args.detection_only,
@@ -340,152 +330,182 @@ def main(argv=None) -> dict:
         # (the model's random draws), or a resumed run (new iterator after load_state) would drift.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.backbone_multiplier)
+    return dataset, sampler, loader
+
+
+def build_schedule(args, optimizer, state):
     fractions = [float(v) for v in args.lr_steps.split(",") if v.strip()]
-    state = TrainingState()
     if args.schedule_by_time and args.max_train_minutes:
-        scheduler = build_time_scheduler(optimizer, args, fractions, lambda: state.train_seconds)
-    else:
-        scheduler = build_scheduler(optimizer, args.max_steps, fractions, args.gamma, args.warmup_steps, args.warmup_factor)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(state)
-    if len(loader) == 0:
-        raise SystemExit(f"the training split has {len(dataset)} images: fewer than one batch per process")
+        return build_time_scheduler(optimizer, args, fractions, lambda: state.train_seconds)
+    return build_scheduler(optimizer, args.max_steps, fractions, args.gamma, args.warmup_steps, args.warmup_factor)
 
-    if args.resume_from:
-        resume = _latest_checkpoint(output_dir) if args.resume_from == "latest" else Path(args.resume_from)
-        if resume is None or not resume.is_dir():
-            raise SystemExit(f"no checkpoint to resume from: {args.resume_from}")
-        accelerator.load_state(str(resume))
-        accelerator.print(f"resumed from {resume} at step {state.global_step}")
-    else:
+
+def resume_or_seed(args, accelerator, checkpoints: Path, state) -> None:
+    """Load `--resume-from` (a checked checkpoint, `latest` = the newest good one), or seed a fresh run."""
+    if not args.resume_from:
         set_seed(args.seed + accelerator.process_index)  # training draws differ between processes
+        return
+    try:
+        resume = resume_checkpoint(args.resume_from, checkpoints)
+    except (CheckpointError, FileNotFoundError) as error:
+        _fail(f"--resume-from {args.resume_from}: {error}")
+    accelerator.load_state(str(resume))
+    accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
-    random_source = BatchInvariantRandomSource(args.seed) if args.batch_invariant_draws else None
-    unwrapped = accelerator.unwrap_model(model)
-    log_path = output_dir / "log.jsonl"
 
-    def log(record: dict):
-        if is_main:
-            with open(log_path, "a") as f:
+class Run:
+    """What the training loop shares: the prepared objects, the arguments and the log."""
+
+    def __init__(self, args, accelerator, model, processor, optimizer, scheduler, state, eval_data, categories,
+                 label_to_category):
+        self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
+        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
+        self.eval_data, self.categories, self.label_to_category = eval_data, categories, label_to_category
+        self.output_dir = Path(args.output_dir)
+        self.random_source = BatchInvariantRandomSource(args.seed) if args.batch_invariant_draws else None
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def run_eval(step: int) -> dict:
-        metrics = {}
-        if eval_data is not None and is_main:
-            start = time.time()
-            autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-            metrics = evaluate_model(
-                unwrapped, processor, eval_data, args.task, categories, label_to_category, args.eval_batch_size,
-                args.detection_only, progress=not args.no_progress,
-                autocast_dtype=autocast if accelerator.device.type == "cuda" else None,
-            )
-            metrics = {k: v for k, v in metrics.items() if "/" not in k}
-            log({"step": step, "eval": metrics, "eval_seconds": round(time.time() - start, 2)})
-            headline = {k: round(v, 4) for k, v in metrics.items() if k in ("segm_AP", "bbox_AP", "PQ", "mIoU")}
-            accelerator.print(f"step {step}: eval {headline}")
-        accelerator.wait_for_everyone()
+    def evaluate(self, step: int) -> dict:
+        """Held-out metrics through `evaluation.evaluate`, every process taking its share of the images."""
+        if self.eval_data is None:
+            return {}
+        args, start = self.args, time.time()
+        tasks = {"instance": ["instance"], "panoptic": ["instance", "panoptic"], "semantic": ["semantic"]}[args.task]
+        metrics = evaluate(
+            self.accelerator.unwrap_model(self.model), self.processor, self.eval_data,
+            ["detection"] if args.detection_only else tasks, categories=self.categories,
+            label_to_category=self.label_to_category, batch_size=args.eval_batch_size,
+            bf16=args.mixed_precision == "bf16" and self.accelerator.device.type == "cuda",
+            per_category=False, progress=not args.no_progress,
+        )
+        self.log({"step": step, "eval": metrics, "eval_seconds": round(time.time() - start, 2)})
+        headline = {k: round(v, 4) for k, v in metrics.items() if k in ("segm_AP", "bbox_AP", "PQ", "mIoU")}
+        self.accelerator.print(f"step {step}: eval {headline}")
         return metrics
 
-    def save_checkpoint():
-        final = output_dir / "checkpoints" / f"checkpoint-{state.global_step}"
-        temporary = final.with_name(final.name + ".tmp")
-        if is_main and temporary.exists():
-            shutil.rmtree(temporary)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
-        if is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)  # a killed run never leaves a half-written checkpoint-N
-            if args.checkpoints_total_limit:
-                found = sorted((output_dir / "checkpoints").glob("checkpoint-*"),
-                               key=lambda p: int(p.name.split("-")[-1].replace(".tmp", "0")))
-                for old in [p for p in found if not p.name.endswith(".tmp")][: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
+    def after_step(self, loss_window: list, grad_norm) -> bool:
+        """Log, checkpoint and evaluate after an optimizer step; `True` when the run must stop."""
+        args, state, accelerator = self.args, self.state, self.accelerator
+        if state.global_step % args.log_every == 0 or state.global_step == args.max_steps:
+            mean_loss = accelerator.reduce(torch.stack(loss_window).mean(), reduction="mean").item()
+            record = {"step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
+                      "lr": max(group["lr"] for group in self.optimizer.param_groups),
+                      "seconds": round(state.train_seconds, 2)}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            self.log(record)
+        if args.save_every and state.global_step % args.save_every == 0:
+            save_checkpoint(accelerator, self.output_dir / "checkpoints", state.global_step, args.checkpoints_total_limit)
+        if args.eval_every and state.global_step % args.eval_every == 0 and state.global_step < args.max_steps:
+            self.evaluate(state.global_step)
+            self.model.train()
+        if state.global_step >= args.max_steps:
+            return True
+        if args.max_train_minutes and state.train_seconds > 60 * args.max_train_minutes:
+            accelerator.print(f"time limit reached at step {state.global_step}")
+            return True
+        if args.max_train_cpu_minutes and time.process_time() > 60 * args.max_train_cpu_minutes:
+            accelerator.print(f"CPU-time limit reached at step {state.global_step}")
+            return True
+        return False
 
-    if args.eval_at_start and state.global_step == 0:
-        run_eval(0)
 
+def train_loop(run: Run, loader, sampler, dataset) -> None:
+    """Optimizer steps until `--max-steps` or a time limit; epochs resume at the batch the checkpoint was taken."""
+    args, state, accelerator, model = run.args, run.state, run.accelerator, run.model
     model.train()
     progress = tqdm(total=args.max_steps, initial=state.global_step, desc="train",
-                    disable=not is_main or args.no_progress, dynamic_ncols=True)
-    window_loss, window_count = torch.zeros((), device=accelerator.device), 0
+                    disable=not accelerator.is_main_process or args.no_progress, dynamic_ncols=True)
     start_time, start_seconds = time.time(), state.train_seconds
-    stopped_early = False
-    while state.global_step < args.max_steps and not stopped_early:
+    losses: list[torch.Tensor] = []
+    stop = state.global_step >= args.max_steps
+    while not stop:
         sampler.set_epoch(state.epoch)
         dataset.set_epoch(state.epoch)
         skip = state.batches_in_epoch
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in epoch_loader:
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             batch.pop("indices", None)
             state.batches_in_epoch += 1
             with accelerator.accumulate(model):
-                outputs = model(**batch, random_source=random_source)
-                loss = outputs.loss
+                loss = model(**batch, random_source=run.random_source).loss
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.clip_grad > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float()
-            window_count += 1
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
             state.train_seconds = start_seconds + (time.time() - start_time)
-            scheduler.step()
+            run.scheduler.step()
             state.global_step += 1
             progress.update(1)
-            if state.global_step % args.log_every == 0 or state.global_step == args.max_steps:
-                mean_loss = accelerator.reduce(window_loss / window_count, reduction="mean").item()
-                record = {"step": state.global_step, "epoch": state.epoch, "loss": mean_loss,
-                          "lr": max(group["lr"] for group in optimizer.param_groups), "seconds": round(state.train_seconds, 2)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                log(record)
-                progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.2e}")
-            window_loss, window_count = torch.zeros((), device=accelerator.device), 0
-            if args.save_every and state.global_step % args.save_every == 0:
-                save_checkpoint()
-            if args.eval_every and state.global_step % args.eval_every == 0 and state.global_step < args.max_steps:
-                run_eval(state.global_step)
-                model.train()
-            if state.global_step >= args.max_steps:
-                break
-            if args.max_train_minutes and state.train_seconds > 60 * args.max_train_minutes:
-                accelerator.print(f"time limit reached at step {state.global_step}")
-                stopped_early = True
-                break
-            if args.max_train_cpu_minutes and time.process_time() > 60 * args.max_train_cpu_minutes:
-                accelerator.print(f"CPU-time limit reached at step {state.global_step}")
-                stopped_early = True
+            stop = run.after_step(losses, grad_norm)
+            losses = []
+            if stop:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
-    train_seconds = state.train_seconds
 
-    metrics = {} if args.no_final_eval else run_eval(state.global_step)
+
+def save_final(run: Run, metrics: dict) -> None:
+    """The model and processor (`save_pretrained`) and `metrics.json`, written by the main process."""
+    accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
-    if is_main:
-        unwrapped.save_pretrained(output_dir, safe_serialization=True)
-        processor.save_pretrained(output_dir)
-        summary = {"steps": state.global_step, "train_seconds": round(train_seconds, 1),
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(run.model).save_pretrained(run.output_dir, safe_serialization=True)
+        run.processor.save_pretrained(run.output_dir)
+        summary = {"steps": run.state.global_step, "train_seconds": round(run.state.train_seconds, 1),
                    "process_cpu_seconds": round(time.process_time(), 1), "eval": metrics,
                    "args": vars(args), "num_processes": accelerator.num_processes}
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+        (run.output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
         base_model = args.model if args.model and not Path(args.model).exists() else None  # Hub ids only
-        write_model_card(output_dir, model_id=args.push_to_hub or output_dir.name, task=args.task,
+        write_model_card(run.output_dir, model_id=args.push_to_hub or run.output_dir.name, task=args.task,
                          metrics=card_metrics(metrics), base_model=base_model)
         if args.push_to_hub:
-            upload_folder(output_dir, args.push_to_hub, commit_message=f"Mask DINO fine-tuned for {args.task}")
+            upload_folder(run.output_dir, args.push_to_hub, commit_message=f"Mask DINO fine-tuned for {args.task}")
     accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    train_data, eval_data, categories = load_data(args)
+    set_seed(args.seed)  # identical initialisation everywhere
+    model, category_id_to_label, label_to_category = build_model(args, categories)
+    processor = build_processor(args, model)
+    if args.gradient_checkpointing:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    dataset, sampler, loader = build_loader(args, train_data, processor, category_id_to_label)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.backbone_multiplier)
+    state = TrainingState()
+    scheduler = build_schedule(args, optimizer, state)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(state)
+    if len(loader) == 0:
+        _fail(f"the training split has {len(dataset)} images: fewer than one batch per process")
+    resume_or_seed(args, accelerator, Path(args.output_dir) / "checkpoints", state)
+    run = Run(args, accelerator, model, processor, optimizer, scheduler, state, eval_data, categories,
+              label_to_category)
+    if args.eval_at_start and state.global_step == 0:
+        run.evaluate(0)
+    train_loop(run, loader, sampler, dataset)
+    metrics = {} if args.no_final_eval else run.evaluate(state.global_step)
+    save_final(run, metrics)
     accelerator.end_training()
     return metrics
 

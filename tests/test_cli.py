@@ -24,7 +24,7 @@ from maskdino_hf import (
 )
 from conftest import tiny_config
 
-from maskdino_hf.data import load_coco_folder, rgb2id, rle_to_mask
+from maskdino_hf.data import load_coco_folder, panoptic_ids, rle_to_mask
 from maskdino_hf.synthetic import (
     SHAPES_CATEGORIES,
     generate_shapes_split,
@@ -122,7 +122,7 @@ def test_predict_writes_overlays_and_results(task, model_dir, image_paths, tmp_p
                 assert png.size == (width, height)
                 array = np.asarray(png)
             if task == "panoptic":
-                ids = rgb2id(array)
+                ids = panoptic_ids(array)
                 assert set(np.unique(ids).tolist()) - {0} == {s["id"] for s in annotation["segments_info"]}
                 for segment in annotation["segments_info"]:
                     assert segment["area"] == int((ids == segment["id"]).sum()) > 0
@@ -256,7 +256,7 @@ def _ground_truth_predictor(shift: int = 0, drop_first_thing: bool = False, sema
                 "boxes": boxes,
                 "masks": torch.from_numpy(masks),
             }
-            panoptic = np.roll(rgb2id(row["panoptic"]), shift, axis=1)
+            panoptic = np.roll(panoptic_ids(row["panoptic"]), shift, axis=1)
             segments = [{"id": s["id"], "label_id": s["category_id"]} for s in row["segments_info"]]
             if drop_first_thing and row["image_id"] == 1:
                 first = next(s for s in row["segments_info"] if s["isthing"])
@@ -275,11 +275,15 @@ def _ground_truth_predictor(shift: int = 0, drop_first_thing: bool = False, sema
 
 
 def _evaluate_ground_truth(dataset, **kwargs):
+    from maskdino_hf.evaluation import DatasetEvaluator, label_to_category_mapping
+
     tasks = ["instance", "detection", "panoptic", "semantic"]
-    mapping = cli.label_to_category_mapping(id2label(), SHAPES_CATEGORIES)
+    mapping = label_to_category_mapping(id2label(), SHAPES_CATEGORIES)
     assert mapping == {i: i for i in range(NUM_LABELS)}
-    evaluator = cli.DatasetEvaluator(tasks, SHAPES_CATEGORIES, mapping, NUM_LABELS, id2label=id2label())
-    return cli.evaluate_dataset(dataset, _ground_truth_predictor(**kwargs), evaluator, batch_size=2, progress=False)
+    evaluator = DatasetEvaluator(tasks, SHAPES_CATEGORIES, mapping, NUM_LABELS, id2label=id2label())
+    rows = list(dataset)
+    predictions = _ground_truth_predictor(**kwargs)([row["image"] for row in rows], rows)
+    return evaluator.compute([evaluator.image_record(row, p) for row, p in zip(rows, predictions)])
 
 
 def test_ground_truth_as_predictions_scores_one_and_shifted_scores_less(synthetic_root):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from maskdino_hf.data import dataset_to_coco_instances, mask_to_rle, rgb2id
+from maskdino_hf.data import dataset_to_coco_instances, mask_to_rle, panoptic_ids
 from maskdino_hf.evaluation import (
     COCO_STAT_NAMES,
     compute_coco_metrics,
@@ -151,7 +151,7 @@ SEGMENTS = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 0}]
 
 def test_pq_perfect_on_synthetic(val):
     refs = [(np.asarray(ex["panoptic"]), ex["segments_info"]) for ex in val]
-    preds = [(rgb2id(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
+    preds = [(panoptic_ids(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
     r = compute_panoptic_quality(preds, refs, SHAPES_CATEGORIES)
     for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
         assert r[k] == pytest.approx(1.0), k
@@ -295,7 +295,7 @@ def test_evaluate_modules_match_functions(val, offline):
 
     # panoptic quality: maps as arrays, Transformers-style segments_info (label_id, score) accepted
     pq = load_metric("panoptic_quality", keep_in_memory=True)
-    ref_maps = [(rgb2id(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
+    ref_maps = [(panoptic_ids(np.asarray(ex["panoptic"])), ex["segments_info"]) for ex in val]
     pred_maps = [(m.copy(), s) for m, s in ref_maps]
     for m, _ in pred_maps[:2]:  # perturb two images: the left 60 columns become the bottom-right segment
         m[:, :60] = m[-1, -1]
@@ -318,3 +318,66 @@ def test_evaluate_modules_match_functions(val, offline):
     got = miou.compute(predictions=preds_sem, references=refs_sem, num_labels=5, id2label=id2label())
     _close(got, compute_mean_iou(preds_sem, refs_sem, num_labels=5, id2label=id2label()))
     assert 0.0 < got["mIoU"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation path's task choice and its one label -> category mapping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tasks_follow_the_annotations_of_the_data_set():
+    from maskdino_hf.evaluation import tasks_for_dataset
+
+    assert tasks_for_dataset("all", ["image", "objects", "segments_info", "semantic"]) == [
+        "instance", "panoptic", "semantic"]
+    assert tasks_for_dataset("all", ["image", "panoptic", "segments_info"]) == ["instance", "panoptic"]
+    assert tasks_for_dataset(["detection", "semantic"], ["objects", "semantic"]) == ["detection", "semantic"]
+    with pytest.raises(ValueError, match="task 'semantic' needs the semantic annotations"):
+        tasks_for_dataset("semantic", ["image", "objects"])
+    with pytest.raises(ValueError, match="unknown evaluation task 'boxes'"):
+        tasks_for_dataset("boxes", ["objects"])
+    with pytest.raises(ValueError, match="no objects, panoptic or semantic"):
+        tasks_for_dataset("all", ["image"])
+
+
+def test_one_label_to_category_mapping():
+    from maskdino_hf.evaluation import label_to_category_mapping
+
+    categories = [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}]
+    assert label_to_category_mapping({0: "cat", 1: "dog"}, categories) == {0: 1, 1: 3}  # by name
+    assert label_to_category_mapping({0: "dog"}, categories) == {0: 3}  # the model knows a subset
+    assert label_to_category_mapping({1: "a", 3: "b", 5: "c"}, categories) == {1: 1, 3: 3}  # ids are labels
+    with pytest.raises(ValueError, match="cannot map the model's classes"):
+        label_to_category_mapping({0: "a", 1: "b"}, categories)
+
+
+def test_evaluate_with_the_ground_truth_as_predictions_scores_one(val):
+    """`evaluate` with a predict function that returns the ground truth: every metric 1, the model left in training
+    mode as it was."""
+    import torch
+
+    from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
+    from maskdino_hf.data import rle_to_mask
+    from maskdino_hf.evaluation import evaluate
+    from maskdino_hf.training import tiny_config
+
+    def ground_truth(images, rows):
+        results = []
+        for row in rows:
+            objects = row["objects"]
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objects)]
+            instance = {"scores": torch.ones(len(objects)), "labels": torch.tensor([o["category_id"] for o in objects]),
+                        "boxes": torch.tensor(boxes), "masks": torch.from_numpy(np.stack(
+                            [rle_to_mask(o["segmentation"]) for o in objects]))}
+            panoptic = {"segmentation": panoptic_ids(row["panoptic"]),
+                        "segments_info": [{"id": s["id"], "label_id": s["category_id"]} for s in row["segments_info"]]}
+            results.append({"instance": instance, "panoptic": panoptic, "semantic": np.asarray(row["semantic"])})
+        return results
+
+    model = MaskDINOForUniversalSegmentation(tiny_config(num_labels=5, id2label=id2label(), stuff_labels=[3, 4]))
+    model.train()
+    metrics = evaluate(model, MaskDINOImageProcessor(num_labels=5), val, categories=SHAPES_CATEGORIES,
+                       batch_size=3, predict_fn=ground_truth)
+    assert model.training
+    for key in ("segm_AP", "bbox_AP", "PQ", "SQ", "RQ", "mIoU", "pACC"):
+        assert metrics[key] == pytest.approx(1.0), key

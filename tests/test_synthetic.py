@@ -16,7 +16,7 @@ from maskdino_hf.data import (
     load_semantic_folder,
     mask_to_bbox,
     read_categories,
-    rgb2id,
+    panoptic_ids,
     rle_to_mask,
 )
 from maskdino_hf.synthetic import (
@@ -108,7 +108,7 @@ def test_annotations_are_consistent(shapes):
             h, w = ex["height"], ex["width"]
             assert 128 <= h <= 176 and 128 <= w <= 192
             image = np.asarray(ex["image"])
-            ids = rgb2id(np.asarray(ex["panoptic"]))
+            ids = panoptic_ids(np.asarray(ex["panoptic"]))
             semantic = np.asarray(ex["semantic"])
             assert image.shape == (h, w, 3) and ids.shape == (h, w) and semantic.shape == (h, w)
 

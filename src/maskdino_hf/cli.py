@@ -344,7 +344,7 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .data import id2rgb
+    from transformers.image_transforms import id_to_rgb
     from .evaluation import instances_to_coco_results
     from .visualization import draw_instances, draw_panoptic, draw_semantic
 
@@ -406,7 +406,7 @@ def _predict(args: argparse.Namespace) -> int:
             elif args.task == "panoptic":
                 segmentation = item["segmentation"].numpy().astype(np.int64)
                 png_name = f"{args.task}/{stem}.png"
-                Image.fromarray(id2rgb(np.maximum(segmentation, 0))).save(output_dir / png_name)
+                Image.fromarray(id_to_rgb(np.maximum(segmentation, 0))).save(output_dir / png_name)
                 segments = []
                 for segment in item["segments_info"]:
                     mask = segmentation == int(segment["id"])
@@ -482,253 +482,6 @@ def _predict(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def load_eval_dataset(data: str | os.PathLike, split: str = "validation"):
-    """``(dataset, categories_or_None)`` from a COCO-format folder (``images/``, ``annotations/...``), a folder
-    holding ``<split>/`` COCO folders (as :func:`maskdino_hf.synthetic.make_synthetic_dataset` writes), or a
-    ``datasets`` ``save_to_disk`` folder (a ``DatasetDict``: ``split`` is taken)."""
-    import datasets
-
-    from .data import load_coco_folder, read_categories
-
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise CLIError(f"--data {path}: not found")
-    if not path.is_dir():
-        raise CLIError(f"--data {path}: expected a folder (COCO format or datasets save_to_disk)")
-    categories = None
-    if _is_saved_dataset(path):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise CLIError(f"--data {path} has no split {split!r}; it has {sorted(loaded)}")
-            loaded = loaded[split]
-        for candidate in (path / "categories.json", path.parent / "categories.json"):
-            if candidate.is_file():
-                categories = json.loads(candidate.read_text())
-                break
-        if categories is None:
-            description = loaded.info.description or ""
-            if "categories: " in description:
-                try:
-                    categories = json.loads(description.split("categories: ", 1)[1])
-                except json.JSONDecodeError:
-                    categories = None
-        return loaded, categories
-    folder = path
-    if not (path / "images").is_dir() and (path / split / "images").is_dir():
-        folder = path / split
-    if not (folder / "images").is_dir():
-        raise CLIError(
-            f"--data {path}: not a COCO-format folder (no images/), has no {split}/images/, and is not a datasets "
-            "save_to_disk folder"
-        )
-    dataset = load_coco_folder(folder)
-    if (folder / "categories.json").is_file():
-        categories = json.loads((folder / "categories.json").read_text())
-    else:
-        try:
-            categories = read_categories(folder)
-        except (FileNotFoundError, KeyError):
-            categories = None
-    return dataset, categories
-
-
-def label_to_category_mapping(id2label: Mapping[int, str], categories: Sequence[Mapping]) -> dict[int, int]:
-    """Model label id -> data set category id: by name when the class names of one side all appear on the other
-    (model classes missing from the data set are left out), else identity (when every category id is a label id)."""
-    by_name = {str(c["name"]): int(c["id"]) for c in categories}
-    by_label = {int(label): by_name[name] for label, name in id2label.items() if name in by_name}
-    if by_label and (len(by_label) == len(id2label) or set(by_label.values()) == set(by_name.values())):
-        return by_label
-    ids = {int(c["id"]) for c in categories}
-    if id2label and ids <= set(id2label):
-        return {int(label): int(label) for label in id2label if int(label) in ids}
-    raise CLIError(
-        f"cannot map the model's classes {sorted(id2label.values())[:10]} to the data set's categories "
-        f"{sorted(by_name)[:10]}: the names differ and the category ids are not label ids"
-    )
-
-
-class DatasetEvaluator:
-    """Accumulates per-image predictions (the format of :func:`model_predict_fn`) against a data set row and
-    computes COCO box/mask AP, panoptic quality and mean IoU.
-
-    Args:
-        tasks: subset of ``instance`` (box + mask AP), ``detection`` (box AP), ``panoptic`` (PQ), ``semantic`` (mIoU).
-        categories: ``[{"id", "name", "isthing"}]`` of the data set.
-        label_to_category: model label id -> category id (labels missing from it are dropped).
-        num_labels, id2label: of the model (mean IoU is computed over the model's label ids).
-        ignore_index: void value of the data set's semantic maps.
-    """
-
-    def __init__(self, tasks, categories, label_to_category, num_labels, id2label=None, ignore_index=255):
-        import numpy as np
-
-        from .evaluation import ConfusionMatrixAccumulator, PanopticQualityAccumulator
-
-        self.tasks = list(tasks)
-        self.categories = [
-            {"id": int(c["id"]), "name": str(c.get("name", c["id"])), "isthing": int(c.get("isthing", 1))}
-            for c in categories
-        ]
-        self.label_to_category = {int(k): int(v) for k, v in label_to_category.items()}
-        self.ignore_index = ignore_index
-        self.coco_predictions: dict[str, list[dict]] = {"instance": [], "detection": []}
-        self.rows: list[dict] = []
-        self.panoptic = PanopticQualityAccumulator(self.categories) if "panoptic" in self.tasks else None
-        self.semantic = (
-            ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index, id2label=id2label)
-            if "semantic" in self.tasks
-            else None
-        )
-        # semantic ground truth holds category ids: a lookup table to label ids (unknown -> ignore)
-        lut_size = max([256] + [c["id"] + 1 for c in self.categories])
-        self._category_to_label = np.full(lut_size, ignore_index, dtype=np.int64)
-        for label, category in self.label_to_category.items():
-            if 0 <= category < lut_size:
-                self._category_to_label[category] = label
-        self._category_to_label[ignore_index] = ignore_index
-        self.num_images = 0
-
-    def update(self, row: Mapping[str, Any], prediction: Mapping[str, Any]) -> None:
-        import numpy as np
-
-        from .data import rgb2id
-        from .evaluation import instances_to_coco_results
-
-        image_id = int(row["image_id"])
-        for task in ("instance", "detection"):
-            if task not in self.tasks:
-                continue
-            item = prediction[task]
-            labels = _numpy(item["labels"]).reshape(-1).tolist()
-            keep = [i for i, label in enumerate(labels) if int(label) in self.label_to_category]
-            masks = item.get("masks") if task == "instance" else None
-            self.coco_predictions[task].extend(
-                instances_to_coco_results(
-                    image_id,
-                    _numpy(item["scores"])[keep],
-                    _numpy(item["labels"])[keep],
-                    masks=None if masks is None else _numpy(masks)[keep],
-                    boxes=_numpy(item["boxes"]).reshape(-1, 4)[keep],
-                    label_to_category_id=self.label_to_category,
-                )
-            )
-        if self.panoptic is not None:
-            item = prediction["panoptic"]
-            segmentation = _numpy(item["segmentation"]).astype(np.int64)
-            segments = []
-            for segment in item["segments_info"]:
-                label = int(segment.get("label_id", segment.get("category_id")))
-                if label not in self.label_to_category:
-                    segmentation[segmentation == int(segment["id"])] = 0
-                    continue
-                segments.append({"id": int(segment["id"]), "category_id": self.label_to_category[label]})
-            self.panoptic.update(segmentation, segments, rgb2id(row["panoptic"]), row["segments_info"])
-        if self.semantic is not None:
-            reference = np.asarray(row["semantic"].convert("L") if hasattr(row["semantic"], "convert")
-                                   else row["semantic"]).astype(np.int64)
-            reference = self._category_to_label[np.clip(reference, 0, len(self._category_to_label) - 1)]
-            self.semantic.update(_numpy(prediction["semantic"]), reference)
-        self.rows.append({k: row[k] for k in ("image_id", "width", "height", "file_name", "objects") if k in row})
-        self.num_images += 1
-
-    def compute(self) -> dict[str, float]:
-        from .evaluation import compute_coco_metrics
-
-        metrics: dict[str, float] = {}
-        thing_categories = [c for c in self.categories if c["isthing"]]
-        if "instance" in self.tasks or "detection" in self.tasks:
-            ground_truth = self._coco_ground_truth(thing_categories)
-            known = {c["id"] for c in thing_categories}
-            if "instance" in self.tasks:
-                predictions = [p for p in self.coco_predictions["instance"] if p["category_id"] in known]
-                metrics.update(compute_coco_metrics(ground_truth, predictions, iou_types=("bbox", "segm")))
-            if "detection" in self.tasks:
-                predictions = [p for p in self.coco_predictions["detection"] if p["category_id"] in known]
-                detection = compute_coco_metrics(ground_truth, predictions, iou_types=("bbox",))
-                if "instance" in self.tasks:  # both: keep the instance head's box AP, add the detection one
-                    detection = {f"det_{k}": v for k, v in detection.items()}
-                metrics.update(detection)
-        if self.panoptic is not None:
-            metrics.update(self.panoptic.compute())
-        if self.semantic is not None:
-            metrics.update(self.semantic.compute())
-        return metrics
-
-    def _coco_ground_truth(self, thing_categories) -> dict:
-        images, annotations = [], []
-        for row in self.rows:
-            images.append({"id": int(row["image_id"]), "width": int(row["width"]), "height": int(row["height"]),
-                           "file_name": row.get("file_name", "")})
-            for obj in row.get("objects") or []:
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": int(row["image_id"]),
-                        "category_id": int(obj["category_id"]),
-                        "bbox": [float(v) for v in obj["bbox"]],
-                        "area": float(obj["area"]),
-                        "iscrowd": int(obj.get("iscrowd", 0) or 0),
-                        "segmentation": dict(obj["segmentation"]),
-                    }
-                )
-        return {"images": images, "annotations": annotations, "categories": thing_categories}
-
-
-def tasks_for_dataset(task: str, columns: Sequence[str]) -> list[str]:
-    """The tasks to evaluate: ``all`` = every kind of annotation the data set has."""
-    needs = {"instance": "objects", "detection": "objects", "panoptic": "segments_info", "semantic": "semantic"}
-    if task == "all":
-        tasks = [t for t in ("instance", "panoptic", "semantic") if needs[t] in columns]
-        if not tasks:
-            raise CLIError(f"the data set has no objects, panoptic or semantic annotations (columns {list(columns)})")
-        return tasks
-    if needs[task] not in columns:
-        raise CLIError(f"--task {task} needs the {needs[task]!r} annotations, which the data set lacks "
-                       f"(columns {list(columns)})")
-    return [task]
-
-
-def evaluate_dataset(
-    dataset,
-    predict: Callable[[Sequence[Any], Sequence[Mapping]], list[dict[str, Any]]],
-    evaluator: DatasetEvaluator,
-    batch_size: int = 1,
-    max_images: int | None = None,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Run ``predict`` (``(images, rows) -> [{task: result}]``, the format of :func:`model_predict_fn`) over
-    ``dataset`` in batches, feed ``evaluator`` and return its metrics. The same path serves the model
-    (:func:`model_predict_fn`) and any other source of predictions (e.g. the ground truth itself, to check the
-    metrics: it scores 1.0)."""
-    from tqdm.auto import tqdm
-
-    count = len(dataset) if max_images is None else min(len(dataset), max_images)
-    bar = tqdm(total=count, unit="img", desc="maskdino-hf evaluate", file=sys.stderr, disable=not progress)
-    for start in range(0, count, batch_size):
-        rows = dataset[start : min(start + batch_size, count)]
-        rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
-        images = [row["image"].convert("RGB") for row in rows]
-        for row, prediction in zip(rows, predict(images, rows), strict=True):
-            evaluator.update(row, prediction)
-        bar.update(len(rows))
-    bar.close()
-    return evaluator.compute()
-
-
-def _numpy(value: Any):
-    import numpy as np
-
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
@@ -740,38 +493,27 @@ def _json_safe(value: Any) -> Any:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import format_metrics_table
+    from .evaluation import evaluate, format_metrics_table, load_eval_dataset, process_state, tasks_for_dataset
 
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     dataset, categories = load_eval_dataset(args.data, args.split)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: the {args.split!r} split is empty")
     tasks = tasks_for_dataset(args.task, dataset.column_names)
-    device = resolve_device(args.device)
+    state = process_state()  # under `accelerate launch` every process evaluates its share on its own device
+    device = str(state.device) if state.num_processes > 1 else resolve_device(args.device)
     model, processor = load_model_and_processor(args.model, device)
-    id2label = _id2label(model.config)
-    stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
-    if categories is None:
-        categories = [{"id": k, "name": v, "isthing": int(k not in stuff)} for k, v in sorted(id2label.items())]
-    mapping = label_to_category_mapping(id2label, categories)
-    evaluator = DatasetEvaluator(tasks, categories, mapping, model.config.num_labels, id2label=id2label,
-                                 ignore_index=processor.ignore_index)
-    predict = model_predict_fn(model, processor, tasks, device, threshold=None, bf16=args.bf16)
-    metrics = evaluate_dataset(dataset, predict, evaluator, args.batch_size, args.max_images)
-    report = {
-        "model": str(args.model) if args.model is not None else str(demo_model_dir()),
-        "data": str(args.data),
-        "split": args.split,
-        "tasks": tasks,
-        "num_images": evaluator.num_images,
-        "metrics": metrics,
-    }
+    metrics = evaluate(model, processor, dataset, tasks, categories=categories, batch_size=args.batch_size,
+                       max_images=args.max_images, bf16=args.bf16, progress=True)
+    if not state.is_main_process:
+        return 0
+    num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
+    model_name = str(args.model) if args.model is not None else str(demo_model_dir())
+    report = {"model": model_name, "data": str(args.data), "split": args.split, "tasks": tasks,
+              "num_images": num_images, "metrics": metrics}
     if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(_json_safe(report), indent=1))
-    print(format_metrics_table(metrics, title=f"{', '.join(tasks)} on {args.data} ({evaluator.num_images} images)"))
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(_json_safe(report), indent=1))
+    print(format_metrics_table(metrics, title=f"{', '.join(tasks)} on {args.data} ({num_images} images)"))
     if args.output:
         print(f"report written to {args.output}")
     return 0

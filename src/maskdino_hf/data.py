@@ -19,13 +19,21 @@ column             content
 =================  =============================================================================================
 
 Instance-only, panoptic-only and semantic-only loaders return the first five columns plus their own ones.
-Category ids are kept as they are in the json files; :func:`read_categories` and :func:`id2label_from_categories`
-give the mapping to names.
+Category ids are kept as they are in the json files; :func:`read_categories` gives their names.
+
+The loaders validate what they read and raise a ``ValueError`` / ``FileNotFoundError`` naming the file, the bad value
+and what is allowed: images that cannot be decoded (truncated or corrupt files), json sizes that disagree with the
+image file, polygons with non-finite coordinates, uncompressed RLEs whose counts do not cover ``height * width``,
+boxes with a negative size or outside the image, category ids missing from ``categories``, panoptic PNG segments
+missing from ``segments_info`` (and the reverse). Images without annotations are legitimate and load with empty
+lists. Checking decodability and PNG segments decodes every image once; ``verify_images=False`` reads only the
+headers (for very large data sets: a broken file then fails when its row is read). :func:`dataset_to_coco_instances` is the one builder of COCO instance ground truth (evaluation uses it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,24 +41,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image as PILImage
+from transformers.image_transforms import rgb_to_id
 
 import datasets
 from datasets import Features, List, Value
+
+from .modeling_maskdino import mask_boxes
 
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "build_features",
     "rows_to_dataset",
-    "rgb2id",
-    "id2rgb",
     "mask_to_rle",
     "rle_to_mask",
     "segmentation_to_rle",
     "mask_to_bbox",
     "read_categories",
-    "id2label_from_categories",
+    "read_image",
+    "panoptic_ids",
+    "instance_annotations",
     "load_coco_instances",
     "load_coco_panoptic",
     "load_semantic_folder",
@@ -60,6 +72,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+BOX_TOLERANCE = 1.0  # pixels a COCO box may exceed the image by (float rounding in real annotation files)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 RLE_FEATURE = {"size": List(Value("int64"), length=2), "counts": Value("string")}
@@ -112,35 +125,6 @@ def rows_to_dataset(rows: Sequence[Mapping], features: Features, **kwargs) -> da
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def rgb2id(color: Any) -> np.ndarray | int:
-    """COCO panoptic encoding: ``id = R + 256 * G + 256**2 * B``. Takes an ``(H, W, 3)`` array, a PIL image or a
-    single ``(r, g, b)`` triple."""
-    if isinstance(color, PILImage.Image):
-        color = np.asarray(color.convert("RGB"))
-    if isinstance(color, np.ndarray) and color.ndim == 3:
-        if color.dtype == np.uint8:
-            color = color.astype(np.int64)
-        return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
-    return int(color[0] + 256 * color[1] + 256 * 256 * color[2])
-
-
-def id2rgb(id_map: Any) -> np.ndarray | list[int]:
-    """Inverse of :func:`rgb2id`: an ``(H, W)`` id map to an ``(H, W, 3)`` uint8 array, or one id to ``[r, g, b]``."""
-    if isinstance(id_map, np.ndarray):
-        id_map = id_map.astype(np.int64)
-        rgb = np.zeros((*id_map.shape, 3), dtype=np.uint8)
-        for i in range(3):
-            rgb[..., i] = id_map % 256
-            id_map = id_map // 256
-        return rgb
-    color = []
-    id_map = int(id_map)
-    for _ in range(3):
-        color.append(id_map % 256)
-        id_map //= 256
-    return color
-
-
 def mask_to_rle(mask: np.ndarray) -> dict:
     """Binary ``(H, W)`` mask to a compressed COCO RLE whose ``counts`` is a ``str`` (JSON friendly)."""
     from pycocotools import mask as mask_utils
@@ -152,43 +136,116 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def rle_to_mask(rle: Mapping) -> np.ndarray:
+def rle_to_mask(rle: Mapping, where: str = "RLE") -> np.ndarray:
     """Compressed or uncompressed COCO RLE (``counts`` as ``str``, ``bytes`` or list) to a bool ``(H, W)`` mask."""
     from pycocotools import mask as mask_utils
 
     with warnings.catch_warnings():  # pycocotools + numpy 2 "copy keyword" deprecation, harmless
         warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode(_to_compressed_rle(rle)).astype(bool)
+        return mask_utils.decode(_to_compressed_rle(rle, where)).astype(bool)
 
 
-def _to_compressed_rle(rle: Mapping) -> dict:
+def _rle_size(rle: Mapping, where: str) -> tuple[int, int]:
+    if not isinstance(rle, Mapping) or "counts" not in rle or "size" not in rle:
+        keys = sorted(rle) if isinstance(rle, Mapping) else type(rle).__name__
+        raise ValueError(f"{where}: an RLE needs 'counts' and 'size' [height, width], got {keys}")
+    size = rle["size"]
+    if (
+        not isinstance(size, Sequence) or len(size) != 2
+        or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in size)
+    ):
+        raise ValueError(f"{where}: RLE 'size' must be [height, width] of non-negative integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _compressed_counts(counts: bytes, where: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' format: 5 bits a character from ``'0'``, a
+    continuation bit, a sign bit on the last character, each count after the second stored as a difference to the
+    count two before)."""
+    values: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts) or not 48 <= counts[position] < 112:
+                raise ValueError(f"{where}: compressed RLE counts {counts[:20]!r} are not a valid COCO RLE string")
+            code = counts[position] - 48
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        values.append(value + values[-2] if len(values) > 2 else value)
+    return values
+
+
+def _check_counts(values: Sequence[int], height: int, width: int, kind: str, where: str) -> None:
+    """Run lengths must be non-negative and cover the mask exactly: pycocotools reads (or writes) past the mask
+    otherwise and returns a different mask on every call."""
+    if any(v < 0 for v in values):
+        raise ValueError(f"{where}: {kind} RLE counts must be non-negative integers, got {list(values)[:8]}")
+    if sum(values) != height * width:
+        raise ValueError(
+            f"{where}: {kind} RLE counts sum to {sum(values)}, but size {height}x{width} needs {height * width}"
+        )
+
+
+def _to_compressed_rle(rle: Mapping, where: str = "RLE") -> dict:
+    """A compressed RLE with ``bytes`` counts, its counts checked first (see :func:`_check_counts`)."""
     from pycocotools import mask as mask_utils
 
-    height, width = (int(v) for v in rle["size"])
+    height, width = _rle_size(rle, where)
     counts = rle["counts"]
-    if isinstance(counts, list):
-        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    if isinstance(counts, (list, tuple, np.ndarray)):
+        values = np.asarray(counts)
+        if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+            raise ValueError(f"{where}: uncompressed RLE counts must be non-negative integers, got {list(counts)[:8]}")
+        _check_counts([int(v) for v in values], height, width, "uncompressed", where)
+        return mask_utils.frPyObjects({"size": [height, width], "counts": [int(v) for v in values]}, height, width)
     if isinstance(counts, str):
-        counts = counts.encode("ascii")
+        counts = counts.encode("ascii", errors="replace")
+    if not isinstance(counts, bytes):
+        raise ValueError(f"{where}: RLE counts must be a string (compressed) or a list of integers, got {type(counts).__name__}")
+    _check_counts(_compressed_counts(counts, where), height, width, "compressed", where)
     return {"size": [height, width], "counts": counts}
 
 
-def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
-    """Any COCO segmentation (polygon list, uncompressed or compressed RLE) to a compressed RLE with ``str`` counts."""
+def _polygons(segmentation: Sequence, where: str) -> list[list[float]]:
+    """Polygons as float lists, each checked: finite coordinates (a NaN crashes pycocotools), an even count. As
+    detectron2, polygons of fewer than 3 points are dropped (with a warning)."""
+    polygons = []
+    for k, polygon in enumerate(segmentation):
+        if not isinstance(polygon, (list, tuple)) or not all(isinstance(v, (int, float)) for v in polygon):
+            raise ValueError(f"{where}: polygon {k} must be a flat list of numbers [x1, y1, x2, y2, ...]")
+        values = np.asarray(polygon, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where}: polygon {k} has non-finite coordinates {values[~np.isfinite(values)][:4].tolist()}")
+        if len(values) % 2:
+            raise ValueError(f"{where}: polygon {k} has an odd number of coordinates ({len(values)}); expected x, y pairs")
+        if len(values) < 6:
+            warnings.warn(f"{where}: polygon {k} has fewer than 3 points; dropped", stacklevel=3)
+            continue
+        polygons.append(values.tolist())
+    return polygons
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int, where: str = "segmentation") -> dict:
+    """Any COCO segmentation (polygon list, uncompressed or compressed RLE) to a compressed RLE with ``str``
+    counts. An RLE must have the image's size."""
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, Mapping):
-        if "counts" not in segmentation or "size" not in segmentation:
-            raise ValueError(f"RLE segmentation needs 'counts' and 'size', got keys {sorted(segmentation)}")
-        rle = _to_compressed_rle(segmentation)
+        if _rle_size(segmentation, where) != (height, width):
+            raise ValueError(f"{where}: RLE size {list(segmentation['size'])} differs from the image size {[height, width]}")
+        rle = _to_compressed_rle(segmentation, where)
     elif isinstance(segmentation, (list, tuple)):
-        polygons = [list(map(float, p)) for p in segmentation if len(p) >= 6]
+        polygons = _polygons(segmentation, where)
         if not polygons:
             rle = mask_utils.encode(np.asfortranarray(np.zeros((height, width), dtype=np.uint8)))
         else:
             rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     else:
-        raise ValueError(f"Unsupported segmentation of type {type(segmentation).__name__}")
+        raise ValueError(f"{where}: unsupported segmentation of type {type(segmentation).__name__}; expected polygons or an RLE")
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
@@ -196,12 +253,31 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
 
 
 def mask_to_bbox(mask: np.ndarray) -> list[int]:
-    """Tight ``[x, y, w, h]`` box (integer pixels) of a binary mask; ``[0, 0, 0, 0]`` when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0, 0, 0, 0]
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
-    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+    """Tight ``[x, y, w, h]`` box (integer pixels) of a binary mask by the model's ``bitmask`` rule (detectron2
+    ``BitMasks.get_bounding_boxes``); ``[0, 0, 0, 0]`` when empty."""
+    x0, y0, x1, y1 = mask_boxes(torch.as_tensor(np.asarray(mask, dtype=bool)), "bitmask").tolist()
+    return [int(x0), int(y0), int(x1 - x0), int(y1 - y0)]
+
+
+def panoptic_ids(png: Any) -> np.ndarray:
+    """``(H, W)`` int64 segment ids of a COCO panoptic PNG (PIL image or ``(H, W, 3)`` array): R + 256 G + 256^2 B."""
+    if isinstance(png, PILImage.Image):
+        png = png.convert("RGB")
+    return rgb_to_id(np.asarray(png)).astype(np.int64)
+
+
+def read_image(path: str | os.PathLike, mode: str | None = None) -> PILImage.Image:
+    """The fully decoded image at ``path`` (``mode`` converts it). A missing file is a ``FileNotFoundError``; a
+    truncated or corrupt one a ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with PILImage.open(path) as image:
+            image.load()
+            return image.convert(mode) if mode else image.copy()
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
+        raise ValueError(f"Cannot read image {path}: {error} (truncated or not an image file)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,13 +333,6 @@ def read_categories(folder_or_json: str | os.PathLike | Mapping) -> list[dict]:
     return categories
 
 
-def id2label_from_categories(categories: Sequence[Mapping], contiguous: bool = False) -> dict[int, str]:
-    """``{category_id: name}``; with ``contiguous=True`` the keys are ``0..N-1`` in the order of ``categories``."""
-    if contiguous:
-        return {i: str(c["name"]) for i, c in enumerate(categories)}
-    return {int(c["id"]): str(c["name"]) for c in categories}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Loaders
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,10 +346,23 @@ def _image_entry(path: Path, embed: bool) -> dict:
     return {"bytes": None, "path": str(path.resolve())}
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    with PILImage.open(path) as im:
-        width, height = im.size
-    return int(width), int(height)
+def _image_size(path: Path, verify: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of the image at ``path``: decoded in full so that a truncated file is caught here, or
+    (``verify=False``, for very large data sets) read from the header only."""
+    if verify:
+        width, height = read_image(path).size
+        return int(width), int(height)
+    try:
+        with PILImage.open(path) as image:
+            return int(image.size[0]), int(image.size[1])
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read image {path}: {error} (not an image file)") from None
+
+
+def _image_row(image_id: int, info: Mapping, embed: bool) -> dict:
+    """The common columns of one image (see the module docstring)."""
+    return {"image": _image_entry(info["path"], embed), "image_id": image_id, "file_name": info["file_name"],
+            "width": info["width"], "height": info["height"]}
 
 
 def _resolve_instances_paths(folder_or_json, image_dir) -> tuple[Path, Path]:
@@ -298,7 +380,7 @@ def _resolve_instances_paths(folder_or_json, image_dir) -> tuple[Path, Path]:
     return json_path, image_dir
 
 
-def _parse_images(data: Mapping, where: str, image_dir: Path) -> dict[int, dict]:
+def _parse_images(data: Mapping, where: str, image_dir: Path, verify: bool = True) -> dict[int, dict]:
     _require_keys(data, ["images"], where)
     images = {}
     for i, img in enumerate(data["images"]):
@@ -309,12 +391,36 @@ def _parse_images(data: Mapping, where: str, image_dir: Path) -> dict[int, dict]
         path = image_dir / img["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image {img['file_name']!r} (id {image_id}) not found at {path}")
-        if "width" in img and "height" in img:
-            width, height = int(img["width"]), int(img["height"])
-        else:
-            width, height = _image_size(path)
+        width, height = _image_size(path, verify)
+        if ("width" in img and int(img["width"]) != width) or ("height" in img and int(img["height"]) != height):
+            raise ValueError(
+                f"{where}: images[{i}] ({img['file_name']!r}) says width x height = {img.get('width')} x "
+                f"{img.get('height')}, but the file {path} is {width} x {height}"
+            )
         images[image_id] = {"file_name": str(img["file_name"]), "path": path, "width": width, "height": height}
     return images
+
+
+def _category_ids(data: Mapping, where: str) -> set[int]:
+    _require_keys(data, ["categories"], where)
+    for i, cat in enumerate(data["categories"]):
+        _require_keys(cat, ["id"], f"{where}: categories[{i}]")
+    return {int(cat["id"]) for cat in data["categories"]}
+
+
+def _check_box(bbox: Any, width: int, height: int, where: str) -> list[float]:
+    """A COCO ``[x, y, w, h]`` box: four finite numbers, ``w, h >= 0``, inside the image (``BOX_TOLERANCE`` px)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise ValueError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError(f"{where}: bbox {list(bbox)} has non-finite values")
+    if w < 0 or h < 0:
+        raise ValueError(f"{where}: bbox {list(bbox)} has a negative width or height; expected [x, y, w >= 0, h >= 0]")
+    t = BOX_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        raise ValueError(f"{where}: bbox {list(bbox)} lies outside the {width} x {height} image")
+    return [x, y, w, h]
 
 
 def _parse_instance_annotations(data: Mapping, where: str, images: Mapping[int, dict]) -> dict[int, list[dict]]:
@@ -322,30 +428,37 @@ def _parse_instance_annotations(data: Mapping, where: str, images: Mapping[int, 
 
     _require_keys(data, ["annotations"], where)
     per_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
+    known_categories: set[int] | None = None
     for i, ann in enumerate(data["annotations"]):
-        _require_keys(ann, ["image_id", "category_id"], f"{where}: annotations[{i}]")
+        here = f"{where}: annotations[{i}]"
+        _require_keys(ann, ["image_id", "category_id"], here)
+        known_categories = _category_ids(data, where) if known_categories is None else known_categories
         image_id = int(ann["image_id"])
         if image_id not in images:
-            raise ValueError(f"{where}: annotations[{i}] refers to unknown image id {image_id}")
+            raise ValueError(f"{here} refers to unknown image id {image_id}")
+        if int(ann["category_id"]) not in known_categories:
+            raise ValueError(
+                f"{here} has category_id {ann['category_id']}, which is not in the json's categories "
+                f"{sorted(known_categories)}"
+            )
         height, width = images[image_id]["height"], images[image_id]["width"]
+        bbox = _check_box(ann["bbox"], width, height, here) if "bbox" in ann else None
         if "segmentation" in ann and ann["segmentation"] not in (None, [], {}):
-            rle = segmentation_to_rle(ann["segmentation"], height, width)
-        elif "bbox" in ann:
+            rle = segmentation_to_rle(ann["segmentation"], height, width, here)
+        elif bbox is not None:
             # Box-only annotation: the box as a polygon so that segm evaluation still has a mask.
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            rle = segmentation_to_rle([[x, y, x + w, y, x + w, y + h, x, y + h]], height, width)
+            x, y, w, h = bbox
+            rle = segmentation_to_rle([[x, y, x + w, y, x + w, y + h, x, y + h]], height, width, here)
         else:
-            raise KeyError(f"{where}: annotations[{i}] has neither 'segmentation' nor 'bbox'")
+            raise KeyError(f"{here} has neither 'segmentation' nor 'bbox'")
         compressed = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        bbox = [float(v) for v in ann["bbox"]] if "bbox" in ann else [float(v) for v in mask_utils.toBbox(compressed)]
-        area = float(ann["area"]) if "area" in ann else float(mask_utils.area(compressed))
         per_image[image_id].append(
             {
                 "id": int(ann.get("id", i + 1)),
-                "bbox": bbox,
+                "bbox": bbox if bbox is not None else [float(v) for v in mask_utils.toBbox(compressed)],
                 "category_id": int(ann["category_id"]),
                 "segmentation": rle,
-                "area": area,
+                "area": float(ann["area"]) if "area" in ann else float(mask_utils.area(compressed)),
                 "iscrowd": int(ann.get("iscrowd", 0)),
             }
         )
@@ -353,7 +466,11 @@ def _parse_instance_annotations(data: Mapping, where: str, images: Mapping[int, 
 
 
 def load_coco_instances(
-    folder_or_json: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, embed_images: bool = False
+    folder_or_json: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    embed_images: bool = False,
+    verify_images: bool = True,
 ) -> datasets.Dataset:
     """Load a COCO instances json into a :class:`datasets.Dataset` with columns
     ``image, image_id, file_name, width, height, objects``.
@@ -370,62 +487,66 @@ def load_coco_instances(
     json_path, image_dir = _resolve_instances_paths(folder_or_json, image_dir)
     data = _load_json(json_path)
     where = str(json_path)
-    images = _parse_images(data, where, image_dir)
+    images = _parse_images(data, where, image_dir, verify_images)
     objects = _parse_instance_annotations(data, where, images)
-    rows = []
-    for image_id, info in images.items():
-        rows.append(
-            {
-                "image": _image_entry(info["path"], embed_images),
-                "image_id": image_id,
-                "file_name": info["file_name"],
-                "width": info["width"],
-                "height": info["height"],
-                "objects": objects[image_id],
-            }
-        )
+    rows = [{**_image_row(image_id, info, embed_images), "objects": objects[image_id]} for image_id, info in images.items()]
     return rows_to_dataset(rows, features=build_features(instances=True, panoptic=False, semantic=False))
 
 
-def _parse_panoptic(data: Mapping, where: str, images: Mapping[int, dict], png_dir: Path) -> dict[int, dict]:
+def _parse_panoptic(
+    data: Mapping, where: str, images: Mapping[int, dict], png_dir: Path, verify: bool = True
+) -> dict[int, dict]:
+    """Segments of every panoptic annotation, checked against its PNG (``verify``): the PNG has the image's size,
+    and its segment ids are exactly those of ``segments_info`` (an id missing from it would silently become void).
+    Without ``verify`` a PNG is read only to fill in a missing ``area`` or ``bbox``."""
     _require_keys(data, ["annotations", "categories"], where)
-    isthing = {}
-    for i, cat in enumerate(data["categories"]):
-        _require_keys(cat, ["id"], f"{where}: categories[{i}]")
-        isthing[int(cat["id"])] = int(cat.get("isthing", 1))
+    isthing = {int(cat["id"]): int(cat.get("isthing", 1)) for cat in data["categories"] if cat.get("id") is not None}
+    _category_ids(data, where)
     out: dict[int, dict] = {}
     for i, ann in enumerate(data["annotations"]):
-        _require_keys(ann, ["image_id", "file_name", "segments_info"], f"{where}: annotations[{i}]")
+        here = f"{where}: annotations[{i}]"
+        _require_keys(ann, ["image_id", "file_name", "segments_info"], here)
         image_id = int(ann["image_id"])
         if image_id not in images:
-            raise ValueError(f"{where}: annotations[{i}] refers to unknown image id {image_id}")
+            raise ValueError(f"{here} refers to unknown image id {image_id}")
         png_path = png_dir / ann["file_name"]
         if not png_path.is_file():
-            raise FileNotFoundError(f"{where}: panoptic PNG {ann['file_name']!r} not found at {png_path}")
+            raise FileNotFoundError(f"{here}: panoptic PNG {ann['file_name']!r} not found at {png_path}")
+        complete = all("area" in seg and "bbox" in seg for seg in ann["segments_info"])
+        ids = panoptic_ids(read_image(png_path, "RGB")) if verify or not complete else None
+        size = (images[image_id]["height"], images[image_id]["width"])
+        if ids is not None and ids.shape != size:
+            raise ValueError(f"{here}: panoptic PNG {png_path} is {ids.shape[1]} x {ids.shape[0]} but its image is "
+                             f"{size[1]} x {size[0]}")
         segments = []
         for j, seg in enumerate(ann["segments_info"]):
-            _require_keys(seg, ["id", "category_id"], f"{where}: annotations[{i}].segments_info[{j}]")
+            _require_keys(seg, ["id", "category_id"], f"{here}.segments_info[{j}]")
             category_id = int(seg["category_id"])
             if category_id not in isthing:
-                raise ValueError(f"{where}: segment {seg['id']} of image {image_id} has unknown category {category_id}")
+                raise ValueError(f"{here}: segment {seg['id']} of image {image_id} has category_id {category_id}, "
+                                 f"which is not in the json's categories {sorted(isthing)}")
+            mask = ids == int(seg["id"]) if ids is not None else None
             segments.append(
                 {
                     "id": int(seg["id"]),
                     "category_id": category_id,
                     "isthing": int(seg.get("isthing", isthing[category_id])),
                     "iscrowd": int(seg.get("iscrowd", 0)),
-                    "area": int(seg["area"]) if "area" in seg else -1,
-                    "bbox": [int(round(float(v))) for v in seg["bbox"]] if "bbox" in seg else None,
+                    "area": int(seg["area"]) if "area" in seg else int(mask.sum()),
+                    "bbox": [int(round(float(v))) for v in seg["bbox"]] if "bbox" in seg else mask_to_bbox(mask),
                 }
             )
-        if any(s["area"] < 0 or s["bbox"] is None for s in segments):
-            ids = rgb2id(np.asarray(PILImage.open(png_path).convert("RGB")))
-            for s in segments:
-                m = ids == s["id"]
-                if s["area"] < 0:
-                    s["area"] = int(m.sum())
-                if s["bbox"] is None:
-                    s["bbox"] = mask_to_bbox(m)
+        if not verify:
+            out[image_id] = {"png_path": png_path, "segments_info": segments}
+            continue
+        listed = {s["id"] for s in segments}
+        present = set(np.unique(ids).tolist()) - {0}
+        if present - listed:
+            raise ValueError(f"{here}: panoptic PNG {png_path} has segment ids {sorted(present - listed)[:10]} that "
+                             "are not in segments_info (id 0 is the only void)")
+        if listed - present:
+            raise ValueError(f"{here}: segments_info lists ids {sorted(listed - present)[:10]} that do not occur in "
+                             f"the panoptic PNG {png_path}")
         out[image_id] = {"png_path": png_path, "segments_info": segments}
     return out
 
@@ -436,6 +557,7 @@ def load_coco_panoptic(
     image_dir: str | os.PathLike,
     *,
     embed_images: bool = False,
+    verify_images: bool = True,
 ) -> datasets.Dataset:
     """Load a COCO panoptic json + PNG folder into a :class:`datasets.Dataset` with columns
     ``image, image_id, file_name, width, height, panoptic, segments_info``.
@@ -449,23 +571,14 @@ def load_coco_panoptic(
             raise FileNotFoundError(f"{what} directory not found: {d}")
     data = _load_json(json_path)
     where = str(json_path)
-    images = _parse_images(data, where, image_dir)
-    panoptic = _parse_panoptic(data, where, images, png_dir)
-    rows = []
-    for image_id, info in images.items():
-        if image_id not in panoptic:
-            continue
-        rows.append(
-            {
-                "image": _image_entry(info["path"], embed_images),
-                "image_id": image_id,
-                "file_name": info["file_name"],
-                "width": info["width"],
-                "height": info["height"],
-                "panoptic": _image_entry(panoptic[image_id]["png_path"], embed_images),
-                "segments_info": panoptic[image_id]["segments_info"],
-            }
-        )
+    images = _parse_images(data, where, image_dir, verify_images)
+    panoptic = _parse_panoptic(data, where, images, png_dir, verify_images)
+    rows = [
+        {**_image_row(image_id, info, embed_images), "panoptic": _image_entry(panoptic[image_id]["png_path"], embed_images),
+         "segments_info": panoptic[image_id]["segments_info"]}
+        for image_id, info in images.items()
+        if image_id in panoptic
+    ]
     return rows_to_dataset(rows, features=build_features(instances=False, panoptic=True, semantic=False))
 
 
@@ -481,6 +594,7 @@ def load_semantic_folder(
     label_suffix: str = ".png",
     image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
     embed_images: bool = False,
+    verify_images: bool = True,
 ) -> datasets.Dataset:
     """Pair every image of ``image_dir`` with ``label_dir/<stem><label_suffix>`` (a single-channel PNG of class ids,
     255 = ignore) into a :class:`datasets.Dataset` with columns ``image, image_id, file_name, width, height,
@@ -504,8 +618,8 @@ def load_semantic_folder(
     rows = []
     for i, path in enumerate(image_paths):
         label_path = label_dir / (path.stem + label_suffix)
-        width, height = _image_size(path)
-        lw, lh = _image_size(label_path)
+        width, height = _image_size(path, verify_images)
+        lw, lh = _image_size(label_path, verify_images)
         if (lw, lh) != (width, height):
             raise ValueError(f"Label map {label_path} is {lw}x{lh} but image {path} is {width}x{height}")
         rows.append(
@@ -521,7 +635,9 @@ def load_semantic_folder(
     return rows_to_dataset(rows, features=build_features(instances=False, panoptic=False, semantic=True))
 
 
-def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -> datasets.Dataset:
+def load_coco_folder(
+    folder: str | os.PathLike, *, embed_images: bool = False, verify_images: bool = True
+) -> datasets.Dataset:
     """Load a folder written by :func:`maskdino_hf.synthetic.export_coco_folder` (or laid out the same way):
 
     ``images/``, ``annotations/instances.json``, ``annotations/panoptic.json`` + ``panoptic/``, ``semantic/``.
@@ -552,29 +668,23 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
     objects = panoptic = None
     if has_instances:
         data = _load_json(instances_json)
-        images = _parse_images(data, str(instances_json), image_dir)
+        images = _parse_images(data, str(instances_json), image_dir, verify_images)
         objects = _parse_instance_annotations(data, str(instances_json), images)
     if has_panoptic:
         data = _load_json(panoptic_json)
-        pan_images = _parse_images(data, str(panoptic_json), image_dir)
+        pan_images = _parse_images(data, str(panoptic_json), image_dir, verify_images)
         if images is None:
             images = pan_images
-        panoptic = _parse_panoptic(data, str(panoptic_json), images, panoptic_dir)
+        panoptic = _parse_panoptic(data, str(panoptic_json), images, panoptic_dir, verify_images)
         missing = [i for i in images if i not in panoptic]
         if missing:
             raise ValueError(f"{panoptic_json}: no panoptic annotation for image id(s) {missing[:10]}")
     if images is None:
-        return load_semantic_folder(image_dir, semantic_dir, embed_images=embed_images)
+        return load_semantic_folder(image_dir, semantic_dir, embed_images=embed_images, verify_images=verify_images)
 
     rows = []
     for image_id, info in images.items():
-        row = {
-            "image": _image_entry(info["path"], embed_images),
-            "image_id": image_id,
-            "file_name": info["file_name"],
-            "width": info["width"],
-            "height": info["height"],
-        }
+        row = _image_row(image_id, info, embed_images)
         if objects is not None:
             row["objects"] = objects[image_id]
         if panoptic is not None:
@@ -584,6 +694,10 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
             label_path = semantic_dir / (Path(info["file_name"]).stem + ".png")
             if not label_path.is_file():
                 raise FileNotFoundError(f"Semantic label map for image {info['file_name']!r} not found at {label_path}")
+            label_size = _image_size(label_path, verify_images)
+            if label_size != (info["width"], info["height"]):
+                raise ValueError(f"Label map {label_path} is {label_size[0]}x{label_size[1]} but image "
+                                 f"{info['path']} is {info['width']}x{info['height']}")
             row["semantic"] = _image_entry(label_path, embed_images)
         rows.append(row)
     features = build_features(instances=has_instances, panoptic=has_panoptic, semantic=has_semantic)
@@ -595,49 +709,90 @@ def load_coco_folder(folder: str | os.PathLike, *, embed_images: bool = False) -
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _categories_or_inferred(categories: Sequence[Mapping] | None, ids: Iterable[int], isthing: int) -> list[dict]:
-    if categories is not None:
-        return [dict(c) for c in categories]
-    return [{"id": int(i), "name": str(i), "isthing": isthing} for i in sorted(set(ids))]
+def instance_annotations(row: Mapping) -> list[dict]:
+    """COCO instance annotations (``category_id``, ``iscrowd``, and ``id``, ``bbox``, ``area``, ``segmentation`` as
+    far as given) of one row: its ``objects``, or the thing segments of its ``panoptic`` + ``segments_info`` when it
+    has no objects (box, area and RLE from the PNG)."""
+    if row.get("objects") is not None:
+        annotations = []
+        for obj in row["objects"]:
+            annotation = {"category_id": int(obj["category_id"]), "iscrowd": int(obj.get("iscrowd") or 0)}
+            if obj.get("id") is not None:
+                annotation["id"] = int(obj["id"])
+            if obj.get("bbox") is not None:
+                annotation["bbox"] = [float(v) for v in obj["bbox"]]
+            if obj.get("area") is not None:
+                annotation["area"] = float(obj["area"])
+            if obj.get("segmentation") is not None:
+                annotation["segmentation"] = dict(obj["segmentation"])
+            annotations.append(annotation)
+        return annotations
+    if row.get("panoptic") is None or row.get("segments_info") is None:
+        raise KeyError(f"a row needs 'objects' or 'panoptic' + 'segments_info' for instance annotations; it has {sorted(row)}")
+    ids = panoptic_ids(row["panoptic"])
+    annotations = []
+    for segment in row["segments_info"]:
+        if not segment.get("isthing", 1):
+            continue
+        mask = ids == int(segment["id"])
+        annotations.append(
+            {
+                "category_id": int(segment["category_id"]),
+                "bbox": [float(v) for v in mask_to_bbox(mask)],
+                "area": float(mask.sum()),
+                "iscrowd": int(segment.get("iscrowd") or 0),
+                "segmentation": mask_to_rle(mask),
+            }
+        )
+    return annotations
 
 
-def dataset_to_coco_instances(dataset: datasets.Dataset, categories: Sequence[Mapping] | None = None) -> dict:
-    """A COCO instances dict (``images``, ``annotations``, ``categories``) from a data set with an ``objects``
-    column. Object ids are kept when they are all positive and unique, else renumbered ``1..N`` (pycocotools treats
-    id 0 as "unmatched"). ``categories``
-    defaults to one entry per category id seen; pass the thing categories to evaluate on a fixed set."""
-    for col in ("image_id", "width", "height", "objects"):
-        if col not in dataset.column_names:
-            raise KeyError(f"dataset_to_coco_instances needs column {col!r}; columns are {dataset.column_names}")
-    cols = ["image_id", "width", "height", "objects"] + (["file_name"] if "file_name" in dataset.column_names else [])
-    table = dataset.select_columns(cols).to_dict()
-    obj_ids = [o.get("id") for objs in table["objects"] for o in objs]
-    keep_ids = all(i is not None and int(i) > 0 for i in obj_ids) and len(set(obj_ids)) == len(obj_ids)
-    images, annotations = [], []
-    seen = set()
-    for i in range(len(table["image_id"])):
-        image_id = int(table["image_id"][i])
+def dataset_to_coco_instances(
+    rows: datasets.Dataset | Iterable[Mapping], categories: Sequence[Mapping] | None = None
+) -> dict:
+    """The COCO instances dict (``images``, ``annotations``, ``categories``) of a data set or of rows
+    (``image_id``, ``width``, ``height``, optional ``file_name``, and ``objects`` or ``panoptic`` +
+    ``segments_info``, see :func:`instance_annotations`). This is the one builder of COCO instance ground truth.
+
+    Object ids are kept when they are all positive and unique, else renumbered ``1..N`` (pycocotools treats id 0 as
+    "unmatched"). ``categories`` defaults to one entry per category id seen; when given (the thing categories, to
+    evaluate on a fixed set), an annotation of another category is an error."""
+    if isinstance(rows, datasets.Dataset):
+        annotation_columns = ["objects"] if "objects" in rows.column_names else ["panoptic", "segments_info"]
+        needed = ["image_id", "width", "height", *annotation_columns]
+        missing = [c for c in needed if c not in rows.column_names]
+        if missing:
+            raise KeyError(f"dataset_to_coco_instances needs columns {missing}; columns are {rows.column_names}")
+        rows = rows.select_columns(needed + (["file_name"] if "file_name" in rows.column_names else []))
+    images, annotations, seen = [], [], set()
+    for row in rows:
+        image_id = int(row["image_id"])
         if image_id in seen:
-            raise ValueError(f"Duplicate image_id {image_id} in dataset")
+            raise ValueError(f"Duplicate image_id {image_id} in the data set")
         seen.add(image_id)
-        image = {"id": image_id, "width": int(table["width"][i]), "height": int(table["height"][i])}
-        image["file_name"] = table["file_name"][i] if "file_name" in table else f"{image_id:06d}.png"
-        images.append(image)
-        for obj in table["objects"][i]:
-            annotations.append(
-                {
-                    "id": int(obj["id"]) if keep_ids else len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(obj["category_id"]),
-                    "bbox": [float(v) for v in obj["bbox"]],
-                    "area": float(obj["area"]),
-                    "iscrowd": int(obj.get("iscrowd", 0)),
-                    "segmentation": {"size": [int(v) for v in obj["segmentation"]["size"]],
-                                     "counts": obj["segmentation"]["counts"]},
-                }
-            )
-    cats = _categories_or_inferred(categories, (a["category_id"] for a in annotations), 1)
-    return {"info": {"description": "maskdino_hf"}, "images": images, "annotations": annotations, "categories": cats}
+        width, height = int(row["width"]), int(row["height"])
+        images.append({"id": image_id, "width": width, "height": height,
+                       "file_name": row.get("file_name") or f"{image_id:06d}.png"})
+        for k, annotation in enumerate(instance_annotations(row)):
+            where = f"image {image_id}: objects[{k}]"
+            if "bbox" in annotation:
+                _check_box(annotation["bbox"], width, height, where)
+            if "segmentation" in annotation:
+                segmentation_to_rle(annotation["segmentation"], height, width, where)
+            annotations.append({**annotation, "image_id": image_id})
+    ids = [annotation.get("id") for annotation in annotations]
+    if not (all(i is not None and i > 0 for i in ids) and len(set(ids)) == len(ids)):
+        for number, annotation in enumerate(annotations, start=1):
+            annotation["id"] = number
+    if categories is None:
+        categories = [{"id": i, "name": str(i), "isthing": 1} for i in sorted({a["category_id"] for a in annotations})]
+    known = {int(c["id"]) for c in categories}
+    unknown = sorted({a["category_id"] for a in annotations} - known)
+    if unknown:
+        raise ValueError(f"instance annotations have category ids {unknown[:10]} that are not in the categories "
+                         f"{sorted(known)}")
+    return {"info": {"description": "maskdino_hf"}, "images": images, "annotations": annotations,
+            "categories": [dict(c) for c in categories]}
 
 
 def dataset_to_coco_panoptic(dataset: datasets.Dataset, categories: Sequence[Mapping] | None = None) -> dict:

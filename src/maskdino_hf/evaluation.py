@@ -1,4 +1,14 @@
-"""Evaluation: COCO box/mask AP (pycocotools), panoptic quality and semantic mean IoU.
+"""Evaluation: one path from a model and a data set to COCO box/mask AP (pycocotools), panoptic quality and
+semantic mean IoU, used by ``maskdino-hf evaluate``, ``examples/evaluate.py`` and the periodic evaluation of
+``examples/train.py``.
+
+:func:`evaluate` runs the model in batches through the predict helpers (the processor's post-processing at each
+image's size), turns every image into a small record against its ground truth (:class:`DatasetEvaluator`), and
+computes the metrics once. Under Accelerate each process takes its share of the batches, the records are gathered
+and the main process computes the metrics in data set order, so any number of processes gives exactly the
+single-process numbers; every process returns them. COCO ground truth comes from one builder
+(:func:`maskdino_hf.data.dataset_to_coco_instances`) and model labels map to data set categories through one rule
+(:func:`label_to_category_mapping`). Boxes are evaluated as the predict path returns them.
 
 All metric functions return plain ``dict[str, float]`` with values in ``[0, 1]`` (not percent). ``nan`` means
 "undefined" (e.g. COCO ``APs`` without small ground-truth objects, or a class absent from both prediction and ground
@@ -29,15 +39,30 @@ import copy
 import io
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from PIL import Image as PILImage
+from transformers.utils import to_numpy
 
-from .data import id2rgb, mask_to_rle, rgb2id  # noqa: F401  (re-exported)
+from .data import (
+    IGNORE_INDEX,
+    dataset_to_coco_instances,
+    instance_annotations,
+    mask_to_rle,
+    panoptic_ids,
+    segmentation_to_rle,
+)
 
 __all__ = [
+    "EVAL_TASKS",
+    "evaluate",
+    "DatasetEvaluator",
+    "label_to_category_mapping",
+    "tasks_for_dataset",
+    "load_eval_dataset",
     "COCO_STAT_NAMES",
     "METRICS_DIR",
     "compute_coco_metrics",
@@ -51,19 +76,16 @@ __all__ = [
     "load_metric",
     "metric_path",
     "conform_to_schema",
-    "rgb2id",
-    "id2rgb",
 ]
 
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 AVAILABLE_METRICS = ("coco_detection", "panoptic_quality", "mean_iou")
+EVAL_TASKS = ("instance", "detection", "panoptic", "semantic")
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+    return np.asarray(to_numpy(x))
 
 
 def _nan_if_negative(v: float) -> float:
@@ -160,36 +182,24 @@ def _prepare_ground_truth(ground_truth: Mapping, iou_types: Sequence[str]) -> di
         seg = ann.get("segmentation")
         if "segm" in iou_types and not seg:
             raise ValueError(f"segm evaluation needs 'segmentation' in ground-truth annotation {ann.get('id')}")
-        if isinstance(seg, Mapping) and isinstance(seg.get("counts"), list):
-            h, w = (int(v) for v in seg["size"])
-            ann["segmentation"] = mask_utils.frPyObjects(dict(seg), h, w)
+        if seg:
+            h, w = image_sizes[int(ann["image_id"])]
+            ann["segmentation"] = _compressed(segmentation_to_rle(seg, h, w, f"ground-truth annotation {ann.get('id')}"))
         if "bbox" not in ann:
             if not seg:
                 raise KeyError(f"COCO ground-truth annotation {ann.get('id')} has neither bbox nor segmentation")
-            h, w = image_sizes[int(ann["image_id"])]
-            rle = _seg_to_rle(ann["segmentation"], h, w)
-            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(ann["segmentation"])]
         if "area" not in ann:
-            if seg:
-                h, w = image_sizes[int(ann["image_id"])]
-                ann["area"] = float(mask_utils.area(_seg_to_rle(ann["segmentation"], h, w)))
-            else:
-                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            ann["area"] = float(mask_utils.area(ann["segmentation"])) if seg else float(ann["bbox"][2] * ann["bbox"][3])
         annotations.append(ann)
     gt["annotations"] = annotations
     gt.setdefault("info", {})
     return gt
 
 
-def _seg_to_rle(seg: Any, h: int, w: int) -> dict:
-    from pycocotools import mask as mask_utils
-
-    if isinstance(seg, list):
-        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    if isinstance(seg.get("counts"), list):
-        return mask_utils.frPyObjects(dict(seg), h, w)
-    counts = seg["counts"]
-    return {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+def _compressed(rle: Mapping) -> dict:
+    """A ``str``-counts RLE of :func:`segmentation_to_rle` with ``bytes`` counts, as pycocotools takes it."""
+    return {"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}
 
 
 def _results_coco(coco_gt, predictions: Sequence[Mapping], iou_type: str):
@@ -206,7 +216,7 @@ def _results_coco(coco_gt, predictions: Sequence[Mapping], iou_type: str):
             if not seg:
                 raise ValueError(f"segm evaluation needs 'segmentation' in every prediction (prediction {k})")
             h, w = (int(v) for v in seg["size"])
-            rle = _seg_to_rle(seg, h, w)
+            rle = _compressed(segmentation_to_rle(seg, h, w, f"prediction {k}"))
             ann["segmentation"] = rle
             ann["area"] = float(mask_utils.area(rle))
             ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
@@ -215,7 +225,8 @@ def _results_coco(coco_gt, predictions: Sequence[Mapping], iou_type: str):
                 x, y, w, h = (float(v) for v in p["bbox"])
             elif p.get("segmentation"):
                 seg = p["segmentation"]
-                x, y, w, h = (float(v) for v in mask_utils.toBbox(_seg_to_rle(seg, *seg["size"])))
+                rle = _compressed(segmentation_to_rle(seg, *seg["size"], f"prediction {k}"))
+                x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
             else:
                 raise ValueError(f"bbox evaluation needs 'bbox' (or 'segmentation') in prediction {k}")
             ann["bbox"] = [x, y, w, h]
@@ -314,12 +325,12 @@ def compute_coco_metrics(
 
 
 def _id_map(x: Any) -> np.ndarray:
-    """``(H, W)`` int id map from an id map, an ``(H, W, 3)`` rgb2id-encoded array or a PIL image."""
+    """``(H, W)`` int id map from an id map, an ``(H, W, 3)`` COCO-panoptic-encoded array or a PIL image."""
     if hasattr(x, "convert") and hasattr(x, "size"):  # PIL image
-        return rgb2id(x)
+        return panoptic_ids(x)
     arr = _to_numpy(x)
     if arr.ndim == 3 and arr.shape[-1] == 3:
-        return rgb2id(arr)
+        return panoptic_ids(arr)
     if arr.ndim != 2:
         raise ValueError(f"Expected an (H, W) id map or an (H, W, 3) RGB-encoded map, got shape {arr.shape}")
     return arr.astype(np.int64)
@@ -368,11 +379,23 @@ class PanopticQualityAccumulator:
         gt_map: Any,
         gt_segments: Sequence[Mapping],
     ) -> None:
-        """Add one image.
+        """Add one image (see :meth:`image_statistics`)."""
+        self.add(self.image_statistics(pred_map, pred_segments, gt_map, gt_segments))
+
+    def image_statistics(
+        self,
+        pred_map: Any,
+        pred_segments: Sequence[Mapping],
+        gt_map: Any,
+        gt_segments: Sequence[Mapping],
+    ) -> dict[str, list]:
+        """The matches of one image, as :meth:`add` takes them: ``{"tp": [category index], "iou": [IoU of each
+        match], "fp": [...], "fn": [...]}``. Small and picklable, so processes can compute them on their shard and
+        one process adds them in image order (the same float sums as a single process).
 
         Args:
-            pred_map, gt_map: ``(H, W)`` segment-id maps (numpy/torch), ``(H, W, 3)`` rgb2id-encoded arrays or PIL
-                images. Ground-truth id 0 is void; predicted ids <= 0 (0 or -1, as Transformers' post-processing
+            pred_map, gt_map: ``(H, W)`` segment-id maps (numpy/torch), ``(H, W, 3)`` COCO-panoptic-encoded arrays or
+                PIL images. Ground-truth id 0 is void; predicted ids <= 0 (0 or -1, as Transformers' post-processing
                 writes) are "no segment".
             pred_segments: ``[{"id", "category_id"}]`` (``label_id`` is accepted instead of ``category_id``).
             gt_segments: ``[{"id", "category_id", "iscrowd" (optional)}]``.
@@ -407,6 +430,7 @@ class PanopticQualityAccumulator:
         gt_crowd = [int(s.get("iscrowd", 0) or 0) for s in gt_segments]
         pred_cat = [self._cat_index(_segment_category(s), "Predicted") for s in pred_segments]
 
+        stats: dict[str, list] = {"tp": [], "iou": [], "fp": [], "fn": []}
         gt_matched = np.zeros(ng + 1, dtype=bool)
         pred_matched = np.zeros(np_ + 1, dtype=bool)
         gi, pi = np.nonzero(inter[1:, 1:])
@@ -416,14 +440,13 @@ class PanopticQualityAccumulator:
             union = pred_area[pj] + gt_area[gj] - inter[gj, pj] - inter[0, pj]
             iou = inter[gj, pj] / union
             if iou > 0.5:
-                c = gt_cat[gj - 1]
-                self.tp[c] += 1
-                self.iou[c] += iou
+                stats["tp"].append(gt_cat[gj - 1])
+                stats["iou"].append(float(iou))
                 gt_matched[gj] = True
                 pred_matched[pj] = True
         for gj in range(1, ng + 1):
             if gt_area[gj] > 0 and not gt_matched[gj] and not gt_crowd[gj - 1]:
-                self.fn[gt_cat[gj - 1]] += 1
+                stats["fn"].append(gt_cat[gj - 1])
         crowd_by_cat: dict[int, list[int]] = {}
         for gj in range(1, ng + 1):
             if gt_crowd[gj - 1]:
@@ -435,6 +458,17 @@ class PanopticQualityAccumulator:
             ignored = inter[0, pj] + sum(inter[gj, pj] for gj in crowd_by_cat.get(c, []))
             if ignored / pred_area[pj] > 0.5:
                 continue
+            stats["fp"].append(c)
+        return stats
+
+    def add(self, stats: Mapping[str, Sequence]) -> None:
+        """Add the :meth:`image_statistics` of one image."""
+        for c, iou in zip(stats["tp"], stats["iou"], strict=True):
+            self.tp[c] += 1
+            self.iou[c] += iou
+        for c in stats["fn"]:
+            self.fn[c] += 1
+        for c in stats["fp"]:
             self.fp[c] += 1
         self.num_images += 1
 
@@ -471,7 +505,7 @@ def compute_panoptic_quality(
 
     ``predictions`` and ``references`` are aligned per image; each item is ``(id_map, segments_info)`` or a dict
     with ``segments_info`` and the map under ``segmentation`` / ``panoptic`` / ``panoptic_seg``. Maps may be id
-    maps, rgb2id-encoded RGB arrays or PIL images. See :class:`PanopticQualityAccumulator`.
+    maps, COCO-panoptic-encoded RGB arrays or PIL images. See :class:`PanopticQualityAccumulator`.
     """
     acc = PanopticQualityAccumulator(categories)
     for pred, ref in zip(predictions, references, strict=True):
@@ -513,6 +547,16 @@ class ConfusionMatrixAccumulator:
         self.matrix = np.zeros((self.num_labels, self.num_labels + 1), dtype=np.int64)
 
     def update(self, prediction: Any, reference: Any) -> None:
+        """Add one image's ``(H, W)`` predicted and reference label maps."""
+        self.add(self.image_counts(prediction, reference))
+
+    def add(self, counts: tuple[np.ndarray, np.ndarray]) -> None:
+        """Add the sparse counts of :meth:`image_counts`."""
+        np.add.at(self.matrix.reshape(-1), counts[0], counts[1])
+
+    def image_counts(self, prediction: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One image's confusion counts, sparse: ``(flat indices into matrix, counts)`` (integers: summing them in
+        any order gives the same matrix)."""
         pred = _to_numpy(prediction).astype(np.int64)
         ref = _to_numpy(reference).astype(np.int64)
         if pred.shape != ref.shape:
@@ -525,7 +569,9 @@ class ConfusionMatrixAccumulator:
             raise ValueError(f"Reference labels {bad[:10]} are outside [0, {self.num_labels}) and not ignore_index")
         pred = np.where((pred < 0) | (pred >= self.num_labels), self.num_labels, pred)
         k1 = self.num_labels + 1
-        self.matrix += np.bincount(ref * k1 + pred, minlength=self.num_labels * k1).reshape(self.num_labels, k1)
+        counts = np.bincount(ref * k1 + pred, minlength=self.num_labels * k1)
+        indices = np.flatnonzero(counts)
+        return indices, counts[indices]
 
     def compute(self, per_category: bool = True) -> dict[str, float]:
         m = self.matrix
@@ -571,6 +617,296 @@ def compute_mean_iou(
     for pred, ref in zip(predictions, references, strict=True):
         acc.update(pred, ref)
     return acc.compute(per_category=per_category)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating a model on a data set
+# ----------------------------------------------------------------------------------------------------------------
+
+# The data set columns each task evaluates against (any one of them).
+TASK_COLUMNS = {
+    "instance": ("objects", "segments_info"),
+    "detection": ("objects", "segments_info"),
+    "panoptic": ("segments_info",),
+    "semantic": ("semantic",),
+}
+
+
+def tasks_for_dataset(task: str | Sequence[str], columns: Sequence[str]) -> list[str]:
+    """The tasks to evaluate: ``"all"`` = instance (objects, or the things of a panoptic annotation), panoptic and
+    semantic, as far as the data set has the annotations; otherwise the named task(s), each checked."""
+    if task == "all":
+        tasks = [t for t in ("instance", "panoptic", "semantic") if any(c in columns for c in TASK_COLUMNS[t])]
+        if not tasks:
+            raise ValueError(f"the data set has no objects, panoptic or semantic annotations (columns {list(columns)})")
+        return tasks
+    tasks = [task] if isinstance(task, str) else list(task)
+    for name in tasks:
+        if name not in TASK_COLUMNS:
+            raise ValueError(f"unknown evaluation task {name!r}; choose from {('all', *EVAL_TASKS)}")
+        if not any(c in columns for c in TASK_COLUMNS[name]):
+            raise ValueError(f"task {name!r} needs the {' or '.join(TASK_COLUMNS[name])} annotations, which the data "
+                             f"set lacks (columns {list(columns)})")
+    return tasks
+
+
+def label_to_category_mapping(id2label: Mapping[int, str], categories: Sequence[Mapping]) -> dict[int, int]:
+    """Model label id -> data set category id, the one mapping of training and evaluation: by name when the class
+    names of one side all appear on the other (model classes missing from the data set are left out), else identity
+    (when every category id is a label id)."""
+    by_name = {str(c["name"]): int(c["id"]) for c in categories}
+    by_label = {int(label): by_name[str(name)] for label, name in id2label.items() if str(name) in by_name}
+    if by_label and (len(by_label) == len(id2label) or set(by_label.values()) == set(by_name.values())):
+        return by_label
+    ids = {int(c["id"]) for c in categories}
+    if id2label and ids <= {int(label) for label in id2label}:
+        return {int(label): int(label) for label in id2label if int(label) in ids}
+    raise ValueError(
+        f"cannot map the model's classes {sorted(map(str, id2label.values()))[:10]} to the data set's categories "
+        f"{sorted(by_name)[:10]}: the names differ and the category ids are not label ids"
+    )
+
+
+def load_eval_dataset(data: str | Path, split: str = "validation"):
+    """``(dataset, categories)`` from a COCO-format folder (``images/``, ``annotations/...``: taken whatever
+    ``split``), a folder of ``<split>/`` COCO folders, or a ``datasets`` ``save_to_disk`` folder (a ``DatasetDict``:
+    ``split`` is taken). Categories as :func:`maskdino_hf.training.dataset_categories` finds them."""
+    from .training import dataset_categories, load_dataset_splits
+
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: not found")
+    if not path.is_dir():
+        raise ValueError(f"--data {path}: expected a folder (COCO format or datasets save_to_disk)")
+    splits = load_dataset_splits(path)
+    if split in splits:
+        dataset = splits[split]
+    elif (path / "images").is_dir() or (path / "state.json").is_file():  # one data set: whatever the split
+        dataset = next(iter(splits.values()))
+    else:
+        raise ValueError(f"--data {path} has no split {split!r}; it has {sorted(splits)}")
+    return dataset, dataset_categories(splits, path, split)
+
+
+class DatasetEvaluator:
+    """Turns each image's prediction (the format of the predict helpers: ``{task: result}``) and its data set row
+    into a small picklable record, and computes COCO box/mask AP, panoptic quality and mean IoU from the records.
+
+    Args:
+        tasks: subset of ``instance`` (box + mask AP), ``detection`` (box AP; ``det_``-prefixed beside ``instance``),
+            ``panoptic`` (PQ), ``semantic`` (mIoU).
+        categories: ``[{"id", "name", "isthing"}]`` of the data set.
+        label_to_category: model label id -> category id (labels missing from it are dropped; see
+            :func:`label_to_category_mapping`).
+        num_labels, id2label: of the model (mean IoU is computed over the model's label ids).
+        ignore_index: void value of the data set's semantic maps.
+    """
+
+    def __init__(self, tasks, categories, label_to_category, num_labels, id2label=None, ignore_index=IGNORE_INDEX):
+        self.tasks = list(tasks)
+        self.categories = [
+            {"id": int(c["id"]), "name": str(c.get("name", c["id"])), "isthing": int(c.get("isthing", 1))}
+            for c in categories
+        ]
+        self.things = [c for c in self.categories if c["isthing"]]
+        self.label_to_category = {int(k): int(v) for k, v in label_to_category.items()}
+        self.num_labels = int(num_labels)
+        self.id2label = dict(id2label or {})
+        self.ignore_index = ignore_index
+        self.panoptic = PanopticQualityAccumulator(self.categories) if "panoptic" in self.tasks else None
+        # semantic ground truth holds category ids: a lookup table to label ids (unknown -> ignore)
+        size = max([256, ignore_index + 1] + [c["id"] + 1 for c in self.categories])
+        self._category_to_label = np.full(size, ignore_index, dtype=np.int64)
+        for label, category in self.label_to_category.items():
+            if 0 <= category < size:
+                self._category_to_label[category] = label
+        self._category_to_label[ignore_index] = ignore_index
+
+    def image_record(self, row: Mapping[str, Any], prediction: Mapping[str, Any]) -> dict[str, Any]:
+        """One image's record: its COCO image entry and instance annotations, its COCO results per box/mask task,
+        its panoptic match statistics and its sparse semantic confusion counts."""
+        record: dict[str, Any] = {}
+        image_id = int(row["image_id"])
+        coco_tasks = [t for t in ("instance", "detection") if t in self.tasks]
+        if coco_tasks:
+            record["image"] = {"image_id": image_id, "width": int(row["width"]), "height": int(row["height"]),
+                               "file_name": row.get("file_name") or "", "objects": instance_annotations(row)}
+        for task in coco_tasks:
+            item = prediction[task]
+            labels = _to_numpy(item["labels"]).reshape(-1)
+            keep = np.array([int(label) in self.label_to_category for label in labels], dtype=bool)
+            masks = item.get("masks") if task == "instance" else None
+            record[task] = instances_to_coco_results(
+                image_id,
+                _to_numpy(item["scores"]).reshape(-1)[keep],
+                labels[keep],
+                masks=None if masks is None else _to_numpy(masks)[keep],
+                boxes=_to_numpy(item["boxes"]).reshape(-1, 4)[keep],
+                label_to_category_id=self.label_to_category,
+            )
+        if self.panoptic is not None:
+            item = prediction["panoptic"]
+            segmentation = _to_numpy(item["segmentation"]).astype(np.int64)
+            segments = []
+            for segment in item["segments_info"]:
+                label = int(segment.get("label_id", segment.get("category_id")))
+                if label not in self.label_to_category:
+                    segmentation[segmentation == int(segment["id"])] = 0
+                    continue
+                segments.append({"id": int(segment["id"]), "category_id": self.label_to_category[label]})
+            record["panoptic"] = self.panoptic.image_statistics(
+                segmentation, segments, row["panoptic"], row["segments_info"]
+            )
+        if "semantic" in self.tasks:
+            reference = _to_numpy(row["semantic"]).astype(np.int64)  # L, P or 16-bit maps of class ids
+            if reference.ndim != 2:
+                raise ValueError(f"image {image_id}: the semantic map must be one channel of class ids, got shape "
+                                 f"{reference.shape}")
+            unknown = sorted(set(np.unique(reference).tolist()) - {c["id"] for c in self.categories} - {self.ignore_index})
+            if unknown:
+                raise ValueError(f"image {image_id}: the semantic map has class ids {unknown[:10]} that are neither "
+                                 f"categories {[c['id'] for c in self.categories][:20]} nor {self.ignore_index} (ignore)")
+            reference = self._category_to_label[reference]
+            record["semantic"] = self._semantic_accumulator().image_counts(_to_numpy(prediction["semantic"]), reference)
+        return record
+
+    def _semantic_accumulator(self) -> ConfusionMatrixAccumulator:
+        return ConfusionMatrixAccumulator(self.num_labels, ignore_index=self.ignore_index, id2label=self.id2label)
+
+    def compute(self, records: Sequence[Mapping[str, Any]], per_category: bool = True) -> dict[str, float]:
+        """The metrics of all records (in data set order)."""
+        metrics: dict[str, float] = {}
+        if any(t in self.tasks for t in ("instance", "detection")):
+            ground_truth = dataset_to_coco_instances([r["image"] for r in records], self.things)
+            known = {c["id"] for c in self.things}
+            for task, iou_types in (("instance", ("bbox", "segm")), ("detection", ("bbox",))):
+                if task not in self.tasks:
+                    continue
+                predictions = [p for r in records for p in r[task] if p["category_id"] in known]
+                values = compute_coco_metrics(ground_truth, predictions, iou_types=iou_types, per_category=per_category)
+                if task == "detection" and "instance" in self.tasks:  # keep the instance head's box AP, add this one
+                    values = {f"det_{k}": v for k, v in values.items()}
+                metrics.update(values)
+        if self.panoptic is not None:
+            panoptic = PanopticQualityAccumulator(self.categories)
+            for record in records:
+                panoptic.add(record["panoptic"])
+            metrics.update(panoptic.compute(per_category=per_category))
+        if "semantic" in self.tasks:
+            semantic = self._semantic_accumulator()
+            for record in records:
+                semantic.add(record["semantic"])
+            metrics.update(semantic.compute(per_category=per_category))
+        return metrics
+
+
+def process_state():
+    """Accelerate's process state (one process unless started by `accelerate launch`), set up as an `Accelerator`
+    would set it up (`ACCELERATE_USE_CPU` runs CPU processes over gloo)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _dataset_row(dataset: Any, index: int) -> dict:
+    """Row ``index`` of a data set (or a list of rows), with its image as RGB; an image that cannot be decoded is
+    a ``ValueError`` naming the row and its file."""
+    try:
+        row = dict(dataset[int(index)])
+        image = row["image"]
+        row["image"] = image.convert("RGB") if hasattr(image, "convert") else PILImage.fromarray(np.asarray(image)).convert("RGB")
+    except (OSError, SyntaxError) as error:
+        columns = getattr(dataset, "column_names", ())
+        name = dataset.select_columns(["file_name"])[int(index)]["file_name"] if "file_name" in columns else ""
+        raise ValueError(f"row {index} ({name or 'no file_name'}) of the data set: cannot decode its image: {error}") from None
+    return row
+
+
+def evaluate(
+    model,
+    processor,
+    dataset: Any,
+    tasks: str | Sequence[str] = "all",
+    *,
+    categories: Sequence[Mapping] | None = None,
+    label_to_category: Mapping[int, int] | None = None,
+    batch_size: int = 1,
+    max_images: int | None = None,
+    bf16: bool = False,
+    predict_fn: Callable[[Sequence[Any], Sequence[Mapping]], list[dict[str, Any]]] | None = None,
+    per_category: bool = True,
+    progress: bool = False,
+) -> dict[str, float]:
+    """COCO box/mask AP, PQ and mIoU of ``model`` on ``dataset`` (a :class:`datasets.Dataset` in the column layout
+    of :mod:`maskdino_hf.data`, or a list of such rows).
+
+    Args:
+        tasks: ``"all"`` (every annotation the data set has) or task names of :data:`EVAL_TASKS`.
+        categories: the data set's ``[{"id", "name", "isthing"}]`` (default: the model's labels, stuff from
+            ``config.stuff_labels``).
+        label_to_category: model label -> category id (default: :func:`label_to_category_mapping`).
+        batch_size: images per forward pass (per process); ``max_images``: the first N images only.
+        bf16: run the model under bfloat16 autocast.
+        predict_fn: ``(images, rows) -> [{task: result}]`` in place of the model's predict helper (e.g. the ground
+            truth, to check the metrics).
+
+    Under Accelerate (``accelerate launch``) each process predicts its share of the batches; the records are gathered
+    and the metrics, computed once on the main process in data set order, are returned on every process.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 (or None for all), got {max_images}")
+    if len(dataset) == 0:
+        raise ValueError("the data set to evaluate has no rows")
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
+    tasks = tasks_for_dataset(tasks, columns)
+    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    if categories is None:
+        stuff = {int(label) for label in getattr(model.config, "stuff_labels", None) or ()}
+        categories = [{"id": k, "name": v, "isthing": int(k not in stuff)} for k, v in sorted(id2label.items())]
+    if label_to_category is None:
+        label_to_category = label_to_category_mapping(id2label, categories)
+    evaluator = DatasetEvaluator(tasks, categories, label_to_category, model.config.num_labels, id2label,
+                                 getattr(processor, "ignore_index", IGNORE_INDEX))
+    if predict_fn is None:
+        from .cli import model_predict_fn
+
+        predict_fn = model_predict_fn(model, processor, tasks, str(model.device), threshold=None, bf16=bf16)
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    state = process_state()
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        with state.split_between_processes(batches) as shard:
+            for indices in tqdm(shard, desc="evaluate", unit="batch", disable=not progress or not state.is_main_process):
+                rows = [_dataset_row(dataset, index) for index in indices]
+                predictions = predict_fn([row["image"] for row in rows], rows)
+                for index, row, prediction in zip(indices, rows, predictions, strict=True):
+                    records.append((index, evaluator.image_record(row, prediction)))
+    except Exception as error:  # noqa: BLE001  (the other processes must not wait for this one forever)
+        if state.num_processes == 1:
+            raise
+        records.append((-1, f"{type(error).__name__}: {error}"))
+    finally:
+        model.train(was_training)
+    if state.num_processes > 1:
+        records = gather_object(records)
+        failures = [record for index, record in records if index == -1]
+        if failures:
+            raise ValueError(f"evaluation failed on {len(failures)} process(es): {failures[0]}")
+    metrics = None
+    if state.is_main_process:
+        metrics = evaluator.compute([record for _, record in sorted(records, key=lambda item: item[0])], per_category)
+    if state.num_processes > 1:
+        metrics = broadcast_object_list([metrics])[0]
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -677,13 +1013,20 @@ def load_metric(name: str, **kwargs: Any):
     return evaluate.load(metric_path(name), **kwargs)
 
 
-def schema_conforming_metric(features: Any):
-    """An `evaluate.Metric` base whose `add`/`add_batch` reshape inputs to `features` (see `conform_to_schema`):
-    evaluate 0.4 rejects missing or extra keys, so box-only predictions or Transformers' `segments_info` could not
-    be passed as they are. Imported lazily so `evaluate` stays optional for the package."""
+def schema_conforming_metric(
+    features: Any, description: str, citation: str, inputs_description: str, reference_urls: Sequence[str] = ()
+):
+    """An `evaluate.Metric` base with its `MetricInfo`, whose `add`/`add_batch` reshape inputs to `features` (see
+    `conform_to_schema`): evaluate 0.4 rejects missing or extra keys, so box-only predictions or Transformers'
+    `segments_info` could not be passed as they are. Imported lazily so `evaluate` stays optional for the package."""
     import evaluate
 
     class SchemaConformingMetric(evaluate.Metric):
+        def _info(self):
+            return evaluate.MetricInfo(description=description, citation=citation,
+                                       inputs_description=inputs_description, features=features,
+                                       reference_urls=list(reference_urls))
+
         def add_batch(self, *, predictions=None, references=None, **kwargs):
             """Add a batch of predictions and references, reshaped to the metric's features first."""
             if predictions is not None:

@@ -90,10 +90,6 @@ class ReplayRandomSource(MaskDINORandomSource):
         self._position = 0
 
     @property
-    def num_consumed(self) -> int:
-        return self._position
-
-    @property
     def num_remaining(self) -> int:
         return len(self._tensors) - self._position
 

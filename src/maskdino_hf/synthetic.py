@@ -33,15 +33,14 @@ import numpy as np
 from PIL import Image as PILImage
 
 import datasets
+from transformers.image_transforms import id_to_rgb, rgb_to_id
 
 from .data import (
     build_features,
     dataset_to_coco_instances,
     dataset_to_coco_panoptic,
-    id2rgb,
     mask_to_bbox,
     mask_to_rle,
-    rgb2id,
     rows_to_dataset,
 )
 
@@ -199,7 +198,7 @@ def _segment_id_generator(rng: np.random.Generator):
 
     def new_id(color: Sequence[int]) -> int:
         for _ in range(1000):
-            candidate = rgb2id(_jitter(rng, color, 30).astype(np.int64))
+            candidate = rgb_to_id(_jitter(rng, color, 30).astype(np.int64))
             if candidate not in used:
                 used.add(candidate)
                 return candidate
@@ -384,7 +383,7 @@ def generate_shapes_split(num_images: int, image_size=(160, 160), seed: int = 0,
                 "width": ex["width"],
                 "height": ex["height"],
                 "objects": ex["objects"],
-                "panoptic": {"bytes": _png_bytes(id2rgb(ex["panoptic_ids"]), "RGB"), "path": ex["file_name"]},
+                "panoptic": {"bytes": _png_bytes(id_to_rgb(ex["panoptic_ids"]), "RGB"), "path": ex["file_name"]},
                 "segments_info": ex["segments_info"],
                 "semantic": {"bytes": _png_bytes(ex["semantic_array"], "L"), "path": ex["file_name"]},
             }
@@ -421,7 +420,7 @@ def generate_shapes_dataset(
     Returns:
         A :class:`datasets.DatasetDict`; each split has the columns ``image`` (Image), ``image_id`` (1-based within
         the split), ``file_name``, ``width``, ``height``, ``objects`` (list of ``{id, bbox, category_id,
-        segmentation: {size, counts: str}, area, iscrowd}``), ``panoptic`` (RGB Image, rgb2id encoding),
+        segmentation: {size, counts: str}, area, iscrowd}``), ``panoptic`` (RGB Image, ``rgb_to_id`` encoding),
         ``segments_info`` (list of ``{id, category_id, isthing, iscrowd, area, bbox}``), ``semantic`` (L Image).
         ``save_to_disk``/``load_from_disk`` work directly (all images are embedded PNG bytes).
     """

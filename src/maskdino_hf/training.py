@@ -1,8 +1,8 @@
 """Reusable training pieces for Mask DINO: data loading, the official augmentations, batch collation, the official
-optimizer / learning-rate schedule / gradient clipping, and the evaluation loop.
+optimizer / learning-rate schedule, and checkpoints that are written atomically and checked before a resume.
 
 Everything here is plain torch / numpy / PIL (no torchvision, no detectron2) and runs on CPU. `examples/train.py`
-puts the pieces together with Accelerate.
+puts the pieces together with Accelerate; held-out evaluation is `maskdino_hf.evaluation.evaluate`.
 
 Official recipe (MaskDINO `Base-COCO-InstanceSegmentation.yaml`, also in `tests/fixtures/official/*/config.yaml`):
 
@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,8 @@ from torch import nn
 
 import datasets
 
-from .data import IGNORE_INDEX, dataset_to_coco_instances, load_coco_folder, read_categories, rgb2id, rle_to_mask
+from .data import IGNORE_INDEX, load_coco_folder, panoptic_ids, read_categories, rle_to_mask
+from .random_source import MaskDINORandomSource, _as_shape
 
 __all__ = [
     "OFFICIAL_CLIP_VALUE",
@@ -48,9 +52,10 @@ __all__ = [
     "build_param_groups",
     "build_optimizer",
     "build_scheduler",
-    "clip_full_model_gradients",
-    "instance_ground_truth",
-    "evaluate_model",
+    "save_checkpoint",
+    "resume_checkpoint",
+    "check_checkpoint",
+    "CheckpointError",
 ]
 
 OFFICIAL_CLIP_VALUE = 0.01
@@ -103,21 +108,26 @@ def load_dataset_splits(path: str | Path) -> datasets.DatasetDict:
     return datasets.DatasetDict(splits)
 
 
-def dataset_categories(dataset: datasets.Dataset | datasets.DatasetDict, folder: str | Path | None = None) -> list[dict]:
-    """Categories (`id`, `name`, `isthing`) of a data set: `categories.json` next to a COCO folder, the synthetic data
-    set's description (`maskdino_hf synthetic shapes; categories: [...]`), else inferred from the annotations."""
+def dataset_categories(
+    dataset: datasets.Dataset | datasets.DatasetDict, folder: str | Path | None = None, split: str = "train"
+) -> list[dict]:
+    """Categories (`id`, `name`, `isthing`) of a data set: `categories.json` in (or beside) a COCO folder or its
+    `split` sub-folder, the synthetic data set's description (`maskdino_hf synthetic shapes; categories: [...]`),
+    else inferred from the annotations."""
     if folder is not None:
         folder = Path(folder)
-        for candidate in (folder / "categories.json", folder / "train" / "categories.json"):
+        candidates = (folder / "categories.json", folder / split / "categories.json", folder / "train" / "categories.json",
+                      folder.parent / "categories.json")
+        for candidate in candidates:
             if candidate.is_file():
                 return [dict(c) for c in json.loads(candidate.read_text())]
-        for candidate in (folder, folder / "train"):
+        for candidate in (folder, folder / split, folder / "train"):
             try:
                 return read_categories(candidate)
             except (FileNotFoundError, KeyError, ValueError):
                 pass
-    split = dataset if isinstance(dataset, datasets.Dataset) else next(iter(dataset.values()))
-    description = split.info.description or ""
+    table = dataset if isinstance(dataset, datasets.Dataset) else next(iter(dataset.values()))
+    description = table.info.description or ""
     marker = "categories: "
     if marker in description:
         try:
@@ -125,16 +135,16 @@ def dataset_categories(dataset: datasets.Dataset | datasets.DatasetDict, folder:
         except json.JSONDecodeError:
             pass
     seen: dict[int, int] = {}
-    if "segments_info" in split.column_names:
-        for segments in split["segments_info"]:
+    if "segments_info" in table.column_names:
+        for segments in table["segments_info"]:
             for s in segments:
                 seen[int(s["category_id"])] = int(s["isthing"])
-    if "objects" in split.column_names:
-        for objects in split["objects"]:
+    if "objects" in table.column_names:
+        for objects in table["objects"]:
             for o in objects:
                 seen.setdefault(int(o["category_id"]), 1)
-    if "semantic" in split.column_names and not seen:
-        for image in split.select_columns(["semantic"])["semantic"]:
+    if "semantic" in table.column_names and not seen:
+        for image in table.select_columns(["semantic"])["semantic"]:
             for value in np.unique(np.asarray(image)):
                 if value != IGNORE_INDEX:
                     seen.setdefault(int(value), 0)
@@ -201,7 +211,7 @@ def decode_example(
     elif task in ("instance", "panoptic"):
         if "panoptic" not in example or "segments_info" not in example:
             raise ValueError(f"task {task!r} needs an 'objects' or a 'panoptic' + 'segments_info' column")
-        ids = rgb2id(np.asarray(example["panoptic"].convert("RGB")))
+        ids = panoptic_ids(example["panoptic"])
         for segment in example["segments_info"]:
             if segment.get("iscrowd", 0) or (task == "instance" and not segment.get("isthing", 1)):
                 continue
@@ -364,35 +374,29 @@ class MaskDINOTrainCollator:
         }
 
 
-class BatchInvariantRandomSource:
+class BatchInvariantRandomSource(MaskDINORandomSource):
     """A random source whose draws do not depend on how the images are split into batches: every draw is the first
     row of a fixed-seed stream, repeated along the leading dimension. Only for equivalence tests (e.g. one process
-    with batch 2 versus two processes with batch 1); it is not a sensible source for real training."""
+    with batch 2 versus two processes with batch 1); it is not a sensible source for real training. `randint` and
+    the `*_like` helpers come from the protocol (`randint` is drawn by the parent from `torch.randint`, so it is
+    overridden here to derive from `rand`)."""
 
     def __init__(self, seed: int = 0):
+        super().__init__(generator=None)
         self.seed = seed
 
-    def _row(self, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        row = torch.rand(tuple(shape[1:]) if len(shape) > 1 else (1,), generator=generator, dtype=torch.float32)
-        if len(shape) <= 1:
-            return row.expand(*shape).to(device=device, dtype=dtype) if shape else row[0].to(device=device, dtype=dtype)
-        return row[None].expand(*shape).contiguous().to(device=device, dtype=dtype)
-
     def rand(self, *shape, device=None, dtype=torch.float32) -> torch.Tensor:
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-            shape = tuple(shape[0])
-        return self._row(tuple(int(s) for s in shape), dtype, device)
+        shape = _as_shape(shape)
+        generator = torch.Generator().manual_seed(self.seed)
+        row = torch.rand(shape[1:] if len(shape) > 1 else (1,), generator=generator, dtype=torch.float32)
+        if len(shape) <= 1:
+            row = row.expand(*shape) if shape else row[0]
+        else:
+            row = row[None].expand(*shape).contiguous()
+        return row.to(device=device, dtype=dtype)
 
     def randint(self, low: int, high: int, shape, device=None) -> torch.Tensor:
-        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (int(shape),)
-        return (low + (self.rand(*shape, device=device) * (high - low)).floor()).long()
-
-    def rand_like(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.rand(*tensor.shape, device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else torch.float32)
-
-    def randint_like(self, tensor: torch.Tensor, low: int, high: int) -> torch.Tensor:
-        return self.randint(low, high, tensor.shape, device=tensor.device)
+        return (low + (self.rand(_as_shape((shape,)), device=device) * (high - low)).floor()).long()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,147 +484,119 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_full_model_gradients(parameters: Iterable[torch.Tensor], max_norm: float = OFFICIAL_CLIP_VALUE) -> torch.Tensor:
-    """Official `CLIP_TYPE: full_model`: `clip_grad_norm_` of all parameters together (L2). Returns the total norm
-    before clipping."""
-    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=2.0)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
+CHECKPOINT_PREFIX = "checkpoint-"
+_PICKLED_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
-def instance_ground_truth(dataset: datasets.Dataset, categories: Sequence[Mapping]) -> dict:
-    """COCO instance ground truth of the thing categories: the `objects` column, or the thing segments of the
-    panoptic annotation when there is none."""
-    things = [dict(c) for c in categories if c.get("isthing", 1)]
-    if "objects" in dataset.column_names:
-        return dataset_to_coco_instances(dataset, things)
-    from .data import mask_to_bbox, mask_to_rle
 
-    thing_ids = {int(c["id"]) for c in things}
-    images, annotations = [], []
-    for row in dataset:
-        images.append({"id": int(row["image_id"]), "width": int(row["width"]), "height": int(row["height"])})
-        ids = rgb2id(np.asarray(row["panoptic"].convert("RGB")))
-        for segment in row["segments_info"]:
-            if int(segment["category_id"]) not in thing_ids:
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be resumed: unfinished, truncated, or holding more than tensors and plain
+    containers. The message names the folder or file."""
+
+
+def finished_checkpoints(folder: str | Path) -> list[Path]:
+    """The `checkpoint-N` folders under `folder`, oldest first. Unfinished ones (`checkpoint-N.tmp`, left by a run
+    killed while saving) and other names are not listed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        step = path.name[len(CHECKPOINT_PREFIX):]
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(accelerator, folder: str | Path, step: int, total_limit: int | None = None) -> Path:
+    """`accelerator.save_state` into `folder/checkpoint-STEP.tmp`, renamed to `checkpoint-STEP` once complete
+    (`os.replace`), so that a run killed while saving never leaves a half-written `checkpoint-STEP`. With
+    `total_limit`, only the newest `total_limit` finished checkpoints are kept. Every process must call it."""
+    final = Path(folder) / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if total_limit:
+            for old in finished_checkpoints(folder)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse a checkpoint folder that cannot be resumed, naming the bad file: no model weights, a `.safetensors`
+    file whose data does not cover its header (truncated), or a pickled file (optimizer, scheduler, RNG and custom
+    states) that does not load with `torch.load(weights_only=True)`: truncated, or holding objects other than
+    tensors and plain containers. A pickle payload is therefore refused before Accelerate (which loads custom states
+    with `weights_only=False`) could run it."""
+    from accelerate.utils import load as accelerate_load
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder (expected a checkpoint-N folder of save_state)")
+    if path.name.endswith(".tmp"):
+        raise CheckpointError(f"checkpoint {path} is unfinished (a run was stopped while saving it)")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if not any(p.name.startswith(("model", "pytorch_model")) for p in files):
+        raise CheckpointError(f"checkpoint {path} has no model weights (model.safetensors)")
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as weights:
+                    weights.keys()
+            elif file.suffix in _PICKLED_SUFFIXES:
+                accelerate_load(file, map_location="cpu")  # weights_only=True: never runs code
+        except Exception as error:  # noqa: BLE001  (safetensors, zip and unpickling errors alike)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(
+                f"checkpoint file {file} cannot be loaded: truncated, corrupt, or holding more than tensors "
+                f"({type(error).__name__}: {reason[:200]})"
+            ) from None
+
+
+def resume_checkpoint(resume_from: str | Path, checkpoints_folder: str | Path) -> Path:
+    """The checkpoint folder to resume from, checked with `check_checkpoint`.
+
+    `"latest"`: the newest finished `checkpoint-N` under `checkpoints_folder` that passes the check; unfinished and
+    broken ones are skipped with a warning naming them. A path: that checkpoint, or a `CheckpointError` naming the
+    bad file and the newest good checkpoint beside it."""
+    if str(resume_from) == "latest":
+        skipped = []
+        for candidate in reversed(finished_checkpoints(checkpoints_folder)):
+            try:
+                check_checkpoint(candidate)
+            except CheckpointError as error:
+                skipped.append(str(error))
+                warnings.warn(f"--resume-from latest skips {candidate}: {error}", stacklevel=2)
                 continue
-            mask = ids == int(segment["id"])
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": int(row["image_id"]),
-                    "category_id": int(segment["category_id"]),
-                    "bbox": [float(v) for v in mask_to_bbox(mask)],
-                    "area": float(mask.sum()),
-                    "iscrowd": int(segment.get("iscrowd", 0)),
-                    "segmentation": mask_to_rle(mask),
-                }
-            )
-    return {"images": images, "annotations": annotations, "categories": things}
-
-
-@torch.no_grad()
-def evaluate_model(
-    model,
-    processor,
-    dataset: datasets.Dataset,
-    task: str,
-    categories: Sequence[Mapping],
-    label_to_category_id: Mapping[int, int] | None = None,
-    batch_size: int = 4,
-    detection_only: bool = False,
-    progress: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Held-out metrics through the processor's post-processing and `evaluation.py`:
-
-    * `instance` (and `panoptic`, on the thing classes): COCO `segm_AP` / `bbox_AP` (`detection_only`: box AP
-      only) with `post_process_instance_segmentation`;
-    * `panoptic`: also `PQ` (`post_process_panoptic_segmentation`, needs the `panoptic` column);
-    * `semantic`: `mIoU` (`post_process_semantic_segmentation`, needs the `semantic` column).
-    """
-    from tqdm.auto import tqdm
-
-    from .evaluation import compute_coco_metrics, compute_mean_iou, compute_panoptic_quality, instances_to_coco_results
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    num_labels = model.config.num_labels
-    label_to_category_id = dict(label_to_category_id) if label_to_category_id is not None else None
-    to_category = (lambda label: label_to_category_id[int(label)]) if label_to_category_id is not None else int
-    coco_predictions: list[dict] = []
-    panoptic_predictions, panoptic_references = [], []
-    semantic_predictions, semantic_references = [], []
-    rows = range(0, len(dataset), batch_size)
-    for start in tqdm(rows, desc="evaluate", disable=not progress, leave=False):
-        batch = dataset[start : start + batch_size]
-        images = [_to_rgb_array(image) for image in batch["image"]]
-        inputs = processor(images=images, return_tensors="pt", input_data_format="channels_last")
-        sizes = [image.shape[:2] for image in images]
-        image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
-        outputs.class_queries_logits = outputs.class_queries_logits.float()
-        outputs.masks_queries_logits = outputs.masks_queries_logits.float()
-        outputs.pred_boxes = outputs.pred_boxes.float()
-        if task in ("instance", "panoptic"):
-            results = processor.post_process_instance_segmentation(
-                outputs, target_sizes=sizes, image_sizes=image_sizes, num_labels=num_labels,
-                panoptic_on=bool(getattr(model.config, "stuff_labels", None)),
-            )
-            for image_id, result in zip(batch["image_id"], results):
-                labels = result["labels"].cpu()
-                coco_predictions.extend(
-                    instances_to_coco_results(
-                        int(image_id),
-                        result["scores"].cpu(),
-                        torch.tensor([to_category(label) for label in labels.tolist()], dtype=torch.long),
-                        masks=None if detection_only else result["masks"].cpu(),
-                        boxes=result["boxes"].cpu(),
-                    )
-                )
-        if task == "panoptic" and "panoptic" in batch:
-            results = processor.post_process_panoptic_segmentation(
-                outputs, target_sizes=sizes, image_sizes=image_sizes, num_labels=num_labels
-            )
-            for result, png, segments in zip(results, batch["panoptic"], batch["segments_info"]):
-                panoptic_predictions.append(
-                    (
-                        result["segmentation"].cpu().numpy(),
-                        [{"id": s["id"], "category_id": to_category(s["label_id"])} for s in result["segments_info"]],
-                    )
-                )
-                panoptic_references.append((rgb2id(np.asarray(png.convert("RGB"))), segments))
-        if task == "semantic" and "semantic" in batch:
-            results = processor.post_process_semantic_segmentation(
-                outputs, target_sizes=sizes, image_sizes=image_sizes, num_labels=num_labels
-            )
-            for result, reference in zip(results, batch["semantic"]):
-                prediction = result.cpu().numpy() if torch.is_tensor(result) else np.asarray(result)
-                semantic_predictions.append(prediction)
-                semantic_references.append(np.asarray(reference).astype(np.int64))
-    metrics: dict[str, float] = {}
-    if task in ("instance", "panoptic"):
-        ground_truth = instance_ground_truth(dataset, categories)
-        iou_types = ("bbox",) if detection_only else ("bbox", "segm")
-        metrics.update(compute_coco_metrics(ground_truth, coco_predictions, iou_types=iou_types, per_category=True))
-    if panoptic_predictions:
-        metrics.update(compute_panoptic_quality(panoptic_predictions, panoptic_references, categories, per_category=False))
-    if semantic_predictions:
-        id2label = {i: str(i) for i in range(num_labels)}
-        if label_to_category_id is not None:
-            # predictions are label ids; references are category ids: bring references to label ids
-            category_to_label = {v: k for k, v in label_to_category_id.items()}
-            lookup = np.full(max(max(category_to_label, default=0), IGNORE_INDEX) + 1, IGNORE_INDEX, dtype=np.int64)
-            for category, label in category_to_label.items():
-                lookup[category] = label
-            semantic_references = [lookup[reference] for reference in semantic_references]
-        metrics.update(
-            compute_mean_iou(semantic_predictions, semantic_references, num_labels=num_labels, ignore_index=IGNORE_INDEX, id2label=id2label)
-        )
-    model.train(was_training)
-    return metrics
+            return candidate
+        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        raise FileNotFoundError(f"--resume-from latest: no good checkpoint-N folder under {checkpoints_folder}{detail}")
+    path = Path(resume_from)
+    try:
+        check_checkpoint(path)
+    except CheckpointError as error:
+        good = None
+        for candidate in reversed(finished_checkpoints(path.parent)):
+            try:
+                check_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            good = candidate
+            break
+        hint = f"; the newest good checkpoint is {good}" if good else f"; no good checkpoint in {path.parent}"
+        raise CheckpointError(f"{error}{hint}") from None
+    return path

@@ -8,6 +8,7 @@ copied into the `evaluate` modules cache, so it imports the installed package ra
 import datasets
 import evaluate
 
+from maskdino_hf.data import dataset_to_coco_instances
 from maskdino_hf.evaluation import compute_coco_metrics, schema_conforming_metric
 
 _DESCRIPTION = """COCO average precision / recall for boxes (`bbox`) and masks (`segm`) through pycocotools' COCOeval.
@@ -73,52 +74,26 @@ _FEATURES = datasets.Features(
     }
 )
 
+_REFERENCE_URLS = ["https://cocodataset.org/#detection-eval"]
+
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CocoDetection(schema_conforming_metric(_FEATURES)):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=_FEATURES,
-            reference_urls=["https://cocodataset.org/#detection-eval"],
-        )
-
-
+class CocoDetection(schema_conforming_metric(_FEATURES, _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, _REFERENCE_URLS)):
     def _compute(self, predictions, references, categories=None, iou_types=None, per_category=True):
-        images, annotations, results = [], [], []
-        seen = set()
+        results = []
         for ref, preds in zip(references, predictions):
-            image_id = int(ref["image_id"])
-            if image_id in seen:
-                raise ValueError(f"Duplicate image_id {image_id} in references")
-            seen.add(image_id)
-            images.append({"id": image_id, "height": int(ref["height"]), "width": int(ref["width"])})
-            for obj in ref["objects"] or []:
-                ann = {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(obj["category_id"]),
-                    "bbox": obj["bbox"],
-                    "iscrowd": int(obj["iscrowd"] or 0),
-                }
-                if obj.get("area") is not None:
-                    ann["area"] = float(obj["area"])
-                if obj.get("segmentation") is not None:
-                    ann["segmentation"] = obj["segmentation"]
-                annotations.append(ann)
             for det in preds or []:
-                if det.get("image_id") is not None and int(det["image_id"]) != image_id:
-                    raise ValueError(f"A prediction has image_id {det['image_id']} but its reference has {image_id}")
-                res = {"image_id": image_id, "category_id": int(det["category_id"]), "score": float(det["score"])}
-                if det.get("bbox") is not None:
-                    res["bbox"] = det["bbox"]
-                if det.get("segmentation") is not None:
-                    res["segmentation"] = det["segmentation"]
+                if det.get("image_id") is not None and int(det["image_id"]) != int(ref["image_id"]):
+                    raise ValueError(f"A prediction has image_id {det['image_id']} but its reference has {ref['image_id']}")
+                res = {"image_id": int(ref["image_id"]), "category_id": int(det["category_id"]), "score": float(det["score"])}
+                for key in ("bbox", "segmentation"):
+                    if det.get(key) is not None:
+                        res[key] = det[key]
                 results.append(res)
         if categories is None:
-            ids = sorted({a["category_id"] for a in annotations} | {r["category_id"] for r in results})
-            categories = [{"id": i, "name": str(i)} for i in ids]
-        gt = {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
-        return compute_coco_metrics(gt, results, iou_types=iou_types, per_category=per_category)
+            ids = {int(o["category_id"]) for ref in references for o in ref["objects"] or []}
+            categories = [{"id": i, "name": str(i)} for i in sorted(ids | {r["category_id"] for r in results})]
+        ground_truth = dataset_to_coco_instances(
+            [{**ref, "objects": ref["objects"] or []} for ref in references], categories
+        )
+        return compute_coco_metrics(ground_truth, results, iou_types=iou_types, per_category=per_category)

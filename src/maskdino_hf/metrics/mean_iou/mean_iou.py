@@ -37,16 +37,7 @@ _FEATURES = datasets.Features(
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class MeanIoU(schema_conforming_metric(_FEATURES)):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=_FEATURES,
-        )
-
-
+class MeanIoU(schema_conforming_metric(_FEATURES, _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)):
     def _compute(self, predictions, references, num_labels=None, ignore_index=255, id2label=None, per_category=True):
         if num_labels is None:
             raise ValueError("mean_iou needs num_labels in compute()")

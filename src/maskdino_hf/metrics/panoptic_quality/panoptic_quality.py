@@ -57,19 +57,11 @@ _FEATURES = datasets.Features(
     }
 )
 
+_REFERENCE_URLS = ["https://github.com/cocodataset/panopticapi"]
+
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class PanopticQuality(schema_conforming_metric(_FEATURES)):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=_FEATURES,
-            reference_urls=["https://github.com/cocodataset/panopticapi"],
-        )
-
-
+class PanopticQuality(schema_conforming_metric(_FEATURES, _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, _REFERENCE_URLS)):
     def _compute(self, predictions, references, categories=None, per_category=True):
         if categories is None:
             raise ValueError("panoptic_quality needs categories=[{'id', 'name', 'isthing'}, ...] in compute()")
