@@ -65,7 +65,8 @@ def main() -> None:
     spec.loader.exec_module(train)
     train_args = [
         "--dataset", str(data_dir), "--task", "panoptic", "--tiny",
-        "--config-overrides", json.dumps({"num_queries": 30, "denoising_num": 20, "test_topk_per_image": 30}),
+        "--config-overrides", json.dumps({"num_queries": 30, "denoising_num": 20}),
+        "--processor-overrides", json.dumps({"test_topk_per_image": 30}),
         "--image-size", "128", "--min-scale", "0.75", "--max-scale", "1.33",
         "--batch-size", "8", "--lr", "1e-3", "--backbone-multiplier", "1.0",
         "--max-steps", str(args.max_steps), "--max-train-minutes", str(args.minutes), "--schedule-by-time",

@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--id2label", help="JSON file or inline JSON {id: name}: new class set (resizes the heads)")
     model.add_argument("--stuff-labels", help="comma-separated stuff label ids (default: categories with isthing=0)")
     model.add_argument("--config-overrides", default=None, help='JSON dict of config fields, e.g. {"num_queries": 50}')
+    model.add_argument("--processor-overrides", default=None,
+                       help='JSON dict of image-processor (post-processing) settings, e.g. {"test_topk_per_image": 30}')
     model.add_argument("--detection-only", action="store_true", help="boxes without masks: no mask loss terms")
     model.add_argument("--gradient-checkpointing", action="store_true")
 
@@ -235,6 +237,11 @@ def build_processor(args, model):
         panoptic_on=args.task == "panoptic",
         semantic_on=args.task == "semantic",
     )
+    overrides = json.loads(args.processor_overrides) if args.processor_overrides else {}
+    unknown = sorted(key for key in overrides if not hasattr(MaskDINOImageProcessor(), key))
+    if unknown:
+        _fail(f"--processor-overrides: unknown image-processor settings {unknown}")
+    settings.update(overrides)
     if processor is None:
         return MaskDINOImageProcessor(**settings)
     for key, value in settings.items():
