@@ -76,6 +76,12 @@ def _read_id2label(path: str | None) -> dict[int, str] | None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.checkpoint is None:
+            raise CLIError("--checkpoint is required with --config")
+        for name in ("cache_dir", "push_to_hub"):
+            if getattr(args, name) is not None:
+                raise CLIError(f"--{name.replace('_', '-')} only applies to --release")
     if args.release is not None:
         from .releases import convert_release
 
@@ -556,37 +562,29 @@ def _add_releases_and_demo(commands) -> None:
     demo.set_defaults(handler=_demo)
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked (reading package metadata costs start-up time)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            parser.exit(message=f"maskdino-hf {version('maskdino-hf')}\n")
+        except PackageNotFoundError:
+            parser.exit(message="maskdino-hf (not installed)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskdino-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the package version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict(commands)
     _add_evaluate(commands)
     _add_convert(commands)
     _add_releases_and_demo(commands)
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("maskdino-hf")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
-def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Argument rules argparse cannot state (reported like its own errors: usage + one line, exit status 2)."""
-    if args.command != "convert":
-        return
-    if args.config is not None and args.checkpoint is None:
-        parser.error("convert: --checkpoint is required with --config")
-    for name in ("cache_dir", "push_to_hub"):
-        if args.config is not None and getattr(args, name) is not None:
-            parser.error(f"convert: --{name.replace('_', '-')} only applies to --release")
 
 
 def _one_line(error: BaseException) -> str:
@@ -599,7 +597,6 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the exit status (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_combinations(parser, args)
     try:
         return args.handler(args)
     except USER_ERRORS as error:
