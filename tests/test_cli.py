@@ -486,3 +486,13 @@ def test_demo_without_gradio_is_one_clear_line(monkeypatch, capsys):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "gradio" else object())
     assert cli.main(["demo"]) == 2
     assert 'pip install -e ".[demo]"' in capsys.readouterr().err
+
+
+def test_library_load_and_save_print_no_progress_bars_unless_asked(model_dir, tmp_path, capfd, monkeypatch):
+    model = MaskDINOForUniversalSegmentation.from_pretrained(model_dir)
+    model.save_pretrained(tmp_path / "copy")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    monkeypatch.setenv("MASKDINO_HF_PROGRESS", "1")
+    MaskDINOForUniversalSegmentation.from_pretrained(tmp_path / "copy")
+    assert "Loading weights" in capfd.readouterr().err

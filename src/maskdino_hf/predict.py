@@ -145,15 +145,14 @@ def _default_processor(config):
 def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu", progress: bool = False):
     """``(model, image_processor)`` from a local folder or a Hub id (``None``: the bundled demo model), in eval
     mode on ``device``. Raises :class:`CLIError` with a one-line message when the model cannot be loaded.
-    ``progress``: show Transformers' loading progress bars."""
+    ``progress``: show Transformers' loading progress bars (hidden by default; also ``MASKDINO_HF_PROGRESS=1``)."""
     import torch
     from transformers import AutoModelForUniversalSegmentation
-    from transformers.utils import logging as hf_logging
 
     from . import MaskDINOImageProcessor  # importing a class registers the Auto classes
 
-    if not progress:
-        hf_logging.disable_progress_bar()
+    if progress:
+        os.environ["MASKDINO_HF_PROGRESS"] = "1"
     name, local = _model_name(model)
     network, local_only = None, True
     if not local:
