@@ -496,3 +496,17 @@ def test_library_load_and_save_print_no_progress_bars_unless_asked(model_dir, tm
     monkeypatch.setenv("MASKDINO_HF_PROGRESS", "1")
     MaskDINOForUniversalSegmentation.from_pretrained(tmp_path / "copy")
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_readme_python_snippet_runs_without_warnings_or_progress_bars():
+    """The README's "Using the model" snippet, on the bundled demo, with warnings as errors and nothing on stderr."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\nimport torch\nfrom PIL import Image") + len("```python\n")
+    snippet = readme[start:readme.index("```", start)]
+    demo = predict_module.demo_model_dir()
+    snippet = snippet.replace('"path/or/hub-id"', repr(str(demo))).replace(
+        '"image.png"', repr(str(predict_module.demo_images()[0])))
+    done = subprocess.run([sys.executable, "-W", "error", "-c", snippet + '\nprint(len(result["scores"]))'],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    assert int(done.stdout) > 0
