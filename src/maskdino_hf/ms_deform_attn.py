@@ -35,7 +35,6 @@ Loading (`load_msda_kernel(model, repo_id=None, revision=None, version=None, loc
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -450,27 +449,26 @@ def _resolve_source(repo_id, revision, version, local_path, trust_remote_code) -
     return _KernelSource(None, repo_id, revision, None if revision is not None else version, trusted)
 
 
-def _kernelize(ops: list[MultiScaleDeformableAttention], source: _KernelSource, device: torch.device,
+def _kernelize(kernels, ops: list[MultiScaleDeformableAttention], source: _KernelSource, device: torch.device,
                training: bool, compile: bool) -> None:
-    """Swaps each op's forward for the kernel layer of `source` (`kernels`' repositories and `kernelize`)."""
-    from kernels import KernelizeFallback, LayerRepository, LocalLayerRepository, Mode, kernelize, use_kernel_mapping
-
+    """Swaps each op's forward for the kernel layer of `source` (the `kernels` package's repositories and
+    `kernelize`)."""
     if source.local_path is not None:
-        repository = LocalLayerRepository(source.local_path.expanduser().resolve(), layer_name=MSDA_LAYER_NAME)
+        repository = kernels.LocalLayerRepository(source.local_path.expanduser().resolve(), layer_name=MSDA_LAYER_NAME)
     else:
-        repository = LayerRepository(
+        repository = kernels.LayerRepository(
             source.repo_id,
             layer_name=MSDA_LAYER_NAME,
             revision=source.revision,
             version=source.version,
             trust_remote_code=[source.repo_id] if source.trusted else False,
         )
-    mode = Mode.TRAINING if training else Mode.INFERENCE
+    mode = kernels.Mode.TRAINING if training else kernels.Mode.INFERENCE
     if compile:
-        mode = mode | Mode.TORCH_COMPILE
-    with use_kernel_mapping({MSDA_LAYER_NAME: {device.type: repository}}, inherit_mapping=False):
+        mode = mode | kernels.Mode.TORCH_COMPILE
+    with kernels.use_kernel_mapping({MSDA_LAYER_NAME: {device.type: repository}}, inherit_mapping=False):
         for op in ops:
-            kernelize(op, mode=mode, device=device.type, use_fallback=KernelizeFallback.NONE)
+            kernels.kernelize(op, mode=mode, device=device.type, use_fallback=kernels.KernelizeFallback.NONE)
 
 
 def _fall_back(ops: list[MultiScaleDeformableAttention], reason: str, warn: bool) -> None:
@@ -516,12 +514,14 @@ def load_msda_kernel(
     if reason is not None:
         _fall_back(ops, reason, warn=False)
         return model
-    if importlib.util.find_spec("kernels") is None:
-        _fall_back(ops, "the `kernels` package is unavailable", warn=True)
+    try:
+        import kernels
+    except ImportError as error:
+        _fall_back(ops, f"the `kernels` package is unavailable: {error}", warn=True)
         return model
     source = _resolve_source(repo_id, revision, version, local_path, trust_remote_code)
     try:
-        _kernelize(ops, source, device, model.training, compile)
+        _kernelize(kernels, ops, source, device, model.training, compile)
         if verify:
             _check_layer(ops[0], device)
     except Exception as error:  # noqa: BLE001  (no network, no build for this system, import error, mismatch)
