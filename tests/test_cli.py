@@ -404,13 +404,18 @@ def test_help_and_argument_errors_import_nothing_heavy(argv, code):
         assert "error: " in errors[-1] and "Traceback" not in done.stderr
 
 
-def test_import_is_lazy_and_auto_classes_still_resolve(model_dir):
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_import_is_lazy_and_auto_classes_still_resolve(model_dir, transformers_first):
     """`import maskdino_hf` imports neither torch nor transformers, yet the Auto classes and pipelines find Mask DINO
-    afterwards (fresh interpreter), and the classes come from the package on first access."""
+    afterwards (fresh interpreter), also when Transformers' Auto classes were imported first, and the classes come
+    from the package on first access."""
+    first = "from transformers import AutoModelForUniversalSegmentation" if transformers_first else ""
+    check = "" if transformers_first else 'assert "torch" not in sys.modules and "transformers" not in sys.modules'
     code = f"""
 import sys
+{first}
 import maskdino_hf
-assert "torch" not in sys.modules and "transformers" not in sys.modules, "heavy import"
+{check}
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
 model = AutoModelForUniversalSegmentation.from_pretrained({str(model_dir)!r})
 processor = AutoImageProcessor.from_pretrained({str(model_dir)!r})

@@ -43,8 +43,8 @@ EVAL_TASKS = ("all",) + TASKS
 EXIT_USAGE = 2
 EXIT_SKIPPED = 3
 # Errors that mean "the user's input is wrong": one line, no traceback.
-USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 
 __all__ = ["CLIError", "build_parser", "demo_images", "demo_model_dir", "main"]
 
