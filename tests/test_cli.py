@@ -515,3 +515,11 @@ def test_readme_python_snippet_runs_without_warnings_or_progress_bars():
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
     assert int(done.stdout) > 0
+
+
+def test_output_dir_that_is_a_file_fails_before_loading_the_model(image_paths, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    monkeypatch.setattr(cli, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(["predict", str(image_paths[0]), "--output-dir", str(blocker)]) == 2
+    assert capsys.readouterr().err.strip() == f"maskdino-hf predict: error: --output-dir {blocker}: is a file, not a folder"

@@ -120,6 +120,16 @@ def _demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _make_output_dir(path: str) -> None:
+    """Creates ``--output-dir`` before any work, so that a bad one fails at once."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CLIError(f"--output-dir {path}: is a file, not a folder") from None
+    except OSError as error:
+        raise CLIError(f"--output-dir {path}: cannot create the folder ({error.strerror or error})") from None
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .predict import collect_images, predict_files
 
@@ -129,6 +139,7 @@ def _predict(args: argparse.Namespace) -> int:
         paths = demo_images()
         if not paths:
             raise CLIError(f"no IMAGES given and the demo model has no bundled images in {demo_model_dir() / 'images'}")
+    _make_output_dir(args.output_dir)
     device = resolve_device(args.device)
     model, processor = load_model_and_processor(args.model, device, progress=args.progress)
     report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
