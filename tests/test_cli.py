@@ -523,3 +523,14 @@ def test_output_dir_that_is_a_file_fails_before_loading_the_model(image_paths, t
     monkeypatch.setattr(cli, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
     assert cli.main(["predict", str(image_paths[0]), "--output-dir", str(blocker)]) == 2
     assert capsys.readouterr().err.strip() == f"maskdino-hf predict: error: --output-dir {blocker}: is a file, not a folder"
+
+
+def test_cli_startup_benchmark_prints_its_table():
+    """`benchmarks/cli_startup.py` (the README's start-up figures) runs and prints every row with its ratio."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cli_startup.py"), "--runs", "1"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("maskdino-hf --help", "maskdino-hf predict --help", "argument error", "import maskdino_hf",
+                "import transformers"):
+        line = next(line for line in done.stdout.splitlines() if row in line)
+        assert len(line.split()) >= 4, line
