@@ -170,6 +170,7 @@ def test_predict_without_arguments_uses_the_demo_folder(model_dir, image_paths, 
 @pytest.mark.parametrize(
     "case, message",
     [
+        ("unreadable", "maskdino-hf predict: error: {bad}: unreadable"),
         ("missing", "image not found: {missing}"),
         ("no_model_folder", "model folder not found"),
         ("folder_without_config", "model folder has no config.json"),
@@ -177,9 +178,13 @@ def test_predict_without_arguments_uses_the_demo_folder(model_dir, image_paths, 
     ],
 )
 def test_predict_errors_are_one_clear_line(case, message, model_dir, image_paths, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     missing = tmp_path / "missing.png"
     images, model = [str(image_paths[0])], str(model_dir)
-    if case == "missing":
+    if case == "unreadable":  # the only image: nothing to do, an input error (with other images: skipped, status 3)
+        images = [str(bad)]
+    elif case == "missing":
         images = [str(missing)]
     elif case == "no_model_folder":
         model = str(tmp_path / "no_such_model")
@@ -193,8 +198,9 @@ def test_predict_errors_are_one_clear_line(case, message, model_dir, image_paths
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("maskdino-hf predict: error: ") and "Traceback" not in err
-    assert message.format(missing=missing) in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out" / "predictions.json").exists()
+    assert message.format(bad=bad, missing=missing) in err and len(err.strip().splitlines()) == 1
+    if case != "unreadable":  # failed before any work
+        assert not (tmp_path / "out" / "predictions.json").exists()
 
 
 def test_help(capsys):

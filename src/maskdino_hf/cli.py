@@ -11,9 +11,9 @@
 
 Without IMAGES (and without --model) `predict` runs the bundled demo model on its bundled images.
 
-Exit status: 0 done; 2 a mistake in the input (one line on stderr, nothing run); 3 `predict` finished but skipped
-some images (each listed with its reason); 1 an unexpected error (with its traceback; also shown for input errors
-when MASKDINO_HF_DEBUG=1).
+Exit status: 0 done; 2 a mistake in the input (one line on stderr; for `predict` also when no image could be used);
+3 `predict` finished but skipped some images (each listed with its reason); 1 an unexpected error (with its
+traceback; also shown for input errors when MASKDINO_HF_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -149,6 +149,11 @@ def _predict(args: argparse.Namespace) -> int:
           + f" in {args.output_dir}")
     if not report.skipped:
         return 0
+    if report.num_images == 0:  # nothing usable: an input error like any other
+        listed = [f"{entry['path']}: {entry['reason']}" for entry in report.skipped]
+        more = f"; and {len(listed) - 3} more" if len(listed) > 3 else ""
+        prefix = "" if len(listed) == 1 else f"none of the {len(listed)} images could be used: "
+        raise CLIError(prefix + "; ".join(listed[:3]) + more)
     print(f"maskdino-hf predict: skipped {len(report.skipped)} of {len(paths)} image(s):", file=sys.stderr)
     for entry in report.skipped:
         print(f"  {entry['path']}: {entry['reason']}", file=sys.stderr)
