@@ -133,13 +133,7 @@ def _model_name(model: str | os.PathLike | None) -> tuple[str, bool]:
 def _default_processor(config):
     from . import MaskDINOImageProcessor
 
-    return MaskDINOImageProcessor(
-        num_labels=config.num_labels,
-        stuff_labels=list(config.stuff_labels),
-        instance_on=config.instance_on,
-        panoptic_on=config.panoptic_on,
-        semantic_on=config.semantic_on,
-    )
+    return MaskDINOImageProcessor(num_labels=config.num_labels, stuff_labels=list(config.stuff_labels))
 
 
 def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu", progress: bool = False):
@@ -381,11 +375,12 @@ def id2label_of(config) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def default_task(config) -> str:
-    """panoptic for a panoptic model, semantic for a semantic-only one, else instance."""
-    if getattr(config, "panoptic_on", False):
+def default_task(processor) -> str:
+    """The task the processor's post-processing was configured for: panoptic when it is on, semantic for a
+    semantic-only processor, else instance."""
+    if getattr(processor, "panoptic_on", False):
         return "panoptic"
-    if getattr(config, "semantic_on", False) and not getattr(config, "instance_on", True):
+    if getattr(processor, "semantic_on", False) and not getattr(processor, "instance_on", True):
         return "semantic"
     return "instance"
 
@@ -598,7 +593,7 @@ def predict_files(paths: Sequence[str | os.PathLike], model, processor, output_d
     A file that cannot be used, or whose batch fails in the model or post-processing with a ``ValueError`` /
     ``RuntimeError`` (retried alone first), is reported through ``log`` and listed in the report's ``skipped``.
     ``model_name`` (for the report) defaults to the folder or Hub id the model was loaded from."""
-    task = task or default_task(model.config)
+    task = task or default_task(processor)
     if threshold is None and task in ("instance", "detection"):
         threshold = DEFAULT_INSTANCE_THRESHOLD
     paths = [Path(p) for p in paths]
