@@ -134,3 +134,19 @@ def test_bad_image_error_names_the_file(tmp_path):
         load_image(path)
     assert info.value.path == str(path) and str(info.value).startswith(f"{path}: unreadable")
     assert isinstance(info.value, ValueError)
+
+
+def test_size_rule_enlarges_inputs_of_a_processor_without_resize(model_dir):
+    """With `do_resize=False` an image under the model's minimum side is resized to it (aspect kept) instead of
+    failing in the model; results come back at the original size, the large image goes through unchanged."""
+    from maskdino_hf.predict import model_predict_fn
+
+    model = MaskDINOForUniversalSegmentation.from_pretrained(model_dir).eval()
+    processor = MaskDINOImageProcessor(do_resize=False, num_labels=5, stuff_labels=[3, 4])
+    small, large = Image.new("RGB", (200, 40), (30, 90, 200)), Image.new("RGB", (96, 96), (200, 90, 30))
+    assert input_size(40, 200, processor, min_input_side(model)) == {
+        "shortest_edge": min_input_side(model), "longest_edge": None}
+    assert input_size(96, 96, processor, min_input_side(model)) is None
+    results = model_predict_fn(model, processor, ["instance", "semantic"])([small, large])
+    assert results[0]["instance"]["masks"].shape[1:] == (40, 200) and results[0]["semantic"].shape == (40, 200)
+    assert results[1]["instance"]["masks"].shape[1:] == (96, 96) and len(results[1]["instance"]["scores"]) > 0

@@ -340,7 +340,8 @@ def model_predict_fn(
     min_side = min_input_side(model)
 
     def run(images: Sequence[Any], size: Mapping | None) -> list[dict[str, Any]]:
-        inputs = processor(list(images), return_tensors="pt", **({"size": dict(size)} if size else {}))
+        override = {"size": dict(size), "do_resize": True} if size else {}
+        inputs = processor(list(images), return_tensors="pt", **override)
         target_sizes = [(image.height, image.width) for image in images]
         image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
         with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
