@@ -31,10 +31,12 @@ from .predict import (
     DEFAULT_INSTANCE_THRESHOLD,
     TASKS,
     CLIError,
+    collect_images,
     demo_images,
     demo_model_dir,
     load_model_and_processor,
     model_predict_fn,
+    predict_files,
     resolve_device,
 )
 from .predict import id2label_of as _id2label
@@ -131,8 +133,6 @@ def _make_output_dir(path: str) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import collect_images, predict_files
-
     if args.images:
         paths = collect_images(args.images)
     else:
