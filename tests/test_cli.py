@@ -457,6 +457,15 @@ def test_user_errors_print_one_line_with_status_2(error, monkeypatch, capsys):
         assert err.strip().endswith("bad value; second line")
 
 
+def test_interrupt_is_one_line_with_status_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_releases", interrupted)
+    assert cli.main(["releases"]) == 130
+    assert capsys.readouterr().err == "maskdino-hf releases: interrupted\n"
+
+
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
     def fail(args):
         raise RuntimeError("a bug")

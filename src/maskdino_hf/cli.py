@@ -12,8 +12,8 @@
 Without IMAGES (and without --model) `predict` runs the bundled demo model on its bundled images.
 
 Exit status: 0 done; 2 a mistake in the input (one line on stderr; for `predict` also when no image could be used);
-3 `predict` finished but skipped some images (each listed with its reason); 1 an unexpected error (with its
-traceback; also shown for input errors when MASKDINO_HF_DEBUG=1).
+3 `predict` finished but skipped some images (each listed with its reason); 130 interrupted (Ctrl-C); 1 an
+unexpected error (with its traceback; also shown for input errors when MASKDINO_HF_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -611,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maskdino-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # what predict finished so far is in predictions.jsonl
+        print(f"maskdino-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
