@@ -65,7 +65,8 @@ def test_folder_with_corrupt_and_elongated_images_keeps_the_good_results(model_d
     report = json.loads((out / "predictions.json").read_text())
     assert [image["file_name"] for image in report["images"]] == ["a_good.png", "d_good.jpg"]
     assert {image_id["image_id"] for image_id in report["annotations"]} == {1, 4}  # ids follow the listing
-    assert [entry["path"] for entry in report["skipped"]] == [str(folder / "b_corrupt.png"), str(folder / "c_strip.png")]
+    skipped = [entry["path"] for entry in report["skipped"]]
+    assert skipped == [str(folder / "b_corrupt.png"), str(folder / "c_strip.png")]
     assert all((out / image["overlay"]).is_file() for image in report["images"])
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     # as met: the bad files while the first good image waits for its batch partner, then the batch of two
@@ -150,3 +151,28 @@ def test_size_rule_enlarges_inputs_of_a_processor_without_resize(model_dir):
     results = model_predict_fn(model, processor, ["instance", "semantic"])([small, large])
     assert results[0]["instance"]["masks"].shape[1:] == (40, 200) and results[0]["semantic"].shape == (40, 200)
     assert results[1]["instance"]["masks"].shape[1:] == (96, 96) and len(results[1]["instance"]["scores"]) > 0
+
+
+def test_predict_dataset_rows_like_files(model_dir, good_images, tmp_path):
+    """A `datasets` data set goes through the same path: rows named by `file_name`, results per row."""
+    import datasets
+
+    from maskdino_hf.predict import predict_dataset
+
+    model = MaskDINOForUniversalSegmentation.from_pretrained(model_dir).eval()
+    processor = MaskDINOImageProcessor.from_pretrained(model_dir)
+    strip = Image.new("RGB", (10000, 50), (90, 140, 200))
+    data = datasets.Dataset.from_dict({"image": [good_images[0], strip, good_images[1]],
+                                       "file_name": ["a.png", "strip.png", "b.png"]},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "file_name": datasets.Value("string")}))
+    report = predict_dataset(data, model, processor, tmp_path / "out", task="semantic", batch_size=2,
+                             log=lambda _: None)
+    written = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [image["file_name"] for image in written["images"]] == ["a.png", "b.png"]
+    assert [image["id"] for image in written["images"]] == [1, 3]
+    assert [entry["path"] for entry in report.skipped] == ["strip.png"]
+    assert report.skipped[0]["reason"].startswith("too elongated")
+    for image, source in zip(written["images"], (good_images[0], good_images[1])):
+        assert (image["width"], image["height"]) == source.size
+        assert (tmp_path / "out" / image["overlay"]).is_file()

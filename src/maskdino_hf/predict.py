@@ -1,6 +1,7 @@
-"""Prediction on image files: paths and folders -> images -> batches -> model -> post-processing -> result writers.
+"""Prediction: image files, folders or `datasets` rows -> batches -> model -> post-processing -> result writers.
 
-What `maskdino-hf predict` runs, usable from Python too (:func:`predict_files`). A folder run never loses work:
+What `maskdino-hf predict` runs, usable from Python too (:func:`predict_files`, :func:`predict_dataset`,
+:func:`predict_images`). A folder run never loses work:
 
 - a bad image (unreadable or corrupt, a mode that is not an image of 8-bit channels, too elongated for the model) is
   reported with its path and the reason and skipped; the rest is processed;
@@ -25,6 +26,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -539,29 +541,34 @@ class PredictionWriter:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _unique_stems(paths: Sequence[Path]) -> list[str]:
+def _unique_stems(names: Sequence[str]) -> list[str]:
     seen: dict[str, int] = {}
     stems = []
-    for path in paths:
-        stem = path.stem
+    for name in names:
+        stem = Path(name).stem
         seen[stem] = seen.get(stem, 0) + 1
         stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return stems
 
 
-def _usable_images(paths: Sequence[Path], processor, min_side: int, writer: PredictionWriter,
+# An image to predict: its name (a path, or a data set row's file name) and how to load it as RGB.
+ImageSource = tuple[str, Callable[[], Any]]
+
+
+def _usable_images(sources: Sequence[ImageSource], processor, min_side: int, writer: PredictionWriter,
                    log: Callable[[str], None]) -> Iterator[tuple[int, Path, Any]]:
-    """``(index, path, rgb image)`` of each usable file; the others are reported to ``writer`` and ``log``."""
-    for index, path in enumerate(paths):
+    """``(index, name as a Path, rgb image)`` of each usable source; the others are reported to ``writer`` and
+    ``log``."""
+    for index, (name, load) in enumerate(sources):
         try:
-            image = load_image(path)
+            image = load()
             input_size(image.height, image.width, processor, min_side)
         except (BadImageError, ValueError) as error:
             reason = error.reason if isinstance(error, BadImageError) else str(error)
-            writer.skip(path, reason)
-            log(f"skipped {path}: {reason}")
+            writer.skip(name, reason)
+            log(f"skipped {name}: {reason}")
             continue
-        yield index, path, image
+        yield index, Path(name), image
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -585,32 +592,63 @@ class PredictReport:
     skipped: list[dict] = field(default_factory=list)
 
 
-def predict_files(paths: Sequence[str | os.PathLike], model, processor, output_dir: str | os.PathLike,
-                  task: str | None = None, threshold: float | None = None, batch_size: int = 1,
-                  device: str = "cpu", bf16: bool = False, model_name: str | None = None,
-                  log: Callable[[str], None] = print) -> PredictReport:
-    """Runs ``model`` on image files and writes the results to ``output_dir`` as each image finishes.
+def predict_images(sources: Sequence[ImageSource], model, processor, output_dir: str | os.PathLike,
+                   task: str | None = None, threshold: float | None = None, batch_size: int = 1,
+                   device: str = "cpu", bf16: bool = False, model_name: str | None = None,
+                   log: Callable[[str], None] = print) -> PredictReport:
+    """Runs ``model`` on named images and writes the results to ``output_dir`` as each image finishes.
 
-    A file that cannot be used, or whose batch fails in the model or post-processing with a ``ValueError`` /
-    ``RuntimeError`` (retried alone first), is reported through ``log`` and listed in the report's ``skipped``.
-    ``model_name`` (for the report) defaults to the folder or Hub id the model was loaded from."""
+    An image that cannot be loaded or used, or whose batch fails in the model or post-processing with a
+    ``ValueError`` / ``RuntimeError`` (retried alone first), is reported through ``log`` and listed in the report's
+    ``skipped``. ``task`` defaults to :func:`default_task`, ``threshold`` to ``DEFAULT_INSTANCE_THRESHOLD`` for
+    instance / detection; ``model_name`` (for the report) to the folder or Hub id the model was loaded from."""
     task = task or default_task(processor)
     if threshold is None and task in ("instance", "detection"):
         threshold = DEFAULT_INSTANCE_THRESHOLD
-    paths = [Path(p) for p in paths]
     id2label = id2label_of(model.config)
     stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
     writer = PredictionWriter(output_dir, task, id2label, stuff)
     predict = model_predict_fn(model, processor, [task], device, threshold, bf16=bf16)
-    stems = _unique_stems(paths)
-    images = _usable_images(paths, processor, min_input_side(model), writer, log)
+    stems = _unique_stems([name for name, _ in sources])
+    images = _usable_images(sources, processor, min_input_side(model), writer, log)
     for batch in _chunks(images, batch_size):
         for group in _runnable(batch, predict, writer, log):
             for (index, path, image), result in group:
-                log(f"[{index + 1}/{len(paths)}] " + writer.add(index + 1, path, stems[index], image, result[task]))
+                log(f"[{index + 1}/{len(sources)}] " + writer.add(index + 1, path, stems[index], image, result[task]))
     model_name = getattr(model, "name_or_path", "") if model_name is None else model_name
     written = writer.close({"task": task, "model": str(model_name), "threshold": threshold})
     return PredictReport(task, len(writer.images), written, writer.skipped)
+
+
+def predict_files(paths: Sequence[str | os.PathLike], model, processor, output_dir: str | os.PathLike,
+                  **kwargs: Any) -> PredictReport:
+    """:func:`predict_images` on image files (read with :func:`load_image`)."""
+    sources = [(str(path), partial(load_image, path)) for path in paths]
+    return predict_images(sources, model, processor, output_dir, **kwargs)
+
+
+def _row_image(value: Any, name: str):
+    from PIL import Image
+
+    if not isinstance(value, Image.Image):
+        raise BadImageError(name, f"the 'image' column holds {type(value).__name__}, not a decoded image")
+    return _to_rgb(value, Path(name))
+
+
+def predict_dataset(dataset, model, processor, output_dir: str | os.PathLike, **kwargs: Any) -> PredictReport:
+    """:func:`predict_images` on the rows of a ``datasets`` data set with an ``image`` column (named by their
+    ``file_name`` column when there is one, else ``row-<index>``); each image is decoded when its turn comes."""
+    if "image" not in dataset.column_names:
+        raise ValueError(f"the data set has no 'image' column (columns {dataset.column_names})")
+    images = dataset.select_columns(["image"])
+    names = ([str(name) for name in dataset["file_name"]] if "file_name" in dataset.column_names
+             else [f"row-{index}" for index in range(len(dataset))])
+
+    def load(index: int, name: str):
+        return _row_image(images[index]["image"], name)
+
+    sources = [(name, partial(load, index, name)) for index, name in enumerate(names)]
+    return predict_images(sources, model, processor, output_dir, **kwargs)
 
 
 def _runnable(batch, predict, writer: PredictionWriter, log) -> Iterator[list[tuple[tuple[int, Path, Any], dict]]]:
