@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
-    from maskdino_hf.cli import demo_model_dir
+    from maskdino_hf.predict import demo_model_dir
     from maskdino_hf.synthetic import SHAPES_CATEGORIES, generate_shapes_split
     from maskdino_hf.evaluation import evaluate
 

@@ -87,7 +87,7 @@ def test_bf16_keeps_the_confident_instances_of_the_trained_demo_model():
     from PIL import Image
 
     from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
-    from maskdino_hf.cli import demo_images, demo_model_dir
+    from maskdino_hf.predict import demo_images, demo_model_dir
     from maskdino_hf.synthetic import generate_shapes_split
     from maskdino_hf.training import _to_rgb_array
 

@@ -22,6 +22,7 @@ from maskdino_hf import (
     MaskDINOImageProcessor,
     cli,
 )
+from maskdino_hf import predict as predict_module
 from conftest import tiny_config
 
 from maskdino_hf.data import load_coco_folder, panoptic_ids, rle_to_mask
@@ -130,7 +131,15 @@ def test_predict_writes_overlays_and_results(task, model_dir, image_paths, tmp_p
             else:
                 assert array.dtype == np.uint8 and array.max() < NUM_LABELS
                 assert sum(c["area"] for c in annotation["classes"]) == width * height
-    assert "image(s)" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "image(s)" in stdout
+    # one summary line per image (counts per class), one JSON line per image written as it finished
+    for index, path in enumerate(image_paths):
+        assert f"[{index + 1}/{len(image_paths)}] {path}: " in stdout, stdout
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in lines] == report["images"]
+    assert [a for line in lines for a in line["annotations"]] == report["annotations"]
+    assert report["skipped"] == []
 
 
 def test_predict_folder_argument_and_default_model_error(model_dir, image_paths, tmp_path, capsys, monkeypatch):
@@ -139,7 +148,7 @@ def test_predict_folder_argument_and_default_model_error(model_dir, image_paths,
                      str(tmp_path / "o"), "--device", "cpu"]) == 0
     assert sorted(p.name for p in (tmp_path / "o").glob("*_overlay.png")) == ["first_overlay.png", "second_overlay.png"]
     # without --model the bundled demo model is used; a clear error while it is not installed
-    monkeypatch.setattr(cli, "demo_model_dir", lambda: tmp_path / "no_demo")
+    monkeypatch.setattr(predict_module, "demo_model_dir", lambda: tmp_path / "no_demo")
     assert cli.main(["predict", str(image_paths[0]), "--output-dir", str(tmp_path / "o2")]) == 2
     assert "demo model is not installed" in capsys.readouterr().err
 
@@ -150,7 +159,7 @@ def test_predict_without_arguments_uses_the_demo_folder(model_dir, image_paths, 
     shutil.copytree(model_dir, demo)
     (demo / "images").mkdir()
     shutil.copy(image_paths[0], demo / "images" / "a.png")
-    monkeypatch.setattr(cli, "demo_model_dir", lambda: demo)
+    monkeypatch.setattr(predict_module, "demo_model_dir", lambda: demo)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["predict", "--output-dir", "outputs", "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "outputs" / "predictions.json").read_text())
@@ -161,7 +170,7 @@ def test_predict_without_arguments_uses_the_demo_folder(model_dir, image_paths, 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("unreadable", "cannot read image {bad}"),
+        ("unreadable", "maskdino-hf predict: error: {bad}: unreadable"),
         ("missing", "image not found: {missing}"),
         ("no_model_folder", "model folder not found"),
         ("folder_without_config", "model folder has no config.json"),
@@ -173,8 +182,8 @@ def test_predict_errors_are_one_clear_line(case, message, model_dir, image_paths
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     missing = tmp_path / "missing.png"
     images, model = [str(image_paths[0])], str(model_dir)
-    if case == "unreadable":
-        images = [str(image_paths[0]), str(bad)]
+    if case == "unreadable":  # the only image: nothing to do, an input error (with other images: skipped, status 3)
+        images = [str(bad)]
     elif case == "missing":
         images = [str(missing)]
     elif case == "no_model_folder":
@@ -189,14 +198,19 @@ def test_predict_errors_are_one_clear_line(case, message, model_dir, image_paths
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("maskdino-hf predict: error: ") and "Traceback" not in err
-    assert message.format(bad=bad, missing=missing) in err
-    assert not (tmp_path / "out" / "predictions.json").exists()
+    assert message.format(bad=bad, missing=missing) in err and len(err.strip().splitlines()) == 1
+    if case != "unreadable":  # failed before any work
+        assert not (tmp_path / "out" / "predictions.json").exists()
 
 
 def test_help(capsys):
     """`maskdino-hf --help` (in-process: the console script itself runs in the end-to-end evaluate test)."""
-    for argv, words in ((["--help"], ("predict", "evaluate", "convert")), (["predict", "--help"], ("--batch-size",)),
-                        (["evaluate", "--help"], ("--split", "--output"))):
+    for argv, words in ((["--help"], ("predict", "evaluate", "convert", "releases", "demo")),
+                        (["predict", "--help"], ("--batch-size", "--progress")),
+                        (["evaluate", "--help"], ("--split", "--output")),
+                        (["convert", "--help"], ("--release", "--config", "--push-to-hub", "--cache-dir")),
+                        (["releases", "--help"], ("releases",)),
+                        (["demo", "--help"], ("--model", "--host", "--port", "--share"))):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 0
@@ -209,7 +223,7 @@ def test_predict_default_demo_model(tmp_path):
     """The README's main job: `maskdino-hf predict --output-dir outputs` on the bundled demo."""
     assert cli.main(["predict", "--output-dir", str(tmp_path), "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "predictions.json").read_text())
-    assert len(report["images"]) == len(cli.demo_images()) > 0
+    assert len(report["images"]) == len(predict_module.demo_images()) > 0
     assert all((tmp_path / image["overlay"]).is_file() for image in report["images"])
 
 
@@ -364,3 +378,178 @@ def test_evaluate_errors(model_dir, synthetic_root, tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model", str(model_dir), "--data", str(synthetic_root / "hf"), "--split", "dev"]) == 2
     assert "no split 'dev'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ start-up and errors
+
+HEAVY_MODULES = ("torch", "transformers", "PIL.Image", "numpy", "datasets")
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["predict", "--help"], 0),
+        (["evaluate", "--help"], 0),
+        (["convert", "--help"], 0),
+        (["demo", "--help"], 0),
+        (["predict", "--batch-size", "0"], 2),
+        (["predict", "--threshold", "1.5"], 2),
+        (["predict", "--task", "nonsense"], 2),
+        (["convert", "--config", "x.yaml", "--output-dir", "o"], 2),
+        (["convert", "--config", "x.yaml", "--release", "r", "--output-dir", "o"], 2),
+        (["convert", "--config", "x.yaml", "--checkpoint", "k.pth", "--output-dir", "o", "--push-to-hub", "a/b"], 2),
+        (["predict", "no/such/image.png"], 2),
+    ],
+)
+def test_help_and_argument_errors_import_nothing_heavy(argv, code):
+    """What makes `--help` and argument errors instant: torch, transformers, PIL, numpy, datasets stay unimported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "maskdino_hf.cli", *argv], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == code, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & set(HEAVY_MODULES), sorted(imported & set(HEAVY_MODULES))
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    if code == 2:
+        assert "error: " in errors[-1] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_import_is_lazy_and_auto_classes_still_resolve(model_dir, transformers_first):
+    """`import maskdino_hf` imports neither torch nor transformers, yet the Auto classes and pipelines find Mask DINO
+    afterwards (fresh interpreter), also when Transformers' Auto classes were imported first, and the classes come
+    from the package on first access."""
+    first = "from transformers import AutoModelForUniversalSegmentation" if transformers_first else ""
+    check = "" if transformers_first else 'assert "torch" not in sys.modules and "transformers" not in sys.modules'
+    code = f"""
+import sys
+{first}
+import maskdino_hf
+{check}
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+model = AutoModelForUniversalSegmentation.from_pretrained({str(model_dir)!r})
+processor = AutoImageProcessor.from_pretrained({str(model_dir)!r})
+segmenter = pipeline("image-segmentation", model={str(model_dir)!r})
+print(type(AutoConfig.from_pretrained({str(model_dir)!r})).__name__, type(model).__name__, type(processor).__name__,
+      type(segmenter.model).__name__, model.__class__ is maskdino_hf.MaskDINOForUniversalSegmentation)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["MaskDINOConfig", "MaskDINOForUniversalSegmentation", "MaskDINOImageProcessor",
+                                   "MaskDINOForUniversalSegmentation", "True"]
+
+
+def test_loading_prints_no_progress_bar(model_dir, image_paths, tmp_path, capfd):
+    assert cli.main(["predict", str(image_paths[0]), "--model", str(model_dir), "--output-dir", str(tmp_path),
+                     "--device", "cpu"]) == 0
+    assert "Loading weights" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value\nsecond line"), TypeError("bad type"),
+                                   FileNotFoundError(2, "No such file", "x.pth"), PermissionError(13, "denied", "/o")])
+def test_user_errors_print_one_line_with_status_2(error, monkeypatch, capsys):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_releases", fail)
+    assert cli.main(["releases"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maskdino-hf releases: error: ") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    if isinstance(error, ValueError):
+        assert err.strip().endswith("bad value; second line")
+
+
+def test_interrupt_is_one_line_with_status_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_releases", interrupted)
+    assert cli.main(["releases"]) == 130
+    assert capsys.readouterr().err == "maskdino-hf releases: interrupted\n"
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    def fail(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_releases", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["releases"])
+    monkeypatch.setattr(cli, "_releases", lambda args: (_ for _ in ()).throw(ValueError("user")))
+    monkeypatch.setenv("MASKDINO_HF_DEBUG", "1")
+    with pytest.raises(ValueError, match="user"):
+        cli.main(["releases"])
+
+
+def test_convert_release_releases_and_demo_dispatch(monkeypatch, tmp_path, capsys):
+    """`convert --release`, `releases` and `demo` call the library functions with the parsed arguments."""
+    import types
+
+    calls = []
+    releases = types.ModuleType("maskdino_hf.releases")
+    releases.releases_table = lambda: "| name | task |"
+    releases.convert_release = lambda name, output_dir, **kwargs: calls.append((name, output_dir, kwargs)) or Path(
+        output_dir)
+    webdemo = types.ModuleType("maskdino_hf.webdemo")
+    webdemo.launch = lambda **kwargs: calls.append(("demo", kwargs))
+    monkeypatch.setitem(sys.modules, "maskdino_hf.releases", releases)
+    monkeypatch.setitem(sys.modules, "maskdino_hf.webdemo", webdemo)
+    assert cli.main(["releases"]) == 0 and "| name | task |" in capsys.readouterr().out
+    assert cli.main(["convert", "--release", "r50-instance", "--output-dir", str(tmp_path), "--push-to-hub",
+                     "me/model"]) == 0
+    assert calls[-1] == ("r50-instance", str(tmp_path), {"checkpoint": None, "cache_dir": None,
+                                                         "push_to_hub": "me/model"})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    assert cli.main(["demo", "--port", "7999", "--share"]) == 0
+    assert calls[-1] == ("demo", {"model": None, "server_name": "127.0.0.1", "server_port": 7999, "share": True})
+
+
+def test_demo_without_gradio_is_one_clear_line(monkeypatch, capsys):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "gradio" else object())
+    assert cli.main(["demo"]) == 2
+    assert 'pip install -e ".[demo]"' in capsys.readouterr().err
+
+
+def test_library_load_and_save_print_no_progress_bars_unless_asked(model_dir, tmp_path, capfd, monkeypatch):
+    model = MaskDINOForUniversalSegmentation.from_pretrained(model_dir)
+    model.save_pretrained(tmp_path / "copy")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    monkeypatch.setenv("MASKDINO_HF_PROGRESS", "1")
+    MaskDINOForUniversalSegmentation.from_pretrained(tmp_path / "copy")
+    assert "Loading weights" in capfd.readouterr().err
+
+
+def test_readme_python_snippet_runs_without_warnings_or_progress_bars():
+    """The README's "Using the model" snippet, on the bundled demo, with warnings as errors and nothing on stderr."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\nimport torch\nfrom PIL import Image") + len("```python\n")
+    snippet = readme[start:readme.index("```", start)]
+    demo = predict_module.demo_model_dir()
+    snippet = snippet.replace('"path/or/hub-id"', repr(str(demo))).replace(
+        '"image.png"', repr(str(predict_module.demo_images()[0])))
+    done = subprocess.run([sys.executable, "-W", "error", "-c", snippet + '\nprint(len(result["scores"]))'],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    assert int(done.stdout) > 0
+
+
+def test_output_dir_that_is_a_file_fails_before_loading_the_model(image_paths, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    monkeypatch.setattr(cli, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(["predict", str(image_paths[0]), "--output-dir", str(blocker)]) == 2
+    assert capsys.readouterr().err.strip() == f"maskdino-hf predict: error: --output-dir {blocker}: is a file, not a folder"
+
+
+def test_cli_startup_benchmark_prints_its_table():
+    """`benchmarks/cli_startup.py` (the README's start-up figures) runs and prints every row with its ratio."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cli_startup.py"), "--runs", "1"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("maskdino-hf --help", "maskdino-hf predict --help", "argument error", "import maskdino_hf",
+                "import transformers"):
+        line = next(line for line in done.stdout.splitlines() if row in line)
+        assert len(line.split()) >= 4, line

@@ -25,7 +25,7 @@ def _worker(data: str, output: str) -> None:
     import datasets
     from accelerate import PartialState
 
-    from maskdino_hf.cli import load_model_and_processor, model_predict_fn
+    from maskdino_hf.predict import load_model_and_processor, model_predict_fn
     from maskdino_hf.evaluation import evaluate, tasks_for_dataset
     from maskdino_hf.synthetic import SHAPES_CATEGORIES
 

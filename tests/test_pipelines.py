@@ -25,7 +25,7 @@ from transformers import AutoConfig, pipeline
 from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 from transformers.pipelines.object_detection import ObjectDetectionPipeline
 
-from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli
+from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli, predict
 from maskdino_hf.data import rgb2id
 from maskdino_hf.pipelines import MaskDINOImageSegmentationPipeline, MaskDINOObjectDetectionPipeline
 
@@ -35,7 +35,7 @@ NUM_LABELS = 11
 # readable names, so that a label shown by a pipeline can only come from the saved id2label
 ID2LABEL = {i: (f"stuff-{i}" if i in STUFF else f"thing-{i}") for i in range(NUM_LABELS)}
 IMAGES = [FIXTURES / CASE / "inputs" / f"image{i}_original.png" for i in (0, 1)]
-DEMO_IMAGE = cli.demo_images()[0]
+DEMO_IMAGE = predict.demo_images()[0]
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
@@ -90,7 +90,7 @@ def _build(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def models(saved_dir) -> dict:
     """name -> (folder, image path, pipelines)."""
-    demo = cli.demo_model_dir()
+    demo = predict.demo_model_dir()
     return {
         "demo": (demo, DEMO_IMAGE, _build(demo)),
         "fixture": (saved_dir, IMAGES[0], _build(saved_dir)),

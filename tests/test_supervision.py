@@ -13,17 +13,17 @@ import supervision as sv  # the test extra installs it; a missing one is a failu
 import torch
 from PIL import Image
 
-from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli
+from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, predict
 
 pytestmark = pytest.mark.filterwarnings("ignore:OpenCV")
 
 
 @pytest.fixture(scope="module")
 def demo():
-    folder = cli.demo_model_dir()
+    folder = predict.demo_model_dir()
     model = MaskDINOForUniversalSegmentation.from_pretrained(folder).eval()
     processor = MaskDINOImageProcessor.from_pretrained(folder)
-    image = Image.open(cli.demo_images()[0]).convert("RGB")
+    image = Image.open(predict.demo_images()[0]).convert("RGB")
     with torch.no_grad():
         outputs = model(**processor(images=[image], return_tensors="pt"))
     return outputs, processor, [(image.height, image.width)], model.config.id2label

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskdino_hf import cli
+from maskdino_hf import predict
 from maskdino_hf.visualization import (
     VOID_STRIPE,
     draw_instances,
@@ -27,7 +27,7 @@ H, W = 120, 160
 
 def _image() -> Image.Image:
     """A bundled demo image (real texture and colours) at the test size."""
-    return Image.open(cli.demo_images()[0]).convert("RGB").resize((W, H))
+    return Image.open(predict.demo_images()[0]).convert("RGB").resize((W, H))
 
 
 def _disc(cy: int, cx: int, r: int) -> np.ndarray:
@@ -257,11 +257,11 @@ def test_summary_and_table_count_what_the_result_holds():
 @pytest.fixture(scope="module")
 def demo_predictions():
     """The bundled model's results of all four tasks on the first bundled image, through the CLI's predict path."""
-    model, processor = cli.load_model_and_processor(None)
-    image = cli.load_image(cli.demo_images()[0])
-    predict = cli.model_predict_fn(model, processor, ["instance", "detection", "panoptic", "semantic"],
-                                   threshold=cli.DEFAULT_INSTANCE_THRESHOLD)
-    return image, predict([image])[0], model.config.id2label
+    model, processor = predict.load_model_and_processor(None)
+    image = predict.load_image(predict.demo_images()[0])
+    run = predict.model_predict_fn(model, processor, ["instance", "detection", "panoptic", "semantic"],
+                                   threshold=predict.DEFAULT_INSTANCE_THRESHOLD)
+    return image, run([image])[0], model.config.id2label
 
 
 @pytest.mark.parametrize("task", ["instance", "detection", "panoptic", "semantic"])

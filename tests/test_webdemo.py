@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskdino_hf import cli
+from maskdino_hf import predict
 from maskdino_hf.visualization import segment_table
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -120,14 +120,14 @@ def _table(driver, count: int) -> list[list[str]]:
 
 @functools.cache
 def _bundled_model():
-    return cli.load_model_and_processor(None)
+    return predict.load_model_and_processor(None)
 
 
 def _expected(image: Image.Image, task: str) -> list[dict]:
     """The rows of the CLI's predict path for ``image`` with the CLI's default threshold of ``task``."""
     model, processor = _bundled_model()
-    threshold = cli.DEFAULT_INSTANCE_THRESHOLD if task in ("instance", "detection") else None
-    result = cli.model_predict_fn(model, processor, [task], threshold=threshold)([image])[0][task]
+    threshold = predict.DEFAULT_INSTANCE_THRESHOLD if task in ("instance", "detection") else None
+    result = predict.model_predict_fn(model, processor, [task], threshold=threshold)([image])[0][task]
     return segment_table(result, model.config.id2label, task)
 
 
@@ -135,8 +135,8 @@ def test_upload_segment_and_read_the_overlay_and_table_in_a_browser(browser, app
     from selenium.webdriver.common.by import By
 
     start = time.monotonic()
-    path = cli.demo_images()[0]
-    image = cli.load_image(path)
+    path = predict.demo_images()[0]
+    image = predict.load_image(path)
     browser.get(app_url)
     upload = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"),
                    "the upload field")
@@ -166,7 +166,7 @@ def test_upload_segment_and_read_the_overlay_and_table_in_a_browser(browser, app
     # another task: the threshold follows the task's CLI default and the table follows the task
     browser.find_element(By.CSS_SELECTOR, "#task input[value=instance]").click()
     _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#threshold input[type=number]")
-          .get_attribute("value") == str(cli.DEFAULT_INSTANCE_THRESHOLD), "the instance default threshold")
+          .get_attribute("value") == str(predict.DEFAULT_INSTANCE_THRESHOLD), "the instance default threshold")
     browser.find_element(By.CSS_SELECTOR, "#run").click()
     _overlay(browser, previous=src)
     expected = _expected(image, "instance")

@@ -1,33 +1,65 @@
 """Mask DINO as a Hugging Face Transformers model.
 
-Importing the package registers the MaskDINO classes with Transformers' Auto classes, so `AutoConfig`,
-`AutoModel`, `AutoModelForUniversalSegmentation`, `AutoModelForImageSegmentation`, `AutoModelForObjectDetection`,
-`AutoImageProcessor` and `pipeline(...)` resolve them.
+Importing the package is cheap (no torch, no transformers): the classes are loaded on first use (PEP 562), and
+the MaskDINO classes are registered with Transformers' Auto classes, so `AutoConfig`, `AutoModel`,
+`AutoModelForUniversalSegmentation`, `AutoModelForImageSegmentation`, `AutoModelForObjectDetection`,
+`AutoImageProcessor` and `pipeline(...)` resolve them:
+
+- the model type ``maskdino`` is added to Transformers' lazy name tables as soon as its Auto machinery is imported
+  (at once when it already is), with this package standing for the module ``transformers.models.maskdino``;
+- resolving a class through those tables, or reading one from this package, runs :func:`_register`, which
+  registers the classes themselves.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageSegmentation,
-    AutoModelForObjectDetection,
-    AutoModelForUniversalSegmentation,
-)
-from transformers.models.auto import modeling_auto
-from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
+from __future__ import annotations
 
-from .configuration_maskdino import MaskDINOConfig
-from .image_processing_maskdino import MaskDINOImageProcessor
-from .modeling_maskdino import (
-    MaskDINOForUniversalSegmentation,
-    MaskDINOForUniversalSegmentationOutput,
-    MaskDINOModel,
-    MaskDINOModelOutput,
-    MaskDINOPreTrainedModel,
-)
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .configuration_maskdino import MaskDINOConfig
+    from .image_processing_maskdino import MaskDINOImageProcessor
+    from .modeling_maskdino import (
+        MaskDINOForUniversalSegmentation,
+        MaskDINOForUniversalSegmentationOutput,
+        MaskDINOModel,
+        MaskDINOModelOutput,
+        MaskDINOPreTrainedModel,
+    )
+
+_LAZY_ATTRIBUTES = {
+    "MaskDINOConfig": "configuration_maskdino",
+    "MaskDINOImageProcessor": "image_processing_maskdino",
+    "MaskDINOForUniversalSegmentation": "modeling_maskdino",
+    "MaskDINOForUniversalSegmentationOutput": "modeling_maskdino",
+    "MaskDINOModel": "modeling_maskdino",
+    "MaskDINOModelOutput": "modeling_maskdino",
+    "MaskDINOPreTrainedModel": "modeling_maskdino",
+}
+_MODEL_TYPE = "maskdino"
+_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+_registered = False
 
 
 def _register() -> None:
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageSegmentation,
+        AutoModelForObjectDetection,
+        AutoModelForUniversalSegmentation,
+    )
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
+
+    from .configuration_maskdino import MaskDINOConfig
+    from .image_processing_maskdino import MaskDINOImageProcessor
+    from .modeling_maskdino import MaskDINOForUniversalSegmentation, MaskDINOModel
+
     AutoConfig.register(MaskDINOConfig.model_type, MaskDINOConfig, exist_ok=True)
     AutoModel.register(MaskDINOConfig, MaskDINOModel, exist_ok=True)
     for auto_class in (AutoModelForUniversalSegmentation, AutoModelForImageSegmentation, AutoModelForObjectDetection):
@@ -62,14 +94,65 @@ def _register() -> None:
         PIPELINE_REGISTRY.supported_tasks[task] = {**entry, "impl": f"{__name__}.pipelines.{name}"}
 
 
-_register()
+def _ensure_registered() -> None:
+    global _registered
+    if not _registered:
+        _registered = True
+        _register()
 
-__all__ = [
-    "MaskDINOConfig",
-    "MaskDINOForUniversalSegmentation",
-    "MaskDINOForUniversalSegmentationOutput",
-    "MaskDINOImageProcessor",
-    "MaskDINOModel",
-    "MaskDINOModelOutput",
-    "MaskDINOPreTrainedModel",
-]
+
+def __getattr__(name: str) -> Any:
+    """Loads a public class on first access (and registers the Auto classes then)."""
+    module_name = _LAZY_ATTRIBUTES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    _ensure_registered()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
+
+def _add_to_name_tables(configuration_auto: Any) -> None:
+    """Lists the ``maskdino`` model type in Transformers' lazy tables (config and image processor class names),
+    resolved from ``transformers.models.maskdino``, which is this package: Transformers imports nothing of ours
+    until a Mask DINO checkpoint is actually loaded."""
+    from transformers.models.auto import auto_mappings
+
+    sys.modules.setdefault(f"transformers.models.{_MODEL_TYPE}", sys.modules[__name__])
+    configuration_auto.CONFIG_MAPPING_NAMES.setdefault(_MODEL_TYPE, "MaskDINOConfig")
+    auto_mappings.IMAGE_PROCESSOR_MAPPING_NAMES.setdefault(_MODEL_TYPE, {"pil": "MaskDINOImageProcessor"})
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs a callback once, right after the module ``name`` has been executed (a post-import hook)."""
+
+    def __init__(self, name: str, callback) -> None:
+        self.name, self.callback, self.loader = name, callback, None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.callback(module)
+
+
+if _CONFIG_AUTO in sys.modules:
+    _add_to_name_tables(sys.modules[_CONFIG_AUTO])
+else:
+    sys.meta_path.insert(0, _AfterImport(_CONFIG_AUTO, _add_to_name_tables))
+
+__all__ = sorted(_LAZY_ATTRIBUTES)

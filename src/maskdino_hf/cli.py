@@ -1,12 +1,19 @@
-"""The `maskdino-hf` command line: convert official checkpoints, predict on images, evaluate on a data set.
+"""The `maskdino-hf` command line: parses arguments and dispatches; nothing heavy is imported until work starts.
 
   maskdino-hf predict [IMAGES ...] [--model DIR_OR_HUB_ID] [--task instance|panoptic|semantic|detection]
-                      [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N]
+                      [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--bf16]
   maskdino-hf evaluate --model DIR_OR_HUB_ID --data DIR [--task all|instance|panoptic|semantic|detection]
                        [--split validation] [--output REPORT.json]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
+  maskdino-hf convert --release NAME --output-dir DIR [--checkpoint model.pth] [--push-to-hub REPO_ID]
+  maskdino-hf releases
+  maskdino-hf demo [--model DIR_OR_HUB_ID] [--host H] [--port P] [--share]
 
 Without IMAGES (and without --model) `predict` runs the bundled demo model on its bundled images.
+
+Exit status: 0 done; 2 a mistake in the input (one line on stderr; for `predict` also when no image could be used);
+3 `predict` finished but skipped some images (each listed with its reason); 130 interrupted (Ctrl-C); 1 an
+unexpected error (with its traceback; also shown for input errors when MASKDINO_HF_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -16,22 +23,34 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-TASKS = ("instance", "panoptic", "semantic", "detection")
+from .predict import (
+    DEFAULT_INSTANCE_THRESHOLD,
+    TASKS,
+    CLIError,
+    collect_images,
+    demo_images,
+    demo_model_dir,
+    load_model_and_processor,
+    predict_files,
+    resolve_device,
+)
+
 EVAL_TASKS = ("all",) + TASKS
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-DEFAULT_INSTANCE_THRESHOLD = 0.5
+EXIT_USAGE = 2
+EXIT_SKIPPED = 3
+# Errors that mean "the user's input is wrong": one line, no traceback.
+USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 
-
-class CLIError(Exception):
-    """An error reported as one line (no traceback) with exit status 2."""
+__all__ = ["CLIError", "build_parser", "demo_images", "demo_model_dir", "main"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# convert
+# convert, releases, demo
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -40,260 +59,60 @@ def _parse_labels(text: str | None) -> list[int] | None:
         return None
     try:
         return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise SystemExit(f"--stuff-labels must be comma-separated class ids, got {text!r}") from error
+    except ValueError:
+        raise CLIError(f"--stuff-labels must be comma-separated class ids, got {text!r}") from None
+
+
+def _read_id2label(path: str | None) -> dict[int, str] | None:
+    if path is None:
+        return None
+    try:
+        mapping = json.loads(Path(path).read_text())
+        return {int(k): str(v) for k, v in mapping.items()}
+    except FileNotFoundError:
+        raise CLIError(f"--id2label {path}: file not found") from None
+    except (json.JSONDecodeError, AttributeError, ValueError) as error:
+        raise CLIError(f"--id2label {path}: expected a JSON object of class id -> name ({error})") from None
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.checkpoint is None:
+            raise CLIError("--checkpoint is required with --config")
+        for name in ("cache_dir", "push_to_hub"):
+            if getattr(args, name) is not None:
+                raise CLIError(f"--{name.replace('_', '-')} only applies to --release")
+    if args.release is not None:
+        from .releases import convert_release
+
+        output = convert_release(args.release, args.output_dir, checkpoint=args.checkpoint, cache_dir=args.cache_dir,
+                                 push_to_hub=args.push_to_hub)
+        print(f"converted release {args.release} -> {output}")
+        return 0
     from .convert_maskdino_to_hf import convert_checkpoint
 
-    id2label = None
-    if args.id2label:
-        id2label = {int(k): v for k, v in json.loads(Path(args.id2label).read_text()).items()}
-    convert_checkpoint(args.checkpoint, args.config, args.output_dir, _parse_labels(args.stuff_labels), id2label)
+    convert_checkpoint(args.checkpoint, args.config, args.output_dir, _parse_labels(args.stuff_labels),
+                       _read_id2label(args.id2label))
     print(f"converted {args.checkpoint} -> {args.output_dir}")
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model, device and image loading (shared by predict and evaluate)
-# ----------------------------------------------------------------------------------------------------------------
+def _releases(args: argparse.Namespace) -> int:
+    from .releases import releases_table
+
+    print(releases_table())
+    return 0
 
 
-def demo_model_dir() -> Path:
-    """The bundled demo model folder (``maskdino_hf/demo``; it may not exist in a source checkout)."""
-    from importlib.resources import files
+def _demo(args: argparse.Namespace) -> int:
+    from importlib.util import find_spec
 
-    return Path(str(files("maskdino_hf") / "demo"))
+    if find_spec("gradio") is None:
+        raise CLIError('the web demo needs Gradio: pip install -e ".[demo]"')
+    from .webdemo import launch
 
-
-def demo_images() -> list[Path]:
-    """The images bundled with the demo model (``maskdino_hf/demo/images``)."""
-    folder = demo_model_dir() / "images"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _looks_like_local_path(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~", "\\"))
-        or name.endswith(("/", "\\"))
-        or os.sep in name.strip("/").replace("/", "", 1)
-        or (os.altsep is not None and os.altsep in name.replace("/", "", 1))
-        or Path(name).suffix in (".json", ".safetensors", ".bin", ".pth")
-    )
-
-
-def _check_hub_id(name: str) -> None:
-    """Fail fast (no download retries) when a Hub id cannot be reached or does not exist."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise CLIError(
-            f"model {name!r} is not a local folder and is not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
-        )
-    try:
-        HfApi().model_info(name, timeout=10)
-    except (RepositoryNotFoundError, GatedRepoError) as error:
-        raise CLIError(
-            f"model {name!r} is not a local folder and the Hugging Face Hub has no accessible model by that id "
-            f"({type(error).__name__})"
-        ) from None
-    except Exception as error:  # noqa: BLE001  (network errors of any HTTP library)
-        raise CLIError(
-            f"model {name!r} is not a local folder and the Hugging Face Hub could not be reached to download it "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Pass a local model "
-            "folder or check the network connection."
-        ) from None
-
-
-def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu"):
-    """``(model, image_processor)`` from a local folder or a Hub id (``None``: the bundled demo model), in eval
-    mode on ``device``. Raises :class:`CLIError` with a one-line message when the model cannot be loaded."""
-    import torch
-    from transformers import AutoModelForUniversalSegmentation
-    from transformers.utils import logging as hf_logging
-
-    from . import (
-        MaskDINOImageProcessor,  # importing the package registers the Auto classes
-    )
-
-    hf_logging.disable_progress_bar()
-    if model is None:
-        path = demo_model_dir()
-        if not (path / "config.json").is_file():
-            raise CLIError(
-                f"the bundled demo model is not installed (no config.json in {path}); pass --model DIR_OR_HUB_ID"
-            )
-        name = str(path)
-    else:
-        name = os.fspath(model)
-        path = Path(name).expanduser()
-    local = path.exists()
-    if local:
-        if not path.is_dir():
-            raise CLIError(f"--model {name}: is a file; expected a model folder (config.json + weights) or a Hub id")
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model {name}: model folder has no config.json")
-        name = str(path)
-    elif _looks_like_local_path(name):
-        raise CLIError(f"--model {name}: model folder not found")
-
-    local_only = True
-    network = None
-    if not local:
-        try:
-            from huggingface_hub.utils import validate_repo_id
-
-            validate_repo_id(name)
-        except Exception:  # noqa: BLE001
-            raise CLIError(f"--model {name}: model folder not found (and not a valid Hub id)") from None
-        try:  # the Hugging Face cache first, without touching the network
-            network = AutoModelForUniversalSegmentation.from_pretrained(name, local_files_only=True)
-        except Exception:  # noqa: BLE001  (not cached: ask the Hub)
-            _check_hub_id(name)
-            local_only = False
-    if network is None:
-        try:
-            network = AutoModelForUniversalSegmentation.from_pretrained(name, local_files_only=local_only)
-        except Exception as error:  # noqa: BLE001  (reported as one line)
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CLIError(f"could not load model {name!r}: {message}") from None
-    if getattr(network.config, "model_type", None) != "maskdino":
-        raise CLIError(f"model {name!r} is a {network.config.model_type!r} model, not a Mask DINO model")
-    try:
-        processor = MaskDINOImageProcessor.from_pretrained(name, local_files_only=local_only)
-    except Exception:  # noqa: BLE001  (no or unusable preprocessor_config.json)
-        config = network.config
-        print(
-            f"warning: {name} has no usable preprocessor_config.json; using the default Mask DINO image processor",
-            file=sys.stderr,
-        )
-        processor = MaskDINOImageProcessor(num_labels=config.num_labels, stuff_labels=list(config.stuff_labels))
-    network.eval().to(torch.device(device))
-    return network, processor
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-def load_image(path: str | os.PathLike):
-    """An RGB PIL image (EXIF orientation applied); :class:`CLIError` naming the file when it cannot be read."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.exists():
-        raise CLIError(f"image not found: {path}")
-    if not path.is_file():
-        raise CLIError(f"not an image file: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise CLIError(f"cannot read image {path}: {error}") from None
-
-
-def collect_images(arguments: Sequence[str]) -> list[Path]:
-    """Image files from the command line; folders are expanded to the images they contain (sorted)."""
-    paths: list[Path] = []
-    for argument in arguments:
-        path = Path(argument).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise CLIError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
-            paths.extend(found)
-        elif not path.exists():
-            raise CLIError(f"image not found: {path}")
-        else:
-            paths.append(path)
-    return paths
-
-
-def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _to_cpu(value: Any) -> Any:
-    if hasattr(value, "detach"):
-        return value.detach().cpu()
-    if isinstance(value, Mapping):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value
-
-
-def model_predict_fn(
-    model,
-    processor,
-    tasks: Sequence[str],
-    device: str = "cpu",
-    threshold: float | None = None,
-    bf16: bool = False,
-) -> Callable[..., list[dict[str, Any]]]:
-    """A function ``(images, rows=None) -> [{task: result}]`` (``rows``, the data set rows, are not used) running the model once per batch (images of different sizes are
-    padded together by the processor) and the processor's post-processing of each task at the original image size.
-
-    Results (on CPU): ``instance``: ``scores, labels, boxes`` (xyxy, clipped to the image), ``masks`` (N, H, W) bool,
-    sorted by score, thing classes only when the processor has ``stuff_labels``; ``detection``: ``scores, labels, boxes``; ``panoptic``: ``segmentation`` (H, W) (0 = void) and
-    ``segments_info`` (``id, label_id, isthing, score, was_fused``); ``semantic``: the (H, W) label map.
-    ``threshold``: score threshold of instances / detections (default 0: keep the top-k, as for AP) and the query
-    keep threshold of panoptic inference (default: the processor's ``object_mask_threshold``). ``bf16``: run the
-    model under bfloat16 autocast (CPU or CUDA; the model keeps float32 where precision needs it)."""
-    import torch
-
-    def predict(images: Sequence[Any], rows: Sequence[Mapping] | None = None) -> list[dict[str, Any]]:
-        inputs = processor(list(images), return_tensors="pt")
-        target_sizes = [(image.height, image.width) for image in images]
-        image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
-        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
-        for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):  # post-processing in float32
-            setattr(outputs, name, getattr(outputs, name).float())
-        sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
-        # stuff classes are no instances: drop them from instance / detection results (official panoptic-model rule)
-        things_only = True if processor.stuff_labels else None
-        results: list[dict[str, Any]] = [{} for _ in images]
-        for task in tasks:
-            if task == "instance":
-                items = processor.post_process_instance_segmentation(
-                    outputs, threshold=threshold or 0.0, panoptic_on=things_only, **sizes
-                )
-            elif task == "detection":
-                items = processor.post_process_object_detection(
-                    outputs, threshold=threshold or 0.0, panoptic_on=things_only, **sizes
-                )
-            elif task == "panoptic":
-                items = processor.post_process_panoptic_segmentation(outputs, threshold=threshold, **sizes)
-            elif task == "semantic":
-                items = processor.post_process_semantic_segmentation(outputs, **sizes)
-            else:
-                raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-            for result, item, (height, width) in zip(results, items, target_sizes):
-                item = _to_cpu(item)
-                if task in ("instance", "detection"):
-                    boxes = item["boxes"].clone()
-                    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-                    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-                    item = {key: item[key] for key in ("scores", "labels", "boxes", "masks") if key in item}
-                    item["boxes"] = boxes
-                result[task] = item
-        return results
-
-    return predict
+    launch(model=args.model, server_name=args.host, server_port=args.port, share=args.share)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,180 +120,42 @@ def model_predict_fn(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _id2label(config) -> dict[int, str]:
-    return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-
-
-def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        stem = path.stem
-        if stem in seen:
-            seen[stem] += 1
-            stem = f"{stem}_{seen[stem]}"
-        else:
-            seen[stem] = 1
-        stems.append(stem)
-    return stems
-
-
-def _bbox_xywh(mask) -> list[int]:
-    import numpy as np
-
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0, 0, 0, 0]
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
-def _save_label_png(array, path: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
-    array = np.asarray(array)
-    if array.min(initial=0) >= 0 and array.max(initial=0) < 256:
-        Image.fromarray(array.astype(np.uint8)).save(path)  # 2-D uint8: mode L
-    else:
-        Image.fromarray(array.astype(np.uint16)).save(path)
+def _make_output_dir(path: str) -> None:
+    """Creates ``--output-dir`` before any work, so that a bad one fails at once."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CLIError(f"--output-dir {path}: is a file, not a folder") from None
+    except OSError as error:
+        raise CLIError(f"--output-dir {path}: cannot create the folder ({error.strerror or error})") from None
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from transformers.image_transforms import id_to_rgb
-    from .evaluation import instances_to_coco_results
-    from .visualization import draw_instances, draw_panoptic, draw_semantic
-
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise CLIError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.images:
         paths = collect_images(args.images)
     else:
         paths = demo_images()
         if not paths:
             raise CLIError(f"no IMAGES given and the demo model has no bundled images in {demo_model_dir() / 'images'}")
-    for path in paths:  # fail before loading the model, naming the file
-        load_image(path).close()
+    _make_output_dir(args.output_dir)
     device = resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device)
-    id2label = _id2label(model.config)
-    stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
-    if args.task is None:  # the tasks the processor's post-processing was configured for
-        if processor.panoptic_on:
-            args.task = "panoptic"
-        elif processor.semantic_on and not processor.instance_on:
-            args.task = "semantic"
-        else:
-            args.task = "instance"
-    threshold = args.threshold
-    if threshold is None and args.task in ("instance", "detection"):
-        threshold = DEFAULT_INSTANCE_THRESHOLD
-    predict = model_predict_fn(model, processor, [args.task], device, threshold, bf16=args.bf16)
-
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.task in ("panoptic", "semantic"):
-        (output_dir / args.task).mkdir(exist_ok=True)
-    stems = _unique_stems(paths)
-    images_info, annotations = [], []
-    progress = tqdm(total=len(paths), unit="img", desc=f"maskdino-hf predict ({args.task})", file=sys.stderr)
-    for batch in _batches(list(enumerate(paths)), args.batch_size):
-        pil_images = [load_image(path) for _, path in batch]
-        results = predict(pil_images)
-        for (index, path), image, result in zip(batch, pil_images, results):
-            image_id = index + 1
-            stem = stems[index]
-            item = result[args.task]
-            overlay_name = f"{stem}_overlay.png"
-            info = {"id": image_id, "file_name": path.name, "path": str(path), "height": image.height,
-                    "width": image.width, "overlay": overlay_name}
-            if args.task in ("instance", "detection"):
-                masks = item.get("masks")
-                coco = instances_to_coco_results(
-                    image_id, item["scores"], item["labels"], masks=masks, boxes=item["boxes"], box_format="xyxy"
-                )
-                annotations.extend(coco)
-                drawing = draw_instances(
-                    image, item["labels"], item["scores"], masks=masks, boxes=item["boxes"], id2label=id2label,
-                    title=f"{args.task} ({len(coco)})",
-                )
-            elif args.task == "panoptic":
-                segmentation = item["segmentation"].numpy().astype(np.int64)
-                png_name = f"{args.task}/{stem}.png"
-                Image.fromarray(id_to_rgb(np.maximum(segmentation, 0))).save(output_dir / png_name)
-                segments = []
-                for segment in item["segments_info"]:
-                    mask = segmentation == int(segment["id"])
-                    label = int(segment["label_id"])
-                    segments.append(
-                        {
-                            "id": int(segment["id"]),
-                            "category_id": label,
-                            "label": id2label.get(label, str(label)),
-                            "isthing": int(segment.get("isthing", label not in stuff)),
-                            "iscrowd": 0,
-                            "score": float(segment.get("score", 1.0)),
-                            "area": int(mask.sum()),
-                            "bbox": _bbox_xywh(mask),
-                        }
-                    )
-                annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
-                drawing = draw_panoptic(image, segmentation, item["segments_info"], id2label=id2label,
-                                        title=f"panoptic ({len(segments)})")
-            else:
-                label_map = item.numpy()
-                png_name = f"{args.task}/{stem}.png"
-                _save_label_png(label_map, output_dir / png_name)
-                labels, counts = np.unique(label_map, return_counts=True)
-                annotations.append(
-                    {
-                        "image_id": image_id,
-                        "file_name": png_name,
-                        "classes": [
-                            {"label_id": int(label), "label": id2label.get(int(label), str(int(label))),
-                             "area": int(count)}
-                            for label, count in zip(labels.tolist(), counts.tolist())
-                        ],
-                    }
-                )
-                drawing = draw_semantic(image, label_map, id2label=id2label, ignore_index=None, title="semantic")
-            drawing.save(output_dir / overlay_name)
-            images_info.append(info)
-            progress.update(1)
-    progress.close()
-
-    categories = [
-        {"id": label, "name": name, "isthing": int(label not in stuff)} for label, name in sorted(id2label.items())
-    ]
-    report = {
-        "task": args.task,
-        "model": str(args.model) if args.model is not None else str(demo_model_dir()),
-        "threshold": threshold,
-        "categories": categories,
-        "images": images_info,
-        "annotations": annotations,
-    }
-    (output_dir / "predictions.json").write_text(json.dumps(report))
-    written = [output_dir / "predictions.json"]
-    if args.task in ("instance", "detection"):
-        (output_dir / "coco_results.json").write_text(json.dumps(annotations))
-        written.append(output_dir / "coco_results.json")
-    count = len(annotations) if args.task in ("instance", "detection") else sum(
-        len(a.get("segments_info", a.get("classes", []))) for a in annotations
-    )
-    what = {"instance": "instances", "detection": "detections", "panoptic": "segments", "semantic": "class regions"}
-    print(
-        f"{len(paths)} image(s), {count} {what[args.task]}: overlays and "
-        + ", ".join(str(p) for p in written)
-        + (f" and {output_dir / args.task}/*.png" if args.task in ("panoptic", "semantic") else "")
-        + f" in {output_dir}"
-    )
-    return 0
+    model, processor = load_model_and_processor(args.model, device, progress=args.progress)
+    report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
+                           batch_size=args.batch_size, device=device, bf16=args.bf16)
+    print(f"{report.num_images} image(s) ({report.task}): overlays and " + ", ".join(map(str, report.written))
+          + (f" and {Path(args.output_dir) / report.task}/*.png" if report.task in ("panoptic", "semantic") else "")
+          + f" in {args.output_dir}")
+    if not report.skipped:
+        return 0
+    if report.num_images == 0:  # nothing usable: an input error like any other
+        listed = [f"{entry['path']}: {entry['reason']}" for entry in report.skipped]
+        more = f"; and {len(listed) - 3} more" if len(listed) > 3 else ""
+        prefix = "" if len(listed) == 1 else f"none of the {len(listed)} images could be used: "
+        raise CLIError(prefix + "; ".join(listed[:3]) + more)
+    print(f"maskdino-hf predict: skipped {len(report.skipped)} of {len(paths)} image(s):", file=sys.stderr)
+    for entry in report.skipped:
+        print(f"  {entry['path']}: {entry['reason']}", file=sys.stderr)
+    return EXIT_SKIPPED
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,25 +205,57 @@ def _evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="maskdino-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+def _ranged(convert: Callable[[str], Any], low: float, high: float, allowed: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)`` within ``[low, high]``; anything else is an argument error naming
+    ``allowed``."""
 
-    convert = commands.add_parser("convert", help="convert an official checkpoint (.pth + yaml) to a model folder")
-    convert.add_argument("--checkpoint", required=True, help="official .pth file")
-    convert.add_argument("--config", required=True, help="official yaml (with its _BASE_ chain) or a dumped config")
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _ranged(int, 1, math.inf, "a whole number >= 1")
+_unit_float = _ranged(float, 0.0, 1.0, "a number in [0, 1]")
+_port = _ranged(int, 1, 65535, "a port number in 1..65535")
+
+
+BF16_HELP = ("run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX "
+             "(see README)")
+
+
+def _add_convert(commands) -> None:
+    convert = commands.add_parser(
+        "convert", help="convert an official checkpoint (.pth + yaml, or a named release) to a model folder",
+        description="Convert an official Mask DINO checkpoint: --config (official yaml) with --checkpoint, or "
+        "--release NAME (see `maskdino-hf releases`; the checkpoint is downloaded unless --checkpoint is given).",
+    )
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="official yaml (with its _BASE_ chain) or a dumped config")
+    source.add_argument("--release", metavar="NAME", help="an official release (see `maskdino-hf releases`)")
+    convert.add_argument("--checkpoint", help="official .pth file (required with --config)")
     convert.add_argument("--output-dir", required=True)
     convert.add_argument("--stuff-labels", help="comma-separated stuff class ids (default: COCO panoptic rule)")
     convert.add_argument("--id2label", help="JSON file mapping class ids to names")
+    convert.add_argument("--cache-dir", help="download folder of --release checkpoints")
+    convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted --release to this Hub repo")
     convert.set_defaults(handler=_convert)
 
+
+def _add_predict(commands) -> None:
     predict = commands.add_parser(
         "predict",
         help="segment images and write overlays + results JSON",
-        description="Run a Mask DINO model on images. Writes <stem>_overlay.png per image and predictions.json "
-        "(plus coco_results.json for instance/detection, panoptic/<stem>.png or semantic/<stem>.png maps).",
+        description="Run a Mask DINO model on images. Writes <stem>_overlay.png per image, predictions.jsonl (one "
+        "line per image as it finishes), predictions.json (plus coco_results.json for instance/detection, "
+        "panoptic/<stem>.png or semantic/<stem>.png maps). An unusable image is reported and skipped (exit status "
+        "3); see maskdino_hf.predict for the rule applied to very elongated images.",
     )
     predict.add_argument("images", nargs="*", metavar="IMAGES",
                          help="image files or folders of images (default: the demo model's bundled images)")
@@ -550,16 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="model folder or Hugging Face Hub id (default: the bundled demo model)")
     predict.add_argument("--task", choices=TASKS, default=None,
                          help="default: panoptic for a panoptic model, semantic for a semantic-only one, else instance")
-    predict.add_argument("--threshold", type=float, default=None,
+    predict.add_argument("--threshold", type=_unit_float, default=None,
                          help=f"instance/detection score threshold (default {DEFAULT_INSTANCE_THRESHOLD}); panoptic "
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--batch-size", type=int, default=1, help="images per forward pass (sizes may differ)")
-    predict.add_argument("--bf16", action="store_true",
-                         help="run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX (see README)")
+    predict.add_argument("--batch-size", type=_positive_int, default=1,
+                         help="images per forward pass (sizes may differ)")
+    predict.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    predict.add_argument("--progress", action="store_true", help="show Transformers' model loading progress bars")
     predict.set_defaults(handler=_predict)
 
+
+def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="COCO box/mask AP, panoptic quality and mean IoU on a data set",
@@ -574,26 +290,70 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="validation", help="split of a DatasetDict / sub-folder (validation)")
     evaluate.add_argument("--output", default=None, help="write the report JSON here")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=1)
-    evaluate.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
-    evaluate.add_argument("--bf16", action="store_true",
-                          help="run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX (see README)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=1)
+    evaluate.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
+    evaluate.add_argument("--bf16", action="store_true", help=BF16_HELP)
     evaluate.set_defaults(handler=_evaluate)
+
+
+def _add_releases_and_demo(commands) -> None:
+    releases = commands.add_parser("releases", help="list the official checkpoints `convert --release` knows")
+    releases.set_defaults(handler=_releases)
+    demo = commands.add_parser("demo", help="start the Gradio web demo (needs the demo extra)",
+                               description='Start the web demo (pip install -e ".[demo]"): upload an image, choose '
+                               "the task and threshold, see the overlay and the segment table.")
+    demo.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled demo model)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    demo.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    demo.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    demo.set_defaults(handler=_demo)
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked (reading package metadata costs start-up time)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            parser.exit(message=f"maskdino-hf {version('maskdino-hf')}\n")
+        except PackageNotFoundError:
+            parser.exit(message="maskdino-hf (not installed)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskdino-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the package version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(commands)
+    _add_evaluate(commands)
+    _add_convert(commands)
+    _add_releases_and_demo(commands)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns the exit status (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except CLIError as error:
-        print(f"maskdino-hf {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"maskdino-hf {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        if os.environ.get("MASKDINO_HF_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+            raise
+        print(f"maskdino-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # what predict finished so far is in predictions.jsonl
+        print(f"maskdino-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -874,7 +874,7 @@ def evaluate(
     evaluator = DatasetEvaluator(tasks, categories, label_to_category, model.config.num_labels, id2label,
                                  getattr(processor, "ignore_index", IGNORE_INDEX))
     if predict_fn is None:
-        from .cli import model_predict_fn
+        from .predict import model_predict_fn
 
         predict_fn = model_predict_fn(model, processor, tasks, str(model.device), threshold=None, bf16=bf16)
     count = len(dataset) if max_images is None else min(len(dataset), max_images)

@@ -17,6 +17,8 @@ The loss (hybrid matching and the criterion) lives in `loss_maskdino.py`.
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -693,6 +695,24 @@ class MaskDINODecoder(nn.Module):
         return outputs
 
 
+@contextmanager
+def _progress_bars_unless_asked():
+    """Transformers' progress bars ("Loading weights", "Writing model shards") off for one call, unless the
+    environment asks for them (`MASKDINO_HF_PROGRESS=1`) or they are already off."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("MASKDINO_HF_PROGRESS", "").lower() in ("1", "true", "yes", "on"):
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 class MaskDINOPreTrainedModel(PreTrainedModel):
     config_class = MaskDINOConfig
     config: MaskDINOConfig
@@ -701,6 +721,17 @@ class MaskDINOPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["MaskDINOPixelDecoderEncoderLayer", "MaskDINODecoderLayer"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, without progress bars unless `MASKDINO_HF_PROGRESS=1`."""
+        with _progress_bars_unless_asked():
+            return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, without progress bars unless `MASKDINO_HF_PROGRESS=1`."""
+        with _progress_bars_unless_asked():
+            return super().save_pretrained(*args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -406,6 +407,76 @@ def _check_layer(op: MultiScaleDeformableAttention, device: torch.device) -> Non
         raise RuntimeError("the kernel's output does not match the PyTorch implementation on a small check")
 
 
+@dataclass(frozen=True)
+class _KernelSource:
+    """Where a kernel layer comes from: a local build, or a Hub repository at a revision or version."""
+
+    local_path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    version: int | None = None
+    trusted: bool = False
+
+    def __str__(self) -> str:
+        if self.local_path is not None:
+            return f"local build {self.local_path}"
+        pin = f"revision {self.revision}" if self.revision is not None else f"version {self.version}"
+        return f"{self.repo_id} ({pin})"
+
+
+def _pytorch_reason(ops: list[MultiScaleDeformableAttention], device: torch.device, local_path) -> str | None:
+    """Why the PyTorch path is taken without trying a kernel (forced, no op, no CUDA), or None."""
+    if os.environ.get(FORCE_PYTORCH_ENV, "").strip().lower() in _TRUE_VALUES:
+        return f"forced by {FORCE_PYTORCH_ENV}=1"
+    if not ops:
+        return "no MultiScaleDeformableAttention op in the model"
+    if local_path is None and device.type != "cuda":
+        return f"model on {device.type}; the compiled kernel needs CUDA"
+    return None
+
+
+def _resolve_source(repo_id, revision, version, local_path, trust_remote_code) -> _KernelSource:
+    """The kernel source from the arguments, then the environment, then the defaults; the trust policy: a
+    repository named explicitly (argument or environment) is trusted unless `trust_remote_code` says otherwise."""
+    if local_path is not None:
+        return _KernelSource(local_path=Path(local_path))
+    explicit_repo = repo_id is not None or bool(os.environ.get(REPO_ID_ENV))
+    repo_id = repo_id or os.environ.get(REPO_ID_ENV) or DEFAULT_MSDA_REPO_ID
+    revision = revision or os.environ.get(REVISION_ENV) or None
+    if revision is None and version is None:
+        version = DEFAULT_MSDA_VERSION
+    trusted = explicit_repo if trust_remote_code is None else bool(trust_remote_code)
+    return _KernelSource(None, repo_id, revision, None if revision is not None else version, trusted)
+
+
+def _kernelize(kernels, ops: list[MultiScaleDeformableAttention], source: _KernelSource, device: torch.device,
+               training: bool, compile: bool) -> None:
+    """Swaps each op's forward for the kernel layer of `source` (the `kernels` package's repositories and
+    `kernelize`)."""
+    if source.local_path is not None:
+        repository = kernels.LocalLayerRepository(source.local_path.expanduser().resolve(), layer_name=MSDA_LAYER_NAME)
+    else:
+        repository = kernels.LayerRepository(
+            source.repo_id,
+            layer_name=MSDA_LAYER_NAME,
+            revision=source.revision,
+            version=source.version,
+            trust_remote_code=[source.repo_id] if source.trusted else False,
+        )
+    mode = kernels.Mode.TRAINING if training else kernels.Mode.INFERENCE
+    if compile:
+        mode = mode | kernels.Mode.TORCH_COMPILE
+    with kernels.use_kernel_mapping({MSDA_LAYER_NAME: {device.type: repository}}, inherit_mapping=False):
+        for op in ops:
+            kernels.kernelize(op, mode=mode, device=device.type, use_fallback=kernels.KernelizeFallback.NONE)
+
+
+def _fall_back(ops: list[MultiScaleDeformableAttention], reason: str, warn: bool) -> None:
+    """The PyTorch path for every op, with the module's one log line."""
+    _use_pytorch(ops)
+    (logger.warning if warn else logger.info)("MSDA: using the PyTorch implementation (%s).", reason)
+
+
 def load_msda_kernel(
     model: nn.Module,
     repo_id: str | None = None,
@@ -433,92 +504,37 @@ def load_msda_kernel(
 
     Returns the model. Each op's `msda_backend` attribute records the path taken ("pytorch" or "kernel: ...");
     exactly one log line says the same. Environment `MASKDINO_FORCE_PYTORCH_MSDA=1` forces the PyTorch path.
+    Steps: resolve (`_pytorch_reason`, `_resolve_source`), load (`_kernelize`), verify (`_check_layer`,
+    `_kernel_has_compiled_ops`), fall back (`_fall_back`).
     """
     ops = _msda_modules(model)
-    if os.environ.get(FORCE_PYTORCH_ENV, "").strip().lower() in _TRUE_VALUES:
-        _use_pytorch(ops)
-        logger.info("MSDA: using the PyTorch implementation (forced by %s=1).", FORCE_PYTORCH_ENV)
-        return model
-    if not ops:
-        logger.info("MSDA: no MultiScaleDeformableAttention op in the model; nothing to load.")
-        return model
-
     device = torch.device(device) if device is not None else _model_device(model)
     local_path = local_path if local_path is not None else os.environ.get(LOCAL_PATH_ENV) or None
-    if local_path is None and device.type != "cuda":
-        _use_pytorch(ops)
-        logger.info(
-            "MSDA: using the PyTorch implementation (model on %s; the compiled kernel needs CUDA).", device.type
-        )
+    reason = _pytorch_reason(ops, device, local_path)
+    if reason is not None:
+        _fall_back(ops, reason, warn=False)
         return model
-
     try:
-        from kernels import (
-            KernelizeFallback,
-            LayerRepository,
-            LocalLayerRepository,
-            Mode,
-            kernelize,
-            use_kernel_mapping,
-        )
+        import kernels
     except ImportError as error:
-        _use_pytorch(ops)
-        logger.warning("MSDA: using the PyTorch implementation (the `kernels` package is unavailable: %s).", error)
+        _fall_back(ops, f"the `kernels` package is unavailable: {error}", warn=True)
         return model
-
-    if local_path is not None:
-        repository = LocalLayerRepository(Path(local_path).expanduser().resolve(), layer_name=MSDA_LAYER_NAME)
-        source = f"local build {Path(local_path)}"
-    else:
-        explicit_repo = repo_id is not None or bool(os.environ.get(REPO_ID_ENV))
-        repo_id = repo_id or os.environ.get(REPO_ID_ENV) or DEFAULT_MSDA_REPO_ID
-        revision = revision or os.environ.get(REVISION_ENV) or None
-        if revision is None and version is None:
-            version = DEFAULT_MSDA_VERSION
-        if trust_remote_code is None:
-            trust_remote_code = explicit_repo
-        repository = LayerRepository(
-            repo_id,
-            layer_name=MSDA_LAYER_NAME,
-            revision=revision,
-            version=None if revision is not None else version,
-            trust_remote_code=[repo_id] if trust_remote_code else False,
-        )
-        source = f"{repo_id} ({f'revision {revision}' if revision is not None else f'version {version}'})"
-
-    mode = Mode.TRAINING if model.training else Mode.INFERENCE
-    if compile:
-        mode = mode | Mode.TORCH_COMPILE
+    source = _resolve_source(repo_id, revision, version, local_path, trust_remote_code)
     try:
-        with use_kernel_mapping({MSDA_LAYER_NAME: {device.type: repository}}, inherit_mapping=False):
-            for op in ops:
-                kernelize(op, mode=mode, device=device.type, use_fallback=KernelizeFallback.NONE)
+        _kernelize(kernels, ops, source, device, model.training, compile)
         if verify:
             _check_layer(ops[0], device)
     except Exception as error:  # noqa: BLE001  (no network, no build for this system, import error, mismatch)
-        _use_pytorch(ops)
-        reason = " ".join(str(error).split()) or type(error).__name__
-        logger.warning(
-            "MSDA: using the PyTorch implementation (kernel from %s unavailable on %s: %s: %s).",
-            source,
-            device.type,
-            type(error).__name__,
-            reason[:300],
-        )
+        detail = " ".join(str(error).split()) or type(error).__name__
+        _fall_back(ops, f"kernel from {source} unavailable on {device.type}: {type(error).__name__}: {detail[:300]}",
+                   warn=True)
         return model
-
     compiled = _kernel_has_compiled_ops(ops[0])
-    if compiled is False and device.type == "cuda":
-        # The package loaded without its compiled extension; its own PyTorch path is slower than ours.
-        _use_pytorch(ops)
-        logger.warning(
-            "MSDA: using the PyTorch implementation (the kernel package from %s has no compiled op for this system).",
-            source,
-        )
+    if compiled is False and device.type == "cuda":  # loaded without its compiled extension: slower than ours
+        _fall_back(ops, f"the kernel package from {source} has no compiled op for this system", warn=True)
         return model
-    backend = f"kernel: {source}"
     for op in ops:
-        op.msda_backend = backend
+        op.msda_backend = f"kernel: {source}"
     note = " (package without its compiled op: it runs its PyTorch path)" if compiled is False else ""
     logger.info("MSDA: using the kernel layer from %s on %s for %d op(s)%s.", source, device.type, len(ops), note)
     return model

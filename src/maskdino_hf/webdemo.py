@@ -30,9 +30,9 @@ def _predict_api():
     """The predict path shared with the CLI, the one place this module says where it lives. Used:
     ``load_model_and_processor``, ``resolve_device``, ``model_predict_fn`` (inference + post-processing),
     ``demo_images``, ``demo_model_dir`` and ``DEFAULT_INSTANCE_THRESHOLD``."""
-    from . import cli
+    from . import predict
 
-    return cli
+    return predict
 
 
 def _gradio():

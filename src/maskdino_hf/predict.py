@@ -1,0 +1,668 @@
+"""Prediction: image files, folders or `datasets` rows -> batches -> model -> post-processing -> result writers.
+
+What `maskdino-hf predict` runs, usable from Python too (:func:`predict_files`, :func:`predict_dataset`,
+:func:`predict_images`). A folder run never loses work:
+
+- a bad image (unreadable or corrupt, a mode that is not an image of 8-bit channels, too elongated for the model) is
+  reported with its path and the reason and skipped; the rest is processed;
+- results are written as each image finishes: one JSON line per image in ``predictions.jsonl``, then the whole
+  report in ``predictions.json`` (which lists the skipped files under ``"skipped"``);
+- each image gets a one-line summary (counts per class) on stdout.
+
+Size rule (:func:`input_size`): an image is resized by the image processor as usual (short side to
+``size["shortest_edge"]``, long side at most ``size["longest_edge"]``). When that leaves the short side under the
+model's minimum input side (the coarsest feature stride, e.g. a 10000x50 strip), the image is instead resized keeping
+its aspect ratio so that its short side equals that minimum (the long side then exceeds ``longest_edge``), provided
+the result holds no more pixels than the processor's largest regular input (``shortest_edge * longest_edge``);
+otherwise it is refused as too elongated. Tiny images need no rule: the processor enlarges them.
+
+Nothing heavy is imported at module level: the CLI imports this module to parse its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+TASKS = ("instance", "panoptic", "semantic", "detection")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+DEFAULT_INSTANCE_THRESHOLD = 0.5
+# PIL modes converted to RGB as they are; 16-bit grey (also mode I within 0..65535) is scaled by 1/257.
+_RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class CLIError(ValueError):
+    """A mistake in the user's input, reported by the CLI as one line (no traceback) with exit status 2."""
+
+
+class BadImageError(CLIError):
+    """An image file that cannot be used; a folder run reports it (``path``, ``reason``) and goes on."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, device and image loading (shared with evaluation)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def demo_model_dir() -> Path:
+    """The bundled demo model folder (``maskdino_hf/demo``; it may not exist in a source checkout)."""
+    from importlib.resources import files
+
+    return Path(str(files("maskdino_hf") / "demo"))
+
+
+def demo_images() -> list[Path]:
+    """The images bundled with the demo model (``maskdino_hf/demo/images``)."""
+    folder = demo_model_dir() / "images"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or name.endswith(("/", "\\"))
+        or os.sep in name.strip("/").replace("/", "", 1)
+        or (os.altsep is not None and os.altsep in name.replace("/", "", 1))
+        or Path(name).suffix in (".json", ".safetensors", ".bin", ".pth")
+    )
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail fast (no download retries) when a Hub id cannot be reached or does not exist."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise CLIError(
+            f"model {name!r} is not a local folder and is not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        )
+    try:
+        HfApi().model_info(name, timeout=10)
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        raise CLIError(
+            f"model {name!r} is not a local folder and the Hugging Face Hub has no accessible model by that id "
+            f"({type(error).__name__})"
+        ) from None
+    except Exception as error:  # noqa: BLE001  (network errors of any HTTP library)
+        raise CLIError(
+            f"model {name!r} is not a local folder and the Hugging Face Hub could not be reached to download it "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Pass a local model "
+            "folder or check the network connection."
+        ) from None
+
+
+def _model_name(model: str | os.PathLike | None) -> tuple[str, bool]:
+    """``(name, is_local_folder)`` of ``--model`` (``None``: the bundled demo), checked without loading anything."""
+    if model is None:
+        path = demo_model_dir()
+        if not (path / "config.json").is_file():
+            raise CLIError(
+                f"the bundled demo model is not installed (no config.json in {path}); pass --model DIR_OR_HUB_ID"
+            )
+        return str(path), True
+    name = os.fspath(model)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--model {name}: is a file; expected a model folder (config.json + weights) or a Hub id")
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--model {name}: model folder has no config.json")
+        return str(path), True
+    if _looks_like_local_path(name):
+        raise CLIError(f"--model {name}: model folder not found")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except Exception:  # noqa: BLE001
+        raise CLIError(f"--model {name}: model folder not found (and not a valid Hub id)") from None
+    return name, False
+
+
+def _default_processor(config):
+    from . import MaskDINOImageProcessor
+
+    return MaskDINOImageProcessor(num_labels=config.num_labels, stuff_labels=list(config.stuff_labels))
+
+
+def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu", progress: bool = False):
+    """``(model, image_processor)`` from a local folder or a Hub id (``None``: the bundled demo model), in eval
+    mode on ``device``. Raises :class:`CLIError` with a one-line message when the model cannot be loaded.
+    ``progress``: show Transformers' loading progress bars (hidden by default; also ``MASKDINO_HF_PROGRESS=1``)."""
+    import torch
+    from transformers import AutoModelForUniversalSegmentation
+
+    from . import MaskDINOImageProcessor  # importing a class registers the Auto classes
+
+    if progress:
+        os.environ["MASKDINO_HF_PROGRESS"] = "1"
+    name, local = _model_name(model)
+    network, local_only = None, True
+    if not local:
+        try:  # the Hugging Face cache first, without touching the network
+            network = AutoModelForUniversalSegmentation.from_pretrained(name, local_files_only=True)
+        except Exception:  # noqa: BLE001  (not cached: ask the Hub)
+            _check_hub_id(name)
+            local_only = False
+    if network is None:
+        try:
+            network = AutoModelForUniversalSegmentation.from_pretrained(name, local_files_only=local_only)
+        except Exception as error:  # noqa: BLE001  (reported as one line)
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CLIError(f"could not load model {name!r}: {message}") from None
+    if getattr(network.config, "model_type", None) != "maskdino":
+        raise CLIError(f"model {name!r} is a {network.config.model_type!r} model, not a Mask DINO model")
+    try:
+        processor = MaskDINOImageProcessor.from_pretrained(name, local_files_only=local_only)
+    except Exception:  # noqa: BLE001  (no or unusable preprocessor_config.json)
+        print(f"warning: {name} has no usable preprocessor_config.json; using the default Mask DINO image processor",
+              file=sys.stderr)
+        processor = _default_processor(network.config)
+    network.eval().to(torch.device(device))
+    return network, processor
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without CUDA is a :class:`CLIError`."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def _to_rgb(image, path: Path):
+    """RGB of a PIL image of any 8-bit mode; 16-bit grey scaled from its full range; other modes refused."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in _RGB_CONVERTIBLE_MODES:
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+        return image.convert("RGB")
+    array = np.asarray(image) if image.mode in _SIXTEEN_BIT_MODES | {"I"} else None
+    if array is not None and array.min(initial=0) >= 0 and array.max(initial=0) <= 65535:
+        array = array.astype(np.float64) / 257.0
+        return Image.fromarray(np.round(array).clip(0, 255).astype(np.uint8)).convert("RGB")
+    raise BadImageError(
+        path, f"wrong mode: {image.mode!r} (float or 32-bit pixels outside 0..65535 have no defined 0-255 range); "
+        "convert it to 8-bit RGB or grey"
+    )
+
+
+def load_image(path: str | os.PathLike):
+    """An RGB PIL image (EXIF orientation applied, transparency composited on white, 16-bit grey scaled by 1/257).
+
+    Raises :class:`BadImageError` naming the file and the reason when it cannot be read or has an unusable mode.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(path, "image not found")
+    if not path.is_file():
+        raise BadImageError(path, "not an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImageError(path, f"unreadable ({type(error).__name__}: {error})") from None
+    if image.width < 1 or image.height < 1:
+        raise BadImageError(path, f"empty image ({image.width}x{image.height})")
+    return _to_rgb(image, path)
+
+
+def collect_images(arguments: Sequence[str]) -> list[Path]:
+    """Image files from the command line; folders are expanded to the images they contain (sorted)."""
+    paths: list[Path] = []
+    for argument in arguments:
+        path = Path(argument).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise CLIError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            paths.extend(found)
+        elif not path.exists():
+            raise CLIError(f"image not found: {path}")
+        else:
+            paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model -> post-processed results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def min_input_side(model) -> int:
+    """The smallest input side ``model`` accepts (its coarsest feature stride)."""
+    return int(getattr(model, "min_input_size", None) or model.model.min_input_size)
+
+
+def input_size(height: int, width: int, processor, min_side: int) -> dict[str, int | None] | None:
+    """The processor ``size`` for an image of ``height x width`` under the module's size rule: ``None`` (the
+    processor's own resize), a ``{"shortest_edge": min_side, "longest_edge": None}`` override for a too elongated
+    image, or a ``ValueError`` saying why the image cannot be used."""
+    resized = processor.get_resized_size(height, width)
+    if min(resized) >= min_side:
+        return None
+    scale = min_side / min(height, width)
+    needed = (round(height * scale), round(width * scale))
+    size = processor.size
+    if processor.do_resize and size.get("longest_edge"):
+        budget = size["shortest_edge"] * size["longest_edge"]
+        if needed[0] * needed[1] > budget:
+            raise ValueError(
+                f"too elongated ({width}x{height}, aspect ratio {max(height, width) / min(height, width):.0f}:1): the "
+                f"model needs a short side of at least {min_side} px, which would take {needed[1]}x{needed[0]} = "
+                f"{needed[0] * needed[1]} pixels, over the processor's largest regular input "
+                f"{size['shortest_edge']}x{size['longest_edge']} = {budget}"
+            )
+    return {"shortest_edge": min_side, "longest_edge": None}
+
+
+def _to_cpu(value: Any) -> Any:
+    if hasattr(value, "detach"):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes) -> list[dict[str, Any]]:
+    """``[{task: result}]`` on CPU; instance / detection boxes clipped to the image."""
+    things_only = True if processor.stuff_labels else None  # stuff classes are no instances (official rule)
+    results: list[dict[str, Any]] = [{} for _ in target_sizes]
+    for task in tasks:
+        if task == "instance":
+            items = processor.post_process_instance_segmentation(
+                outputs, threshold=threshold or 0.0, panoptic_on=things_only, **sizes
+            )
+        elif task == "detection":
+            items = processor.post_process_object_detection(
+                outputs, threshold=threshold or 0.0, panoptic_on=things_only, **sizes
+            )
+        elif task == "panoptic":
+            items = processor.post_process_panoptic_segmentation(outputs, threshold=threshold, **sizes)
+        elif task == "semantic":
+            items = processor.post_process_semantic_segmentation(outputs, **sizes)
+        else:
+            raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+        for result, item, (height, width) in zip(results, items, target_sizes):
+            item = _to_cpu(item)
+            if task in ("instance", "detection"):
+                boxes = item["boxes"].clone()
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+                item = {key: item[key] for key in ("scores", "labels", "boxes", "masks") if key in item}
+                item["boxes"] = boxes
+            result[task] = item
+    return results
+
+
+def model_predict_fn(
+    model,
+    processor,
+    tasks: Sequence[str],
+    device: str = "cpu",
+    threshold: float | None = None,
+    bf16: bool = False,
+) -> Callable[..., list[dict[str, Any]]]:
+    """A function ``(images, rows=None) -> [{task: result}]`` (``rows``, the data set rows, are not used) running
+    the model once per batch (images of different sizes are padded together by the processor; an image needing the
+    size rule's override runs alone) and the processor's post-processing of each task at the original image size.
+
+    Results (on CPU): ``instance``: ``scores, labels, boxes`` (xyxy, clipped to the image), ``masks`` (N, H, W) bool,
+    sorted by score, thing classes only when the processor has ``stuff_labels``; ``detection``: ``scores, labels,
+    boxes``; ``panoptic``: ``segmentation`` (H, W) (0 = void) and ``segments_info`` (``id, label_id, isthing, score,
+    was_fused``); ``semantic``: the (H, W) label map.
+    ``threshold``: score threshold of instances / detections (default 0: keep the top-k, as for AP) and the query
+    keep threshold of panoptic inference (default: the processor's ``object_mask_threshold``). ``bf16``: run the
+    model under bfloat16 autocast (CPU or CUDA; the model keeps float32 where precision needs it)."""
+    import torch
+
+    min_side = min_input_side(model)
+
+    def run(images: Sequence[Any], size: Mapping | None) -> list[dict[str, Any]]:
+        override = {"size": dict(size), "do_resize": True} if size else {}
+        inputs = processor(list(images), return_tensors="pt", **override)
+        target_sizes = [(image.height, image.width) for image in images]
+        image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
+        for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):  # post-processing in float32
+            setattr(outputs, name, getattr(outputs, name).float())
+        sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
+        return _post_process(processor, outputs, tasks, threshold, sizes, target_sizes)
+
+    def predict(images: Sequence[Any], rows: Sequence[Mapping] | None = None) -> list[dict[str, Any]]:
+        overrides = [input_size(image.height, image.width, processor, min_side) for image in images]
+        regular = [index for index, size in enumerate(overrides) if size is None]
+        results: list[dict[str, Any] | None] = [None] * len(images)
+        if regular:
+            for index, result in zip(regular, run([images[i] for i in regular], None)):
+                results[index] = result
+        for index, size in enumerate(overrides):
+            if size is not None:
+                results[index] = run([images[index]], size)[0]
+        return results  # type: ignore[return-value]
+
+    return predict
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result writers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def id2label_of(config) -> dict[int, str]:
+    """The model's ``id2label`` with int keys and str names."""
+    return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+
+
+def default_task(processor) -> str:
+    """The task the processor's post-processing was configured for: panoptic when it is on, semantic for a
+    semantic-only processor, else instance."""
+    if getattr(processor, "panoptic_on", False):
+        return "panoptic"
+    if getattr(processor, "semantic_on", False) and not getattr(processor, "instance_on", True):
+        return "semantic"
+    return "instance"
+
+
+def summarize(counts: Mapping[str, int], what: str) -> str:
+    """``"3 instances: 2 circle, 1 triangle"`` from per-class counts (largest first)."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{count} {name}" for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return f"{total} {what}" + (f": {parts}" if parts else "")
+
+
+def _bbox_xywh(mask) -> list[int]:
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0, 0, 0, 0]
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def _save_label_png(array, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(array)
+    if array.min(initial=0) >= 0 and array.max(initial=0) < 256:
+        Image.fromarray(array.astype(np.uint8)).save(path)  # 2-D uint8: mode L
+    else:
+        Image.fromarray(array.astype(np.uint16)).save(path)
+
+
+@dataclass
+class ImageResult:
+    """One image's records for the reports, its overlay and its per-class counts."""
+
+    annotations: list[dict]
+    overlay: Any
+    counts: dict[str, int]
+
+
+_WHAT = {"instance": "instances", "detection": "detections", "panoptic": "segments", "semantic": "class regions"}
+
+
+class PredictionWriter:
+    """Writes each image's results as it finishes (overlay, panoptic / semantic PNG, one ``predictions.jsonl``
+    line) and, on :meth:`close`, ``predictions.json`` (plus ``coco_results.json`` for instance / detection)."""
+
+    def __init__(self, output_dir: str | os.PathLike, task: str, id2label: Mapping[int, str], stuff: set[int]):
+        self.output_dir, self.task, self.id2label, self.stuff = Path(output_dir), task, dict(id2label), set(stuff)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if task in ("panoptic", "semantic"):
+            (self.output_dir / task).mkdir(exist_ok=True)
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.skipped: list[dict] = []
+        self.jsonl_path = self.output_dir / "predictions.jsonl"
+        self._jsonl = self.jsonl_path.open("w")
+
+    def _name(self, label: int) -> str:
+        return self.id2label.get(int(label), str(int(label)))
+
+    def _instances(self, image_id: int, image, item: Mapping) -> ImageResult:
+        from .evaluation import instances_to_coco_results
+        from .visualization import draw_instances
+
+        masks = item.get("masks")
+        coco = instances_to_coco_results(
+            image_id, item["scores"], item["labels"], masks=masks, boxes=item["boxes"], box_format="xyxy"
+        )
+        overlay = draw_instances(image, item["labels"], item["scores"], masks=masks, boxes=item["boxes"],
+                                 id2label=self.id2label, title=f"{self.task} ({len(coco)})")
+        counts: dict[str, int] = {}
+        for result in coco:
+            counts[self._name(result["category_id"])] = counts.get(self._name(result["category_id"]), 0) + 1
+        return ImageResult(coco, overlay, counts)
+
+    def _panoptic(self, image_id: int, image, item: Mapping, stem: str) -> ImageResult:
+        import numpy as np
+        from PIL import Image
+        from transformers.image_transforms import id_to_rgb
+
+        from .visualization import draw_panoptic
+
+        segmentation = item["segmentation"].numpy().astype(np.int64)
+        png_name = f"panoptic/{stem}.png"
+        Image.fromarray(id_to_rgb(np.maximum(segmentation, 0)).astype(np.uint8)).save(self.output_dir / png_name)
+        segments, counts = [], {}
+        for segment in item["segments_info"]:
+            mask = segmentation == int(segment["id"])
+            label = int(segment["label_id"])
+            segments.append({
+                "id": int(segment["id"]), "category_id": label, "label": self._name(label),
+                "isthing": int(segment.get("isthing", label not in self.stuff)), "iscrowd": 0,
+                "score": float(segment.get("score", 1.0)), "area": int(mask.sum()), "bbox": _bbox_xywh(mask),
+            })
+            counts[self._name(label)] = counts.get(self._name(label), 0) + 1
+        overlay = draw_panoptic(image, segmentation, item["segments_info"], id2label=self.id2label,
+                                title=f"panoptic ({len(segments)})")
+        return ImageResult([{"image_id": image_id, "file_name": png_name, "segments_info": segments}], overlay, counts)
+
+    def _semantic(self, image_id: int, image, item, stem: str) -> ImageResult:
+        import numpy as np
+
+        from .visualization import draw_semantic
+
+        label_map = item.numpy()
+        png_name = f"semantic/{stem}.png"
+        _save_label_png(label_map, self.output_dir / png_name)
+        labels, pixels = np.unique(label_map, return_counts=True)
+        classes = [{"label_id": int(label), "label": self._name(label), "area": int(count)}
+                   for label, count in zip(labels.tolist(), pixels.tolist())]
+        overlay = draw_semantic(image, label_map, id2label=self.id2label, ignore_index=None, title="semantic")
+        counts = {entry["label"]: 1 for entry in classes}
+        return ImageResult([{"image_id": image_id, "file_name": png_name, "classes": classes}], overlay, counts)
+
+    def add(self, image_id: int, path: Path, stem: str, image, item) -> str:
+        """Writes one image's results; returns its one-line summary."""
+        if self.task in ("instance", "detection"):
+            result = self._instances(image_id, image, item)
+        elif self.task == "panoptic":
+            result = self._panoptic(image_id, image, item, stem)
+        else:
+            result = self._semantic(image_id, image, item, stem)
+        info = {"id": image_id, "file_name": path.name, "path": str(path), "height": image.height,
+                "width": image.width, "overlay": f"{stem}_overlay.png"}
+        result.overlay.save(self.output_dir / info["overlay"])
+        self.images.append(info)
+        self.annotations.extend(result.annotations)
+        self._jsonl.write(json.dumps({"image": info, "annotations": result.annotations}) + "\n")
+        self._jsonl.flush()
+        return f"{path}: {summarize(result.counts, _WHAT[self.task])}"
+
+    def skip(self, path: str | os.PathLike, reason: str) -> None:
+        self.skipped.append({"path": str(path), "reason": reason})
+        self._jsonl.write(json.dumps({"skipped": {"path": str(path), "reason": reason}}) + "\n")
+        self._jsonl.flush()
+
+    def close(self, header: Mapping[str, Any]) -> list[Path]:
+        """Writes ``predictions.json`` (``header`` + categories, images, annotations, skipped); returns the files."""
+        self._jsonl.close()
+        categories = [{"id": label, "name": name, "isthing": int(label not in self.stuff)}
+                      for label, name in sorted(self.id2label.items())]
+        report = {**header, "categories": categories, "images": self.images, "annotations": self.annotations,
+                  "skipped": self.skipped}
+        written = [self.output_dir / "predictions.json", self.jsonl_path]
+        written[0].write_text(json.dumps(report))
+        if self.task in ("instance", "detection"):
+            written.append(self.output_dir / "coco_results.json")
+            written[-1].write_text(json.dumps(self.annotations))
+        return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _unique_stems(names: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for name in names:
+        stem = Path(name).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems
+
+
+# An image to predict: its name (a path, or a data set row's file name) and how to load it as RGB.
+ImageSource = tuple[str, Callable[[], Any]]
+
+
+def _usable_images(sources: Sequence[ImageSource], processor, min_side: int, writer: PredictionWriter,
+                   log: Callable[[str], None]) -> Iterator[tuple[int, Path, Any]]:
+    """``(index, name as a Path, rgb image)`` of each usable source; the others are reported to ``writer`` and
+    ``log``."""
+    for index, (name, load) in enumerate(sources):
+        try:
+            image = load()
+            input_size(image.height, image.width, processor, min_side)
+        except (BadImageError, ValueError) as error:
+            reason = error.reason if isinstance(error, BadImageError) else str(error)
+            writer.skip(name, reason)
+            log(f"skipped {name}: {reason}")
+            continue
+        yield index, Path(name), image
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class PredictReport:
+    """What a run wrote and what it skipped (``[{"path", "reason"}]``)."""
+
+    task: str
+    num_images: int
+    written: list[Path] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+def predict_images(sources: Sequence[ImageSource], model, processor, output_dir: str | os.PathLike,
+                   task: str | None = None, threshold: float | None = None, batch_size: int = 1,
+                   device: str = "cpu", bf16: bool = False, model_name: str | None = None,
+                   log: Callable[[str], None] = print) -> PredictReport:
+    """Runs ``model`` on named images and writes the results to ``output_dir`` as each image finishes.
+
+    An image that cannot be loaded or used, or whose batch fails in the model or post-processing with a
+    ``ValueError`` / ``RuntimeError`` (retried alone first), is reported through ``log`` and listed in the report's
+    ``skipped``. ``task`` defaults to :func:`default_task`, ``threshold`` to ``DEFAULT_INSTANCE_THRESHOLD`` for
+    instance / detection; ``model_name`` (for the report) to the folder or Hub id the model was loaded from."""
+    task = task or default_task(processor)
+    if threshold is None and task in ("instance", "detection"):
+        threshold = DEFAULT_INSTANCE_THRESHOLD
+    id2label = id2label_of(model.config)
+    stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
+    writer = PredictionWriter(output_dir, task, id2label, stuff)
+    predict = model_predict_fn(model, processor, [task], device, threshold, bf16=bf16)
+    stems = _unique_stems([name for name, _ in sources])
+    images = _usable_images(sources, processor, min_input_side(model), writer, log)
+    for batch in _chunks(images, batch_size):
+        for group in _runnable(batch, predict, writer, log):
+            for (index, path, image), result in group:
+                log(f"[{index + 1}/{len(sources)}] " + writer.add(index + 1, path, stems[index], image, result[task]))
+    model_name = getattr(model, "name_or_path", "") if model_name is None else model_name
+    written = writer.close({"task": task, "model": str(model_name), "threshold": threshold})
+    return PredictReport(task, len(writer.images), written, writer.skipped)
+
+
+def predict_files(paths: Sequence[str | os.PathLike], model, processor, output_dir: str | os.PathLike,
+                  **kwargs: Any) -> PredictReport:
+    """:func:`predict_images` on image files (read with :func:`load_image`)."""
+    sources = [(str(path), partial(load_image, path)) for path in paths]
+    return predict_images(sources, model, processor, output_dir, **kwargs)
+
+
+def _row_image(value: Any, name: str):
+    from PIL import Image
+
+    if not isinstance(value, Image.Image):
+        raise BadImageError(name, f"the 'image' column holds {type(value).__name__}, not a decoded image")
+    return _to_rgb(value, Path(name))
+
+
+def predict_dataset(dataset, model, processor, output_dir: str | os.PathLike, **kwargs: Any) -> PredictReport:
+    """:func:`predict_images` on the rows of a ``datasets`` data set with an ``image`` column (named by their
+    ``file_name`` column when there is one, else ``row-<index>``); each image is decoded when its turn comes."""
+    if "image" not in dataset.column_names:
+        raise ValueError(f"the data set has no 'image' column (columns {dataset.column_names})")
+    images = dataset.select_columns(["image"])
+    names = ([str(name) for name in dataset["file_name"]] if "file_name" in dataset.column_names
+             else [f"row-{index}" for index in range(len(dataset))])
+
+    def load(index: int, name: str):
+        return _row_image(images[index]["image"], name)
+
+    sources = [(name, partial(load, index, name)) for index, name in enumerate(names)]
+    return predict_images(sources, model, processor, output_dir, **kwargs)
+
+
+def _runnable(batch, predict, writer: PredictionWriter, log) -> Iterator[list[tuple[tuple[int, Path, Any], dict]]]:
+    """Predictions for ``batch``; when the batch fails, each image alone, skipping the ones that still fail."""
+    try:
+        results = predict([image for _, _, image in batch])
+    except (ValueError, RuntimeError) as error:
+        if len(batch) > 1:
+            for item in batch:
+                yield from _runnable([item], predict, writer, log)
+            return
+        path = batch[0][1]
+        reason = f"failed in the model: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        writer.skip(path, reason)
+        log(f"skipped {path}: {reason}")
+        return
+    yield list(zip(batch, results))
