@@ -26,7 +26,7 @@ from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 from transformers.pipelines.object_detection import ObjectDetectionPipeline
 
 from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli, predict
-from maskdino_hf.data import rgb2id
+from maskdino_hf.data import panoptic_ids
 from maskdino_hf.pipelines import MaskDINOImageSegmentationPipeline, MaskDINOObjectDetectionPipeline
 
 CASE = "panoptic_r50_batch"
@@ -128,7 +128,7 @@ def _assert_same_segments(results: list[dict], report: dict, id2label: dict, tas
     annotations = report["annotations"]
     if task == "panoptic":
         (entry,) = annotations
-        ids = rgb2id(np.asarray(Image.open(report["folder"] / entry["file_name"]).convert("RGB")))
+        ids = panoptic_ids(Image.open(report["folder"] / entry["file_name"]))
         expected = [(s["label"], s["score"], ids == s["id"]) for s in entry["segments_info"]]
     elif task == "semantic":
         (entry,) = annotations

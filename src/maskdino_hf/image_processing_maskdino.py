@@ -50,9 +50,6 @@ logger = logging.get_logger(__name__)
 # detectron2 / Mask DINO defaults (RGB order, 0-255 scale).
 MASKDINO_PIXEL_MEAN = (123.675, 116.28, 103.53)
 MASKDINO_PIXEL_STD = (58.395, 57.12, 57.375)
-# Score threshold of the instances and detections shown to a user (`maskdino-hf predict`, the pipelines) when none is
-# given; the processor's own methods keep the official top-k (threshold 0), as the official evaluation does.
-DISPLAY_SCORE_THRESHOLD = 0.5
 # Channel counts an image array may have: grey, RGB, RGBA.
 _CHANNEL_COUNTS = (1, 3, 4)
 
@@ -1634,4 +1631,4 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         return results
 
 
-__all__ = ["DISPLAY_SCORE_THRESHOLD", "MaskDINOImageProcessor", "clip_boxes", "get_resize_output_size"]
+__all__ = ["MaskDINOImageProcessor", "clip_boxes", "get_resize_output_size"]

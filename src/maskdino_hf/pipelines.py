@@ -12,7 +12,7 @@ they:
   inference settings (`object_mask_threshold`, `overlap_threshold`, ...);
 * return what `maskdino-hf predict` returns by default: the default subtask is the model's own task (panoptic for a
   panoptic model, semantic for a semantic-only one, else instance); instances and detections keep thing classes
-  only when the model has stuff classes, scores >= [`DISPLAY_SCORE_THRESHOLD`] unless `threshold` is passed, and
+  only when the model has stuff classes, scores >= [`~maskdino_hf.predict.DEFAULT_INSTANCE_THRESHOLD`] unless `threshold` is passed, and
   boxes clipped to the image; each instance's mask is its full binary mask (overlaps kept);
 * still filter by an explicitly passed `threshold` (instances and detections: score; panoptic: query keep score).
 """
@@ -27,7 +27,8 @@ from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 from transformers.pipelines.object_detection import ObjectDetectionPipeline
 
 from .configuration_maskdino import MaskDINOConfig
-from .image_processing_maskdino import DISPLAY_SCORE_THRESHOLD, clip_boxes
+from .image_processing_maskdino import clip_boxes
+from .predict import DEFAULT_INSTANCE_THRESHOLD, default_task
 
 SUBTASKS = ("panoptic", "instance", "semantic")
 
@@ -70,12 +71,7 @@ class MaskDINOImageSegmentationPipeline(_MaskDINOOnly, ImageSegmentationPipeline
 
     def default_subtask(self) -> str:
         """The model's own task, as `maskdino-hf predict` chooses it."""
-        processor = self.image_processor
-        if processor.panoptic_on:
-            return "panoptic"
-        if processor.semantic_on and not processor.instance_on:
-            return "semantic"
-        return "instance"
+        return default_task(self.image_processor)
 
     def postprocess(
         self,
@@ -115,7 +111,7 @@ class MaskDINOImageSegmentationPipeline(_MaskDINOOnly, ImageSegmentationPipeline
             ]
         result = processor.post_process_instance_segmentation(
             outputs,
-            threshold=DISPLAY_SCORE_THRESHOLD if threshold is None else threshold,
+            threshold=DEFAULT_INSTANCE_THRESHOLD if threshold is None else threshold,
             mask_threshold=mask_threshold,
             overlap_mask_area_threshold=overlap_mask_area_threshold,
             target_sizes=target_sizes,
@@ -137,7 +133,7 @@ class MaskDINOObjectDetectionPipeline(_MaskDINOOnly, ObjectDetectionPipeline):
         target_size = model_outputs["target_size"]
         result = processor.post_process_object_detection(
             _float_outputs(model_outputs),
-            threshold=DISPLAY_SCORE_THRESHOLD if threshold is None else threshold,
+            threshold=DEFAULT_INSTANCE_THRESHOLD if threshold is None else threshold,
             target_sizes=target_size,
             panoptic_on=_things_only(processor),
         )[0]

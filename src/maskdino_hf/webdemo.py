@@ -21,7 +21,7 @@ from .visualization import TASKS, draw_result, segment_table, summarize
 if TYPE_CHECKING:
     import gradio
 
-__all__ = ["TABLE_HEADERS", "build_demo", "default_task", "default_threshold", "launch"]
+__all__ = ["TABLE_HEADERS", "build_demo", "default_threshold", "launch"]
 
 TABLE_HEADERS = ["id", "label", "score", "area (px)", "box (x0, y0, x1, y1)"]
 
@@ -29,7 +29,7 @@ TABLE_HEADERS = ["id", "label", "score", "area (px)", "box (x0, y0, x1, y1)"]
 def _predict_api():
     """The predict path shared with the CLI, the one place this module says where it lives. Used:
     ``load_model_and_processor``, ``resolve_device``, ``model_predict_fn`` (inference + post-processing),
-    ``demo_images``, ``demo_model_dir`` and ``DEFAULT_INSTANCE_THRESHOLD``."""
+    ``demo_images``, ``demo_model_dir``, ``default_task`` and ``DEFAULT_INSTANCE_THRESHOLD``."""
     from . import predict
 
     return predict
@@ -44,16 +44,6 @@ def _gradio():
             'the web demo needs Gradio, which is not installed: pip install "maskdino-hf[demo]"'
         ) from error
     return gradio
-
-
-def default_task(config) -> str:
-    """The task a model is made for: panoptic when it was trained for it, semantic for a semantic-only model,
-    else instance."""
-    if getattr(config, "panoptic_on", False):
-        return "panoptic"
-    if getattr(config, "semantic_on", False) and not getattr(config, "instance_on", True):
-        return "semantic"
-    return "instance"
 
 
 def default_threshold(task: str, processor) -> float:
@@ -83,7 +73,7 @@ def build_demo(model: str | None = None) -> "gradio.Blocks":
     network, processor = api.load_model_and_processor(model, device)
     id2label = network.config.id2label
     name = "the bundled demo model" if model is None else str(model)
-    first_task = default_task(network.config)
+    first_task = api.default_task(processor)
 
     def run(image, task: str, threshold: float):
         if image is None:
