@@ -69,6 +69,18 @@ class MaskDINOModelOutput(ModelOutput):
     box_predictions (`tuple[torch.Tensor]`): the same layers' boxes (batch, Q, 4), sigmoid cxcywh.
     denoising_outputs (`dict`): per-layer predictions of the denoising queries (training only).
     denoising_meta (`dict`): how denoising queries map to ground truth (training only).
+    encoder_hidden_states (`tuple[torch.Tensor]`, *optional*): with `output_hidden_states=True`, the deformable
+        encoder's input and every encoder layer's output, `encoder_layers + 1` tensors (batch, tokens, feature_size)
+        over all levels (encoder level order).
+    encoder_attentions (`tuple[torch.Tensor]`, *optional*): with `output_attentions=True`, every encoder layer's
+        deformable attention weights (batch, tokens, encoder_attention_heads, num_feature_levels, encoder_n_points).
+    decoder_hidden_states (`tuple[torch.Tensor]`, *optional*): with `output_hidden_states=True`, the decoder's input
+        queries and every decoder layer's (un-normed) output, `decoder_layers + 1` tensors (batch, N, hidden), where
+        N = Q, or denoising queries first plus Q when training with denoising.
+    decoder_attentions (`tuple[torch.Tensor]`, *optional*): with `output_attentions=True`, every decoder layer's
+        query self-attention weights (batch, decoder_attention_heads, N, N).
+    cross_attentions (`tuple[torch.Tensor]`, *optional*): with `output_attentions=True`, every decoder layer's
+        deformable cross-attention weights (batch, N, decoder_attention_heads, num_feature_levels, decoder_n_points).
     """
 
     backbone_features: tuple[torch.Tensor, ...] | None = None
@@ -88,6 +100,11 @@ class MaskDINOModelOutput(ModelOutput):
     box_predictions: tuple[torch.Tensor, ...] | None = None
     denoising_outputs: dict | None = None
     denoising_meta: dict | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -109,6 +126,9 @@ class MaskDINOForUniversalSegmentationOutput(ModelOutput):
     mask_features (`torch.Tensor`): the per-pixel embedding.
     intermediate_hidden_states (`torch.Tensor`, *optional*): decoder states, when `output_hidden_states=True`.
     backbone_features / multi_scale_features (*optional*): when `output_hidden_states=True`.
+    encoder_hidden_states / decoder_hidden_states (*optional*): per-layer states, when `output_hidden_states=True`;
+    encoder_attentions / decoder_attentions / cross_attentions (*optional*): per-layer attention weights, when
+        `output_attentions=True` (see `MaskDINOModelOutput`).
     """
 
     loss: torch.Tensor | None = None
@@ -124,6 +144,11 @@ class MaskDINOForUniversalSegmentationOutput(ModelOutput):
     intermediate_hidden_states: torch.Tensor | None = None
     backbone_features: tuple[torch.Tensor, ...] | None = None
     multi_scale_features: tuple[torch.Tensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class MaskDINOMLP(nn.Module):
@@ -143,8 +168,9 @@ class MaskDINOMLP(nn.Module):
         return hidden_states
 
 
-def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
-    """Sine embedding of normalised (cx, cy, w, h) boxes: `num_features` per coordinate in the order (y, x, w, h)."""
+def box_sine_embedding(boxes: torch.Tensor, num_features: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine embedding of normalised (cx, cy, w, h) boxes: `num_features` per coordinate in the order (y, x, w, h).
+    The decoder takes `hidden_size // 2` (128 for the official 256), so the four coordinates fill `2 * hidden_size`."""
     dim_t = torch.arange(num_features, dtype=torch.float32, device=boxes.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
     scaled = boxes.float()[..., None] * (2 * math.pi) / dim_t
@@ -259,8 +285,9 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         spatial_shapes: torch.Tensor,
         spatial_shapes_list: list[tuple[int, int]],
         level_start_index: torch.Tensor,
-    ) -> torch.Tensor:
-        attended, _ = self.self_attn(
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the new states and the deformable attention weights (batch, tokens, heads, levels, points)."""
+        attended, attention_weights = self.self_attn(
             hidden_states=hidden_states,
             encoder_hidden_states=hidden_states,
             position_embeddings=position_embeddings,
@@ -282,7 +309,8 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
                 [self.fc2(self.activation(self.fc1(chunk))) for chunk in hidden_states.split(self.ffn_chunk_size, 1)],
                 1,
             )
-        return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        hidden_states = self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        return hidden_states, attention_weights
 
 
 def fpn_feature_names(config: MaskDINOConfig) -> list[str]:
@@ -348,7 +376,11 @@ class MaskDINOPixelDecoder(nn.Module):
         points = torch.cat(points, 0).to(dtype)
         return points[None, :, None].expand(1, -1, len(spatial_shapes_list), 2)
 
-    def forward(self, features: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, features: dict[str, torch.Tensor], output_attentions: bool = False, output_hidden_states: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Returns the encoder's multi-scale maps, the mask features, and (when asked) the encoder's per-layer
+        states (input first) and deformable attention weights."""
         sources = [proj(features[name]) for proj, name in zip(self.input_projections, self.encoder_features)]
         extra = []
         previous = features[self.extra_source]
@@ -371,11 +403,17 @@ class MaskDINOPixelDecoder(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         reference_points = self.reference_points(spatial_shapes_list, hidden_states.device, hidden_states.dtype)
         reference_points = reference_points.expand(batch_size, -1, -1, -1)
+        all_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, attention_weights = layer(
                 hidden_states, position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
                 level_start_index,
             )
+            if output_hidden_states:
+                all_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attention_weights,)
 
         sizes = [height * width for height, width in spatial_shapes_list]
         # (batch, height, width, channels) views seen as (batch, channels, height, width): channels-last maps, whose
@@ -391,7 +429,7 @@ class MaskDINOPixelDecoder(nn.Module):
             lateral_map = lateral(features[name])
             upsampled = F.interpolate(outputs[finest], size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(output_conv(lateral_map + upsampled))
-        return multi_scale_features, self.mask_projection(outputs[-1])
+        return multi_scale_features, self.mask_projection(outputs[-1]), all_states, all_attentions
 
 
 class MaskDINODecoderLayer(GradientCheckpointingLayer):
@@ -423,11 +461,18 @@ class MaskDINODecoderLayer(GradientCheckpointingLayer):
         spatial_shapes_list: list[tuple[int, int]],
         level_start_index: torch.Tensor,
         self_attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns the new states, the self-attention weights (batch, heads, N, N) when `output_attentions`, else
+        `None`, and the deformable cross-attention weights (batch, N, heads, levels, points)."""
         query = hidden_states + query_position
-        attended = self.self_attn(query, query, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
+        if output_attentions:
+            attended, self_attn_weights = self.eager_self_attention(query, hidden_states, self_attn_mask)
+        else:
+            attended = self.self_attn(query, query, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
+            self_attn_weights = None
         hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
-        attended, _ = self.encoder_attn(
+        attended, cross_attn_weights = self.encoder_attn(
             hidden_states=hidden_states,
             encoder_hidden_states=memory,
             position_embeddings=query_position,
@@ -438,7 +483,34 @@ class MaskDINODecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
         feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
-        return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        hidden_states = self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        return hidden_states, self_attn_weights, cross_attn_weights
+
+    def eager_self_attention(
+        self, query: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`self.self_attn` (same parameters, same function) written out, so that the attention weights it
+        returns are the ones that weight the values and receive gradients (`nn.MultiheadAttention` returns a copy).
+        Used only for `output_attentions=True`; the default path keeps PyTorch's fused attention."""
+        attention = self.self_attn
+        batch_size, length, dim = query.shape
+        heads = attention.num_heads
+        weight_q, weight_k, weight_v = attention.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = attention.in_proj_bias.chunk(3)
+
+        def split_heads(states: torch.Tensor) -> torch.Tensor:
+            return states.view(batch_size, length, heads, dim // heads).transpose(1, 2)
+
+        queries = split_heads(F.linear(query, weight_q, bias_q))
+        keys = split_heads(F.linear(query, weight_k, bias_k))
+        values = split_heads(F.linear(value, weight_v, bias_v))
+        scores = queries @ keys.transpose(-1, -2) / math.sqrt(dim // heads)
+        if attn_mask is not None:
+            scores = scores.masked_fill(attn_mask, float("-inf"))
+        weights = scores.softmax(-1)
+        attended = F.dropout(weights, attention.dropout, self.training) @ values
+        attended = attention.out_proj(attended.transpose(1, 2).reshape(batch_size, length, dim))
+        return attended, weights
 
 
 class MaskDINODecoder(nn.Module):
@@ -592,6 +664,8 @@ class MaskDINODecoder(nn.Module):
         targets: list[dict] | None = None,
         random_source=None,
         output_auxiliary_masks: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> dict:
         config = self.config
         levels = len(multi_scale_features)
@@ -637,10 +711,14 @@ class MaskDINODecoder(nn.Module):
         hidden_states = content
         reference_points = anchors.sigmoid()
         references = [reference_points]
-        intermediate = []
-        for index, layer in enumerate(self.layers):
-            query_position = self.ref_point_head(box_sine_embedding(reference_points))
-            hidden_states = layer(
+        reference_logits = []
+        normed_states = []
+        all_states = (hidden_states,) if output_hidden_states else None
+        self_attentions = () if output_attentions else None
+        cross_attentions = () if output_attentions else None
+        for layer in self.layers:
+            query_position = self.ref_point_head(box_sine_embedding(reference_points, config.hidden_size // 2))
+            hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
                 query_position,
                 reference_points[:, :, None].expand(-1, -1, levels, -1),
@@ -649,19 +727,36 @@ class MaskDINODecoder(nn.Module):
                 spatial_shapes_list,
                 level_start_index,
                 attn_mask,
+                output_attentions,
             )
-            normed = self.layer_norm(hidden_states)
-            intermediate.append(normed)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+            if output_attentions:
+                self_attentions += (self_weights,)
+                cross_attentions += (cross_weights,)
+            normed_states.append(self.layer_norm(hidden_states))
+            # Look forward twice: the reported box uses the normed state, the next layer's anchor the raw one.
+            reference_logits.append(inverse_sigmoid(reference_points))
+            refined = (self.bbox_embed(hidden_states) + reference_logits[-1]).sigmoid()
+            reference_points = refined.detach()
+            references.append(refined)
+
+        # The heads read the returned stacked states (denoising queries split off), so gradients reach them.
+        intermediate_hidden_states = torch.stack(normed_states, 1)
+        pad = denoising["pad_size"] if denoising is not None else 0
+        if denoising is not None:
+            denoising_states, intermediate_hidden_states = intermediate_hidden_states.split(
+                [pad, intermediate_hidden_states.shape[2] - pad], 2
+            )
+            layer_states = [torch.cat([denoising_states[:, i], intermediate_hidden_states[:, i]], 1) for i in range(len(self.layers))]
+        else:
+            layer_states = intermediate_hidden_states.unbind(1)
+        for index, normed in enumerate(layer_states):
             last = index == len(self.layers) - 1
             logits, masks = self.prediction_heads(normed, mask_features, predict_all_masks or last)
             class_logits.append(logits)
             mask_logits.append(masks)
-            # Look forward twice: the reported box uses the normed state, the next layer's anchor the raw one.
-            reference_logits = inverse_sigmoid(reference_points)
-            boxes.append((self.bbox_embed(normed) + reference_logits).sigmoid())
-            refined = (self.bbox_embed(hidden_states) + reference_logits).sigmoid()
-            reference_points = refined.detach()
-            references.append(refined)
+            boxes.append((self.bbox_embed(normed) + reference_logits[index]).sigmoid())
 
         if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
             # The initial queries are the selected tokens: their masks are the query-selection masks.
@@ -673,14 +768,16 @@ class MaskDINODecoder(nn.Module):
             "class_logits": class_logits,
             "mask_logits": mask_logits,
             "boxes": boxes,
-            "intermediate": intermediate,
+            "intermediate": intermediate_hidden_states,
             "references": references,
             "init_reference": init_reference,
             "selection": selection,
             "denoising": denoising,
+            "hidden_states": all_states,
+            "self_attentions": self_attentions,
+            "cross_attentions": cross_attentions,
         }
         if denoising is not None:
-            pad = denoising["pad_size"]
             outputs["denoising_predictions"] = [
                 (logits[:, :pad], masks[:, :pad] if masks is not None else None, box[:, :pad])
                 for logits, masks, box in zip(class_logits, mask_logits, boxes)
@@ -688,9 +785,17 @@ class MaskDINODecoder(nn.Module):
             outputs["class_logits"] = [logits[:, pad:] for logits in class_logits]
             outputs["mask_logits"] = [masks[:, pad:] if masks is not None else None for masks in mask_logits]
             outputs["boxes"] = [box[:, pad:] for box in boxes]
-            outputs["intermediate"] = [state[:, pad:] for state in intermediate]
             outputs["references"] = [ref[:, pad:] for ref in references]
         return outputs
+
+
+def reject_unsupported_kwargs(model_name: str, kwargs: dict) -> None:
+    """Refuse keywords the forward does not use, instead of silently ignoring them."""
+    if kwargs:
+        raise TypeError(
+            f"{model_name}.forward() got unsupported keyword arguments {sorted(kwargs)}; it accepts the inputs in its "
+            "signature plus output_attentions, output_hidden_states and return_dict"
+        )
 
 
 class MaskDINOPreTrainedModel(PreTrainedModel):
@@ -701,6 +806,17 @@ class MaskDINOPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["MaskDINOPixelDecoderEncoderLayer", "MaskDINODecoderLayer"]
+
+    def resolve_output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """The standard output switches, each falling back to its config default."""
+        config = self.config
+        return (
+            bool(config.output_attentions if output_attentions is None else output_attentions),
+            bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+            bool(config.return_dict if return_dict is None else return_dict),
+        )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -799,9 +915,11 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         targets: list[dict] | None = None,
         random_source=None,
         output_auxiliary_masks: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> MaskDINOModelOutput:
+    ) -> MaskDINOModelOutput | tuple:
         r"""
         pixel_values (`torch.Tensor` of shape (batch, 3, height, width)): normalised images, padded to the size
             divisibility. pixel_mask (`torch.Tensor` of shape (batch, height, width), *optional*): 1 on real pixels;
@@ -809,7 +927,14 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         targets (`list[dict]`, *optional*): per image `labels` and `boxes` (normalised cxcywh), for denoising.
         random_source: where the denoising noise is drawn (see `random_source.py`).
         output_auxiliary_masks (`bool`): also compute the intermediate layers' masks at inference.
+        output_attentions / output_hidden_states / return_dict: as in every Transformers model (defaults from the
+            config); `return_dict=False` returns `MaskDINOModelOutput.to_tuple()` (fields in declaration order,
+            `None` fields left out).
         """
+        reject_unsupported_kwargs(type(self).__name__, kwargs)
+        output_attentions, output_hidden_states, return_dict = self.resolve_output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         _check_pixel_inputs(pixel_values, pixel_mask, self.min_input_size)
         if torch.is_autocast_enabled(pixel_values.device.type):
             # Under autocast, channels-last convolutions (backbone, then the pixel decoder's convs on its channels-last
@@ -818,12 +943,17 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         backbone_maps = self.backbone(pixel_values).feature_maps[-4:]
         features = dict(zip(BACKBONE_FEATURES, backbone_maps))
-        multi_scale_features, mask_features = self.pixel_decoder(features)
+        multi_scale_features, mask_features, encoder_states, encoder_attentions = self.pixel_decoder(
+            features, output_attentions, output_hidden_states
+        )
         if random_source is None and self.training:
             random_source = MaskDINORandomSource()
-        decoded = self.decoder(multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks)
+        decoded = self.decoder(
+            multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks, output_attentions,
+            output_hidden_states,
+        )
         selection = decoded["selection"] or {}
-        return MaskDINOModelOutput(
+        outputs = MaskDINOModelOutput(
             backbone_features=tuple(backbone_maps),
             multi_scale_features=tuple(multi_scale_features),
             mask_features=mask_features,
@@ -834,14 +964,20 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
             enc_topk_boxes=selection.get("topk_boxes"),
             enc_topk_masks=selection.get("topk_masks"),
             init_reference_points=decoded["init_reference"],
-            intermediate_hidden_states=torch.stack(decoded["intermediate"], 1),
+            intermediate_hidden_states=decoded["intermediate"],
             intermediate_reference_points=torch.stack(decoded["references"], 1),
             class_logits=tuple(decoded["class_logits"]),
             mask_logits=tuple(decoded["mask_logits"]),
             box_predictions=tuple(decoded["boxes"]),
             denoising_outputs=decoded.get("denoising_predictions"),
             denoising_meta=decoded["denoising"],
+            encoder_hidden_states=encoder_states,
+            encoder_attentions=encoder_attentions,
+            decoder_hidden_states=decoded["hidden_states"],
+            decoder_attentions=decoded["self_attentions"],
+            cross_attentions=decoded["cross_attentions"],
         )
+        return outputs if return_dict else outputs.to_tuple()
 
 
 class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
@@ -870,26 +1006,35 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         boxes: list[torch.Tensor] | None = None,
         random_source=None,
         output_auxiliary_masks: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> MaskDINOForUniversalSegmentationOutput:
+    ) -> MaskDINOForUniversalSegmentationOutput | tuple:
         r"""
         mask_labels (`list[torch.Tensor]`, *optional*): per image (num_targets, height, width) binary masks at the
             padded input size. class_labels (`list[torch.Tensor]`, *optional*): per image (num_targets,) class ids.
         boxes (`list[torch.Tensor]`, *optional*): per image (num_targets, 4) normalised cxcywh boxes (of the unpadded
             image); computed from the masks when omitted.
+        output_attentions / output_hidden_states / return_dict: as in every Transformers model (defaults from the
+            config); `return_dict=False` returns `MaskDINOForUniversalSegmentationOutput.to_tuple()`.
         """
+        reject_unsupported_kwargs(type(self).__name__, kwargs)
+        output_attentions, output_hidden_states, return_dict = self.resolve_output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         targets = None
         if class_labels is not None:
             targets = self._build_targets(pixel_values, mask_labels, class_labels, boxes, pixel_mask)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         outputs = self.model(
             pixel_values,
             pixel_mask,
             targets=targets,
             random_source=random_source,
             output_auxiliary_masks=bool(output_auxiliary_masks) or targets is not None,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         auxiliary = [
             {"class_queries_logits": logits, "masks_queries_logits": masks, "pred_boxes": box}
@@ -900,7 +1045,7 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
             loss, loss_dict = MaskDINOLoss(self.config)(
                 self._loss_inputs(outputs), targets, self._denoising_inputs(outputs), random_source
             )
-        return MaskDINOForUniversalSegmentationOutput(
+        result = MaskDINOForUniversalSegmentationOutput(
             loss=loss,
             loss_dict=loss_dict,
             class_queries_logits=outputs.class_logits[-1],
@@ -914,7 +1059,13 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
             intermediate_hidden_states=outputs.intermediate_hidden_states if output_hidden_states else None,
             backbone_features=outputs.backbone_features if output_hidden_states else None,
             multi_scale_features=outputs.multi_scale_features if output_hidden_states else None,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
         )
+        return result if return_dict else result.to_tuple()
 
     def _build_targets(self, pixel_values, mask_labels, class_labels, boxes, pixel_mask=None) -> list[dict]:
         """Per-image loss targets. Boxes missing from the inputs are the masks' tight boxes, normalised by the
