@@ -37,13 +37,21 @@ import unittest
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from conftest import tiny_config
 
-from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOModel
+from maskdino_hf import (
+    MaskDINOConfig,
+    MaskDINOForUniversalSegmentation,
+    MaskDINOForUniversalSegmentationOutput,
+    MaskDINOImageProcessor,
+    MaskDINOModel,
+)
 from maskdino_hf.random_source import MaskDINORandomSource
 
 VERSION = transformers.__version__
@@ -111,18 +119,28 @@ def _import_mixins(tests: Path):
         _stand_in(f"{PACKAGE}.generation.test_utils", GenerationTesterMixin=type("GenerationTesterMixin", (), {}))
         _stand_in(f"{PACKAGE}.utils")
         _stand_in(f"{PACKAGE}.utils.test_configuration_utils", config_common_kwargs={})
+        _stand_in("fetch_hub_objects_for_ci", url_to_local_path=_no_hub_download)
     with warnings.catch_warnings():
         # The sdist's tests use pytest marks registered by Transformers' own conftest (flash_attn_test, ...).
         warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
         modeling = importlib.import_module(f"{PACKAGE}.test_modeling_common")
         configuration = importlib.import_module(f"{PACKAGE}.test_configuration_common")
-    return modeling, configuration
+        image_processing = importlib.import_module(f"{PACKAGE}.test_image_processing_common")
+    return modeling, configuration, image_processing
+
+
+def _no_hub_download(url: str) -> str:
+    """Stand-in for the CI's Hub-object cache: the tests here never load Hub images."""
+    raise FileNotFoundError(f"no local copy of {url}: this test module reads nothing from the Hub")
 
 
 pytest.importorskip("parameterized", reason="Transformers' common tests import `parameterized` (test extra)")
-_modeling_common, _configuration_common = _import_mixins(_fetch_transformers_tests())
+_modeling_common, _configuration_common, _image_processing_common = _import_mixins(_fetch_transformers_tests())
 ModelTesterMixin = _modeling_common.ModelTesterMixin
 ConfigTester = _configuration_common.ConfigTester
+ImageProcessingTestMixin = _image_processing_common.ImageProcessingTestMixin
+ImageProcessingTester = _image_processing_common.ImageProcessingTester
+PostProcessSemanticSegmentationTestMixin = _image_processing_common.PostProcessSemanticSegmentationTestMixin
 
 
 class MaskDINOModelTester:
@@ -261,4 +279,59 @@ class MaskDINOModelTest(ModelTesterMixin, unittest.TestCase):
 
     @unittest.skip(reason="Mask DINO has no token embeddings to resize, like Mask2Former")
     def test_resize_tokens_embeddings(self):
+        pass
+
+
+class MaskDINOImageProcessingTester(ImageProcessingTester):
+    """Small images resized to a short side of 32 (long side at most 64) and padded to a multiple of 32."""
+
+    def __init__(self, parent, **kwargs):
+        kwargs.setdefault("size", {"shortest_edge": 32, "longest_edge": 64})
+        kwargs.setdefault("size_divisibility", 32)
+        kwargs.setdefault("num_labels", 5)
+        super().__init__(parent, batch_size=3, min_resolution=20, max_resolution=80, **kwargs)
+
+    def prepare_post_process_semantic_segmentation_inputs(self) -> tuple[dict, dict]:
+        """Mask DINO outputs (10 queries, sigmoid class logits, masks at 1/4 of a 32 x 64 padded input); without
+        target sizes the semantic map has the padded input's size."""
+        generator = torch.Generator().manual_seed(0)
+        outputs = MaskDINOForUniversalSegmentationOutput(
+            class_queries_logits=torch.randn(self.batch_size, 10, self.num_labels, generator=generator),
+            masks_queries_logits=torch.randn(self.batch_size, 10, 8, 16, generator=generator),
+        )
+        return {"outputs": outputs}, {"num_labels": self.num_labels, "height": 32, "width": 64}
+
+    def _get_image_processing_classes(self) -> dict:
+        # The mixin finds the classes by the test file's folder name (`tests/models/<model>/`); ours is `tests/`.
+        return {"pil": MaskDINOImageProcessor}
+
+    def expected_output_image_shape(self, images) -> tuple[int, int, int]:
+        """detectron2's `ResizeShortestEdge` (scale the short side to `shortest_edge` unless the long side would pass
+        `longest_edge`, then round half up; Transformers' rule rounds differently), then padding of the largest
+        image up to `size_divisibility`."""
+        heights, widths = [], []
+        for image in images:
+            if isinstance(image, Image.Image):
+                width, height = image.size
+            elif isinstance(image, np.ndarray):
+                height, width = image.shape[:2]
+            else:
+                height, width = image.shape[-2:]
+            scale = self.size["shortest_edge"] / min(height, width)
+            if max(height, width) * scale > self.size["longest_edge"]:
+                scale = self.size["longest_edge"] / max(height, width)
+            heights.append(int(height * scale + 0.5))
+            widths.append(int(width * scale + 0.5))
+        divisor = self.size_divisibility
+        return self.num_channels, -(-max(heights) // divisor) * divisor, -(-max(widths) // divisor) * divisor
+
+
+class MaskDINOImageProcessingTest(ImageProcessingTestMixin, PostProcessSemanticSegmentationTestMixin, unittest.TestCase):
+    image_processor_tester_class = MaskDINOImageProcessingTester
+
+    @unittest.skip(
+        reason="the processor has the PIL backend only: torchvision does not install beside the CPU torch this "
+        "project pins (a Transformers rule for models added to Transformers itself)"
+    )
+    def test_new_models_require_torchvision_backend(self):
         pass
