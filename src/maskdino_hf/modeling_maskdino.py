@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrFrozenBatchNorm2d,
+    DeformableDetrMLPPredictionHead,
     inverse_sigmoid,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
@@ -37,8 +40,6 @@ from .configuration_maskdino import BACKBONE_FEATURES, MaskDINOConfig
 from .loss_maskdino import MaskDINOLoss
 from .ms_deform_attn import MaskDINOMultiscaleDeformableAttention
 from .random_source import MaskDINORandomSource
-
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 @dataclass
@@ -151,23 +152,6 @@ class MaskDINOForUniversalSegmentationOutput(ModelOutput):
     cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class MaskDINOMLP(nn.Module):
-    """A stack of linear layers with ReLU between them (box, mask and query-position heads)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
-            if index < len(self.layers) - 1:
-                hidden_states = F.relu(hidden_states)
-        return hidden_states
-
-
 def box_sine_embedding(boxes: torch.Tensor, num_features: int, temperature: float = 10000.0) -> torch.Tensor:
     """Sine embedding of normalised (cx, cy, w, h) boxes: `num_features` per coordinate in the order (y, x, w, h).
     The decoder takes `hidden_size // 2` (128 for the official 256), so the four coordinates fill `2 * hidden_size`."""
@@ -272,7 +256,7 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(dim, config.encoder_ffn_dim)
         self.fc2 = nn.Linear(config.encoder_ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.activation = _ACTIVATIONS[config.activation_function]
+        self.activation = ACT2FN[config.activation_function]
         self.dropout = config.dropout
         # Tokens per feed-forward chunk at inference (2048 x encoder_ffn_dim activations: 16 MB in fp32).
         self.ffn_chunk_size = 2048
@@ -448,7 +432,7 @@ class MaskDINODecoderLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(dim, config.decoder_ffn_dim)
         self.fc2 = nn.Linear(config.decoder_ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.activation = _ACTIVATIONS[config.activation_function]
+        self.activation = ACT2FN[config.activation_function]
         self.dropout = config.dropout
 
     def forward(
@@ -535,9 +519,9 @@ class MaskDINODecoder(nn.Module):
             self.query_embed = nn.Embedding(config.num_queries, 4)
         self.class_embed = nn.Linear(dim, config.num_classifier_outputs)
         self.label_enc = nn.Embedding(config.num_labels, dim)
-        self.mask_embed = MaskDINOMLP(dim, dim, config.mask_feature_size, 3)
-        self.bbox_embed = MaskDINOMLP(dim, dim, 4, 3)
-        self.ref_point_head = MaskDINOMLP(2 * dim, dim, dim, 2)
+        self.mask_embed = DeformableDetrMLPPredictionHead(dim, dim, config.mask_feature_size, 3)
+        self.bbox_embed = DeformableDetrMLPPredictionHead(dim, dim, 4, 3)
+        self.ref_point_head = DeformableDetrMLPPredictionHead(2 * dim, dim, dim, 2)
         # The official decoder normalises each layer's output with this norm and the heads apply it once more.
         self.layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(MaskDINODecoderLayer(config) for _ in range(config.decoder_layers))
@@ -988,6 +972,13 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         self.model = MaskDINOModel(config)
         self.post_init()
 
+    @cached_property
+    def criterion(self) -> MaskDINOLoss:
+        """The model's one loss object, built on first use from the config. Kept out of the module tree (a cached
+        attribute, not a submodule), so it adds nothing to the state dict; it moves its few constants to the
+        predictions' device itself."""
+        return MaskDINOLoss(self.config)
+
     def save_pretrained(self, *args, **kwargs):
         """Save as Transformers does, with `auto_map` also naming this class for the Auto classes the
         image-segmentation and object-detection pipelines load through, so `trust_remote_code` pipelines work."""
@@ -1042,7 +1033,7 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         ]
         loss = loss_dict = None
         if targets is not None:
-            loss, loss_dict = MaskDINOLoss(self.config)(
+            loss, loss_dict = self.criterion(
                 self._loss_inputs(outputs), targets, self._denoising_inputs(outputs), random_source
             )
         result = MaskDINOForUniversalSegmentationOutput(
