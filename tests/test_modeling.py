@@ -335,3 +335,39 @@ def test_unsupported_keywords_are_refused(cls):
     model = _small_model(cls).eval()
     with pytest.raises(TypeError, match="unsupported keyword arguments \\['use_cache'\\]"):
         model(torch.randn(1, 3, 64, 96), use_cache=True)
+
+
+def test_decoder_returns_typed_outputs_whose_fields_the_model_keeps():
+    from maskdino_hf.modeling_maskdino import MaskDINODecoderOutput, MaskDINODenoisingOutput, MaskDINOQuerySelectionOutput
+
+    model = _small_model().train()
+    pixel_values, masks, labels = _training_batch()
+    targets = model._build_targets(pixel_values, masks, labels, None)
+    captured = {}
+    handle = model.model.decoder.register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+    outputs = model.model(pixel_values, targets=targets)
+    handle.remove()
+    decoded = captured["out"]
+    assert isinstance(decoded, MaskDINODecoderOutput)
+    assert isinstance(decoded.query_selection, MaskDINOQuerySelectionOutput)
+    assert isinstance(outputs.denoising_outputs, MaskDINODenoisingOutput)
+    for name in ("class_logits", "mask_logits", "box_predictions", "intermediate_hidden_states", "init_reference_points"):
+        assert getattr(outputs, name) is getattr(decoded, name), name
+    for name in ("enc_topk_logits", "enc_topk_boxes", "enc_topk_masks", "enc_topk_indices", "enc_outputs_class"):
+        assert getattr(outputs, name) is getattr(decoded.query_selection, name), name
+    denoising = outputs.denoising_outputs
+    # 5 targets at most 3 per image, denoising_num 4: one group of 3 queries per image.
+    assert (denoising.num_groups, denoising.pad_size) == (1, 3)
+    assert len(denoising.class_logits) == len(outputs.class_logits) == model.config.decoder_layers + 1
+    assert denoising.class_logits[-1].shape == (2, 3, 5) and denoising.box_predictions[0].shape == (2, 3, 4)
+    assert denoising.self_attn_mask.shape == (3 + 10, 3 + 10)
+
+
+def test_the_model_keeps_one_loss_object_outside_its_state_dict():
+    model = _small_model().train()
+    pixel_values, masks, labels = _training_batch()
+    model(pixel_values, mask_labels=masks, class_labels=labels)
+    criterion = model.criterion
+    model(pixel_values, mask_labels=masks, class_labels=labels)
+    assert model.criterion is criterion
+    assert not any(key.startswith("criterion") for key in model.state_dict())

@@ -43,6 +43,90 @@ from .random_source import MaskDINORandomSource
 
 
 @dataclass
+class MaskDINOQuerySelectionOutput(ModelOutput):
+    r"""
+    Unified query selection (two-stage): every encoder token predicts a class and a box, the `num_queries` best
+    become the decoder's queries. Q = num_queries, C = classifier width, (h, w) = 1/4 of the padded input.
+
+    enc_outputs_class (`torch.Tensor` of shape (batch, tokens, C)): class logits of every encoder token.
+    enc_outputs_coord_logits (`torch.Tensor` of shape (batch, tokens, 4)): their boxes in logit space (+inf for
+        proposals touching the border).
+    enc_topk_indices (`torch.Tensor` of shape (batch, Q)): the selected tokens, by descending score.
+    enc_topk_logits (`torch.Tensor` of shape (batch, Q, C)): class logits of the selected proposals.
+    enc_topk_boxes (`torch.Tensor` of shape (batch, Q, 4)): their boxes (sigmoid cxcywh).
+    enc_topk_masks (`torch.Tensor` of shape (batch, Q, h, w)): their mask logits.
+    enc_topk_hidden_states (`torch.Tensor` of shape (batch, Q, hidden)): their encoder states, the content queries.
+    enc_topk_coord_logits (`torch.Tensor` of shape (batch, Q, 4)): their boxes in logit space, the anchors.
+    """
+
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+    enc_topk_indices: torch.Tensor | None = None
+    enc_topk_logits: torch.Tensor | None = None
+    enc_topk_boxes: torch.Tensor | None = None
+    enc_topk_masks: torch.Tensor | None = None
+    enc_topk_hidden_states: torch.Tensor | None = None
+    enc_topk_coord_logits: torch.Tensor | None = None
+
+
+@dataclass
+class MaskDINODenoisingOutput(ModelOutput):
+    r"""
+    Unified denoising (training only): the ground-truth labels and boxes of the batch, noised, in `num_groups` groups
+    of `pad_size / num_groups` queries (the largest target count of the batch), placed before the matching queries.
+    Denoising query `g * pad_size / num_groups + j` of image b reconstructs target j of image b. T = targets of the
+    whole batch, N = pad_size + num_queries.
+
+    queries (`torch.Tensor` of shape (batch, pad_size, hidden)): content queries, the embeddings of noised labels.
+    reference_points (`torch.Tensor` of shape (batch, pad_size, 4)): their anchors, noised boxes in logit space.
+    self_attn_mask (`torch.Tensor` of shape (N, N)): decoder self-attention mask, True = blocked: matching queries
+        do not see denoising ones, a group sees only itself and the matching queries.
+    known_labels / known_boxes (`torch.Tensor` of shape (num_groups * T,) / (num_groups * T, 4)): the labels and
+        boxes before noise, group after group (the official `known_lbs_bboxes`).
+    known_indices (`torch.Tensor` of shape (num_groups * T,)): target index within the batch of each of them.
+    batch_indices (`torch.Tensor` of shape (T,)): image of each target.
+    query_indices (`torch.Tensor` of shape (num_groups * T,)): the denoising query of each of them.
+    num_groups (`int`): the number of groups (the official `scalar`). pad_size (`int`): denoising queries per image.
+    class_logits / mask_logits / box_predictions (`tuple[torch.Tensor]`): the denoising queries' predictions of
+        every prediction layer, (batch, pad_size, ...), aligned with the model output's fields of the same names.
+    """
+
+    queries: torch.Tensor | None = None
+    reference_points: torch.Tensor | None = None
+    self_attn_mask: torch.Tensor | None = None
+    known_labels: torch.Tensor | None = None
+    known_boxes: torch.Tensor | None = None
+    known_indices: torch.Tensor | None = None
+    batch_indices: torch.Tensor | None = None
+    query_indices: torch.Tensor | None = None
+    num_groups: int | None = None
+    pad_size: int | None = None
+    class_logits: tuple[torch.Tensor, ...] | None = None
+    mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    box_predictions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MaskDINODecoderOutput(ModelOutput):
+    r"""
+    Outputs of [`MaskDINODecoder`], field for field those of [`MaskDINOModelOutput`] (see there), with the query
+    selection grouped in `query_selection` ([`MaskDINOQuerySelectionOutput`], `None` without two-stage).
+    """
+
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    init_reference_points: torch.Tensor | None = None
+    class_logits: tuple[torch.Tensor, ...] | None = None
+    mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    box_predictions: tuple[torch.Tensor, ...] | None = None
+    query_selection: MaskDINOQuerySelectionOutput | None = None
+    denoising_outputs: MaskDINODenoisingOutput | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
 class MaskDINOModelOutput(ModelOutput):
     r"""
     Outputs of [`MaskDINOModel`]. Q = queries (denoising queries excluded), C = classifier width, L = decoder layers,
@@ -68,8 +152,8 @@ class MaskDINOModelOutput(ModelOutput):
     mask_logits (`tuple[torch.Tensor | None]`): the same layers' mask logits (batch, Q, h, w); `None` for the
         intermediate layers at inference unless `output_auxiliary_masks=True`.
     box_predictions (`tuple[torch.Tensor]`): the same layers' boxes (batch, Q, 4), sigmoid cxcywh.
-    denoising_outputs (`dict`): per-layer predictions of the denoising queries (training only).
-    denoising_meta (`dict`): how denoising queries map to ground truth (training only).
+    denoising_outputs (`MaskDINODenoisingOutput`, *optional*): the denoising queries, their predictions per layer
+        and how they map to the ground truth (training with targets only).
     encoder_hidden_states (`tuple[torch.Tensor]`, *optional*): with `output_hidden_states=True`, the deformable
         encoder's input and every encoder layer's output, `encoder_layers + 1` tensors (batch, tokens, feature_size)
         over all levels (encoder level order).
@@ -99,8 +183,7 @@ class MaskDINOModelOutput(ModelOutput):
     class_logits: tuple[torch.Tensor, ...] | None = None
     mask_logits: tuple[torch.Tensor | None, ...] | None = None
     box_predictions: tuple[torch.Tensor, ...] | None = None
-    denoising_outputs: dict | None = None
-    denoising_meta: dict | None = None
+    denoising_outputs: MaskDINODenoisingOutput | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -557,7 +640,7 @@ class MaskDINODecoder(nn.Module):
 
     def query_selection(
         self, memory: torch.Tensor, spatial_shapes_list: list[tuple[int, int]], mask_features: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> MaskDINOQuerySelectionOutput:
         """Unified query selection: score every encoder token, keep the top-k as content queries and anchors."""
         memory, proposals = encoder_output_proposals(memory, spatial_shapes_list)
         memory = self.enc_output_norm(self.enc_output(memory))
@@ -567,23 +650,21 @@ class MaskDINODecoder(nn.Module):
         selected_coords = torch.gather(coord_logits, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
         selected_memory = torch.gather(memory, 1, topk.unsqueeze(-1).expand(-1, -1, memory.shape[-1]))
         topk_logits, topk_masks = self.prediction_heads(selected_memory, mask_features)
-        return {
-            "enc_outputs_class": class_logits,
-            "enc_outputs_coord_logits": coord_logits,
-            "topk_indices": topk,
-            "content": selected_memory,
-            "anchors": selected_coords,
-            "topk_logits": topk_logits,
-            "topk_boxes": selected_coords.sigmoid(),
-            "topk_masks": topk_masks,
-        }
+        return MaskDINOQuerySelectionOutput(
+            enc_outputs_class=class_logits,
+            enc_outputs_coord_logits=coord_logits,
+            enc_topk_indices=topk,
+            enc_topk_logits=topk_logits,
+            enc_topk_boxes=selected_coords.sigmoid(),
+            enc_topk_masks=topk_masks,
+            enc_topk_hidden_states=selected_memory,
+            enc_topk_coord_logits=selected_coords,
+        )
 
-    def denoising_queries(self, targets: list[dict], random_source) -> dict | None:
-        """Unified denoising: noised ground-truth labels and boxes repeated in groups.
+    def denoising_queries(self, targets: list[dict], random_source) -> MaskDINODenoisingOutput | None:
+        """Unified denoising: noised ground-truth labels and boxes repeated in groups (predictions not filled yet).
 
-        Returns `None` when no image has a target. Otherwise the denoising content queries and anchors
-        (batch, pad_size, ...), the self-attention mask (True = blocked) over [denoising; matching] queries,
-        and the bookkeeping the loss needs (official `mask_dict` layout).
+        Returns `None` when no image has a target or the batch has more targets than `denoising_num`.
         """
         config = self.config
         counts = [len(target["labels"]) for target in targets]
@@ -629,17 +710,18 @@ class MaskDINODecoder(nn.Module):
         is_dn = torch.arange(size, device=device) < pad_size
         # Matching queries cannot see denoising ones; a denoising group sees only itself (and matching queries).
         attn_mask = is_dn[None, :] & (~is_dn[:, None] | (group_id[:, None] != group_id[None, :]))
-        return {
-            "content": content,
-            "anchors": anchors,
-            "attn_mask": attn_mask,
-            "known_indice": torch.arange(len(labels), device=device).repeat(groups),
-            "batch_idx": batch_index,
-            "map_known_indice": slot,
-            "known_lbs_bboxes": (known_labels, known_boxes),
-            "pad_size": pad_size,
-            "scalar": groups,
-        }
+        return MaskDINODenoisingOutput(
+            queries=content,
+            reference_points=anchors,
+            self_attn_mask=attn_mask,
+            known_labels=known_labels,
+            known_boxes=known_boxes,
+            known_indices=torch.arange(len(labels), device=device).repeat(groups),
+            batch_indices=batch_index,
+            query_indices=slot,
+            num_groups=groups,
+            pad_size=pad_size,
+        )
 
     def forward(
         self,
@@ -650,7 +732,7 @@ class MaskDINODecoder(nn.Module):
         output_auxiliary_masks: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> dict:
+    ) -> MaskDINODecoderOutput:
         config = self.config
         levels = len(multi_scale_features)
         # The decoder reads the levels in reverse encoder order.
@@ -664,12 +746,12 @@ class MaskDINODecoder(nn.Module):
         selection = None
         if config.two_stage:
             selection = self.query_selection(memory, spatial_shapes_list, mask_features)
-            content = selection["content"].detach()
-            anchors = selection["anchors"].detach()
+            content = selection.enc_topk_hidden_states.detach()
+            anchors = selection.enc_topk_coord_logits.detach()
             if config.learn_tgt:
                 content = self.query_feat.weight[None].expand(batch_size, -1, -1)
             if config.initialize_box_type != "no":
-                anchors = mask_enhanced_box_init(selection["topk_masks"], config.initialize_box_type)
+                anchors = mask_enhanced_box_init(selection.enc_topk_masks, config.initialize_box_type)
         else:
             content = self.query_feat.weight[None].expand(batch_size, -1, -1)
             anchors = self.query_embed.weight[None].expand(batch_size, -1, -1)
@@ -680,9 +762,9 @@ class MaskDINODecoder(nn.Module):
             denoising = self.denoising_queries(targets, random_source)
         attn_mask = None
         if denoising is not None:
-            content = torch.cat([denoising["content"], content], dim=1)
-            anchors = torch.cat([denoising["anchors"].to(anchors.dtype), anchors], dim=1)
-            attn_mask = denoising["attn_mask"]
+            content = torch.cat([denoising.queries, content], dim=1)
+            anchors = torch.cat([denoising.reference_points.to(anchors.dtype), anchors], dim=1)
+            attn_mask = denoising.self_attn_mask
 
         class_logits, mask_logits, boxes = [], [], []
         predict_all_masks = self.training or output_auxiliary_masks
@@ -727,7 +809,7 @@ class MaskDINODecoder(nn.Module):
 
         # The heads read the returned stacked states (denoising queries split off), so gradients reach them.
         intermediate_hidden_states = torch.stack(normed_states, 1)
-        pad = denoising["pad_size"] if denoising is not None else 0
+        pad = denoising.pad_size if denoising is not None else 0
         if denoising is not None:
             denoising_states, intermediate_hidden_states = intermediate_hidden_states.split(
                 [pad, intermediate_hidden_states.shape[2] - pad], 2
@@ -744,33 +826,30 @@ class MaskDINODecoder(nn.Module):
 
         if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
             # The initial queries are the selected tokens: their masks are the query-selection masks.
-            mask_logits[0] = selection["topk_masks"]
+            mask_logits[0] = selection.enc_topk_masks
         if self.training and denoising is None:
             class_logits[-1] = class_logits[-1] + 0.0 * self.label_enc.weight.sum()
 
-        outputs = {
-            "class_logits": class_logits,
-            "mask_logits": mask_logits,
-            "boxes": boxes,
-            "intermediate": intermediate_hidden_states,
-            "references": references,
-            "init_reference": init_reference,
-            "selection": selection,
-            "denoising": denoising,
-            "hidden_states": all_states,
-            "self_attentions": self_attentions,
-            "cross_attentions": cross_attentions,
-        }
         if denoising is not None:
-            outputs["denoising_predictions"] = [
-                (logits[:, :pad], masks[:, :pad] if masks is not None else None, box[:, :pad])
-                for logits, masks, box in zip(class_logits, mask_logits, boxes)
-            ]
-            outputs["class_logits"] = [logits[:, pad:] for logits in class_logits]
-            outputs["mask_logits"] = [masks[:, pad:] if masks is not None else None for masks in mask_logits]
-            outputs["boxes"] = [box[:, pad:] for box in boxes]
-            outputs["references"] = [ref[:, pad:] for ref in references]
-        return outputs
+            denoising = MaskDINODenoisingOutput(
+                **denoising,
+                class_logits=tuple(logits[:, :pad] for logits in class_logits),
+                mask_logits=tuple(masks[:, :pad] if masks is not None else None for masks in mask_logits),
+                box_predictions=tuple(box[:, :pad] for box in boxes),
+            )
+        return MaskDINODecoderOutput(
+            intermediate_hidden_states=intermediate_hidden_states,
+            intermediate_reference_points=torch.stack([ref[:, pad:] for ref in references], 1),
+            init_reference_points=init_reference,
+            class_logits=tuple(logits[:, pad:] for logits in class_logits),
+            mask_logits=tuple(masks[:, pad:] if masks is not None else None for masks in mask_logits),
+            box_predictions=tuple(box[:, pad:] for box in boxes),
+            query_selection=selection,
+            denoising_outputs=denoising,
+            decoder_hidden_states=all_states,
+            decoder_attentions=self_attentions,
+            cross_attentions=cross_attentions,
+        )
 
 
 def reject_unsupported_kwargs(model_name: str, kwargs: dict) -> None:
@@ -936,30 +1015,29 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
             multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks, output_attentions,
             output_hidden_states,
         )
-        selection = decoded["selection"] or {}
+        selection = decoded.query_selection or MaskDINOQuerySelectionOutput()
         outputs = MaskDINOModelOutput(
             backbone_features=tuple(backbone_maps),
             multi_scale_features=tuple(multi_scale_features),
             mask_features=mask_features,
-            enc_outputs_class=selection.get("enc_outputs_class"),
-            enc_outputs_coord_logits=selection.get("enc_outputs_coord_logits"),
-            enc_topk_indices=selection.get("topk_indices"),
-            enc_topk_logits=selection.get("topk_logits"),
-            enc_topk_boxes=selection.get("topk_boxes"),
-            enc_topk_masks=selection.get("topk_masks"),
-            init_reference_points=decoded["init_reference"],
-            intermediate_hidden_states=decoded["intermediate"],
-            intermediate_reference_points=torch.stack(decoded["references"], 1),
-            class_logits=tuple(decoded["class_logits"]),
-            mask_logits=tuple(decoded["mask_logits"]),
-            box_predictions=tuple(decoded["boxes"]),
-            denoising_outputs=decoded.get("denoising_predictions"),
-            denoising_meta=decoded["denoising"],
+            enc_outputs_class=selection.enc_outputs_class,
+            enc_outputs_coord_logits=selection.enc_outputs_coord_logits,
+            enc_topk_indices=selection.enc_topk_indices,
+            enc_topk_logits=selection.enc_topk_logits,
+            enc_topk_boxes=selection.enc_topk_boxes,
+            enc_topk_masks=selection.enc_topk_masks,
+            init_reference_points=decoded.init_reference_points,
+            intermediate_hidden_states=decoded.intermediate_hidden_states,
+            intermediate_reference_points=decoded.intermediate_reference_points,
+            class_logits=decoded.class_logits,
+            mask_logits=decoded.mask_logits,
+            box_predictions=decoded.box_predictions,
+            denoising_outputs=decoded.denoising_outputs,
             encoder_hidden_states=encoder_states,
             encoder_attentions=encoder_attentions,
-            decoder_hidden_states=decoded["hidden_states"],
-            decoder_attentions=decoded["self_attentions"],
-            cross_attentions=decoded["cross_attentions"],
+            decoder_hidden_states=decoded.decoder_hidden_states,
+            decoder_attentions=decoded.decoder_attentions,
+            cross_attentions=decoded.cross_attentions,
         )
         return outputs if return_dict else outputs.to_tuple()
 
@@ -1033,9 +1111,7 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         ]
         loss = loss_dict = None
         if targets is not None:
-            loss, loss_dict = self.criterion(
-                self._loss_inputs(outputs), targets, self._denoising_inputs(outputs), random_source
-            )
+            loss, loss_dict = self.criterion(outputs, targets, random_source)
         result = MaskDINOForUniversalSegmentationOutput(
             loss=loss,
             loss_dict=loss_dict,
@@ -1100,33 +1176,6 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
             targets.append(target)
         return targets
 
-    @staticmethod
-    def _loss_inputs(outputs: MaskDINOModelOutput) -> dict:
-        def layer(logits, masks, box):
-            return {"pred_logits": logits, "pred_masks": masks, "pred_boxes": box}
-
-        layers = [layer(*values) for values in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)]
-        result = dict(layers[-1])
-        result["aux_outputs"] = layers[:-1]
-        if outputs.enc_topk_logits is not None:
-            result["interm_outputs"] = layer(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
-        return result
-
-    @staticmethod
-    def _denoising_inputs(outputs: MaskDINOModelOutput) -> dict | None:
-        meta = outputs.denoising_meta
-        if meta is None:
-            return None
-        layers = [
-            {"pred_logits": logits, "pred_masks": masks, "pred_boxes": box}
-            for logits, masks, box in outputs.denoising_outputs
-        ]
-        known = dict(layers[-1])
-        known["aux_outputs"] = layers[:-1]
-        result = {key: value for key, value in meta.items() if key not in ("content", "anchors", "attn_mask")}
-        result["output_known_lbs_bboxes"] = known
-        return result
-
 
 __all__ = [
     "MaskDINOModel",
@@ -1134,4 +1183,7 @@ __all__ = [
     "MaskDINOPreTrainedModel",
     "MaskDINOModelOutput",
     "MaskDINOForUniversalSegmentationOutput",
+    "MaskDINODecoderOutput",
+    "MaskDINODenoisingOutput",
+    "MaskDINOQuerySelectionOutput",
 ]
