@@ -28,6 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import (
+    DeformableDetrEncoder,
     DeformableDetrFrozenBatchNorm2d,
     DeformableDetrMLPPredictionHead,
     inverse_sigmoid,
@@ -284,7 +285,9 @@ def encoder_output_proposals(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-stage anchors: one proposal per encoder token, centred on its cell, size 0.05 * 2**level (decoder level
     index, so the first (coarsest) level gets the smallest). Proposals touching the border (any coordinate outside
-    (0.01, 0.99)) become +inf and their token is zeroed. Returns (memory, proposals in logit space)."""
+    (0.01, 0.99)) become +inf and their token is zeroed. Returns (memory, proposals in logit space).
+    Not Deformable DETR's `gen_encoder_output_proposals`: that is a model method that also masks padding and applies
+    the model's own output projection, while Mask DINO attends to padding and projects afterwards."""
     proposals = []
     for level, (height, width) in enumerate(spatial_shapes_list):
         grid_y, grid_x = torch.meshgrid(
@@ -429,20 +432,6 @@ class MaskDINOPixelDecoder(nn.Module):
         )
         self.mask_projection = nn.Conv2d(dim, config.mask_feature_size, kernel_size=1)
 
-    @staticmethod
-    def reference_points(spatial_shapes_list: list[tuple[int, int]], device, dtype) -> torch.Tensor:
-        """Cell centres of every level, normalised to [0, 1] (no padding mask: valid ratios are 1)."""
-        points = []
-        for height, width in spatial_shapes_list:
-            ref_y, ref_x = torch.meshgrid(
-                (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
-                (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width,
-                indexing="ij",
-            )
-            points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
-        points = torch.cat(points, 0).to(dtype)
-        return points[None, :, None].expand(1, -1, len(spatial_shapes_list), 2)
-
     def forward(
         self, features: dict[str, torch.Tensor], output_attentions: bool = False, output_hidden_states: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
@@ -468,8 +457,12 @@ class MaskDINOPixelDecoder(nn.Module):
         position_embeddings = torch.cat(position, 1)
         spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long, device=hidden_states.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        reference_points = self.reference_points(spatial_shapes_list, hidden_states.device, hidden_states.dtype)
-        reference_points = reference_points.expand(batch_size, -1, -1, -1)
+        # Cell centres of every level in [0, 1]; no padding mask, so every valid ratio is 1.
+        valid_ratios = torch.ones(1, len(spatial_shapes_list), 2, device=hidden_states.device)
+        reference_points = DeformableDetrEncoder.get_reference_points(
+            spatial_shapes_list, valid_ratios, hidden_states.device
+        )
+        reference_points = reference_points.to(hidden_states.dtype).expand(batch_size, -1, -1, -1)
         all_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
