@@ -807,7 +807,9 @@ class MaskDINODecoder(nn.Module):
             denoising_states, intermediate_hidden_states = intermediate_hidden_states.split(
                 [pad, intermediate_hidden_states.shape[2] - pad], 2
             )
-            layer_states = [torch.cat([denoising_states[:, i], intermediate_hidden_states[:, i]], 1) for i in range(len(self.layers))]
+            layer_states = [
+                torch.cat([denoising_states[:, i], intermediate_hidden_states[:, i]], 1) for i in range(len(self.layers))
+            ]
         else:
             layer_states = intermediate_hidden_states.unbind(1)
         for index, normed in enumerate(layer_states):
@@ -824,19 +826,23 @@ class MaskDINODecoder(nn.Module):
             class_logits[-1] = class_logits[-1] + 0.0 * self.label_enc.weight.sum()
 
         if denoising is not None:
+            # Denoising queries come first: split them off every prediction.
+            def split(predictions: list) -> tuple[tuple, tuple]:
+                pairs = [(None, None) if value is None else (value[:, :pad], value[:, pad:]) for value in predictions]
+                return tuple(first for first, _ in pairs), tuple(rest for _, rest in pairs)
+
+            (dn_logits, class_logits), (dn_masks, mask_logits) = split(class_logits), split(mask_logits)
+            (dn_boxes, boxes), (_, references) = split(boxes), split(references)
             denoising = MaskDINODenoisingOutput(
-                **denoising,
-                class_logits=tuple(logits[:, :pad] for logits in class_logits),
-                mask_logits=tuple(masks[:, :pad] if masks is not None else None for masks in mask_logits),
-                box_predictions=tuple(box[:, :pad] for box in boxes),
+                **denoising, class_logits=dn_logits, mask_logits=dn_masks, box_predictions=dn_boxes
             )
         return MaskDINODecoderOutput(
             intermediate_hidden_states=intermediate_hidden_states,
-            intermediate_reference_points=torch.stack([ref[:, pad:] for ref in references], 1),
+            intermediate_reference_points=torch.stack(references, 1),
             init_reference_points=init_reference,
-            class_logits=tuple(logits[:, pad:] for logits in class_logits),
-            mask_logits=tuple(masks[:, pad:] if masks is not None else None for masks in mask_logits),
-            box_predictions=tuple(box[:, pad:] for box in boxes),
+            class_logits=tuple(class_logits),
+            mask_logits=tuple(mask_logits),
+            box_predictions=tuple(boxes),
             query_selection=selection,
             denoising_outputs=denoising,
             decoder_hidden_states=all_states,
