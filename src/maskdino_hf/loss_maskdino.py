@@ -367,7 +367,9 @@ class MaskDINOLoss(nn.Module):
         return points
 
     # ------------------------------------------------------------------------------------------ loss terms
-    def loss_labels(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+    def loss_labels(
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+    ) -> dict[str, Tensor]:
         """`loss_ce`: sigmoid focal loss over all queries and classes, `.mean(1).sum() / num_masks * num_queries`;
         with `semantic_ce_loss`, softmax cross-entropy with the no-object class weighted `no_object_weight`."""
         logits = outputs.class_logits.float()
@@ -385,7 +387,9 @@ class MaskDINOLoss(nn.Module):
         loss = sigmoid_focal_loss(logits, one_hot, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
         return {"loss_ce": loss * num_queries}
 
-    def loss_boxes(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+    def loss_boxes(
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+    ) -> dict[str, Tensor]:
         """`loss_bbox` (L1 on cxcywh) and `loss_giou` (1 - GIoU) summed over matched pairs / num_masks. With
         `panoptic_box_loss`, pairs whose ground-truth label is a stuff label contribute nothing (the normaliser still
         counts them)."""
@@ -402,7 +406,9 @@ class MaskDINOLoss(nn.Module):
             giou = torch.where(is_thing, giou, torch.zeros_like(giou))
         return {"loss_bbox": l1.sum() / num_masks, "loss_giou": giou.sum() / num_masks}
 
-    def loss_masks(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+    def loss_masks(
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+    ) -> dict[str, Tensor]:
         """`loss_mask` (BCE) and `loss_dice` on `train_num_points` points per matched mask, chosen by uncertainty
         (see `sample_points_using_uncertainty`); no upsampling, points are in normalised coordinates."""
         pred_masks = outputs.mask_logits
@@ -464,7 +470,10 @@ class MaskDINOLoss(nn.Module):
             raise ValueError(f"every target needs 'labels', 'boxes' and 'masks'; missing {sorted(set(missing))}")
         num_masks = self._num_masks(targets, device)
 
-        layers = [LayerPredictions(*layer) for layer in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)]
+        layers = [
+            LayerPredictions(*layer)
+            for layer in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)
+        ]
         denoising = outputs.denoising_outputs
         use_denoising = self.denoising != "no" and denoising is not None
         dn_layers = dn_indices = dn_norm = None
