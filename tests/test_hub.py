@@ -206,7 +206,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     report["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     report["config_class"] = f"{type(model.config).__module__}.{type(model.config).__qualname__}"
     report["processor_class"] = f"{type(processor).__module__}.{type(processor).__qualname__}"
-    report["msda_module"] = sorted({type(m).__module__ for m in model.modules() if "Deformable" in type(m).__name__})
+    report["msda_module"] = sorted({type(m).__module__ for m in model.modules() if type(m).__name__.endswith("DeformableAttention")})
     report["id2label"] = {str(k): v for k, v in model.config.id2label.items()}
 
     image = Image.open(image_path).convert("RGB")

@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from maskdino_hf.configuration_maskdino import MaskDINOConfig
-from maskdino_hf.loss_maskdino import (
-    MaskDINOForUniversalSegmentationLoss,
-    MaskDINOHungarianMatcher,
-    MaskDINOLoss,
-    maskdino_weight_dict,
-)
+from transformers.utils import ModelOutput
+
+from maskdino_hf.loss_maskdino import LayerPredictions, MaskDINOHungarianMatcher, MaskDINOLoss, maskdino_weight_dict
+from maskdino_hf.modeling_maskdino import MaskDINODenoisingOutput, MaskDINOModelOutput
 from maskdino_hf.random_source import MaskDINORandomSource, ReplayRandomSource
 
 
@@ -35,7 +33,8 @@ STUFF_LABELS = {
     "panoptic_decoupled_box": [80, 81, 82, 83],
 }
 PANOPTIC_BOX_LOSS = {"instance_r50_mask2box": False, "panoptic_r50_batch": False, "panoptic_decoupled_box": True}
-PREDICTION_KEYS = ("pred_logits", "pred_boxes", "pred_masks")
+# official names of LayerPredictions' class_logits, mask_logits, box_predictions in the fixtures
+PREDICTION_KEYS = ("pred_logits", "pred_masks", "pred_boxes")
 
 
 class TrainingFixture:
@@ -64,32 +63,38 @@ class TrainingFixture:
         kwargs.update(overrides)
         return MaskDINOConfig(**kwargs)
 
-    def layer(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {key: self.outputs_raw[f"{prefix}.{key}"].clone() for key in PREDICTION_KEYS}
+    def layer(self, prefix: str) -> LayerPredictions:
+        return LayerPredictions(*(self.outputs_raw[f"{prefix}.{key}"].clone() for key in PREDICTION_KEYS))
 
-    def outputs(self) -> dict:
-        outputs = self.layer("final")
-        outputs["aux_outputs"] = [self.layer(f"aux{i}") for i in range(self.num_aux)]
+    def outputs(self, denoising: bool = True) -> MaskDINOModelOutput:
+        """The recorded official predictions as the model returns them: every prediction layer (the initial one
+        first, the final one last), the selected proposals and (unless `denoising=False`) the denoising queries."""
+        layers = [self.layer(f"aux{i}") for i in range(self.num_aux)] + [self.layer("final")]
+        dn_layers = [self.layer(f"dn_aux{i}") for i in range(self.num_aux)] + [self.layer("dn_final")]
+        denoising_outputs = None
+        if denoising:
+            denoising_outputs = MaskDINODenoisingOutput(
+                known_labels=self.outputs_raw["dn.known_labels"],
+                known_boxes=self.outputs_raw["dn.known_boxes"],
+                known_indices=self.outputs_raw["dn.known_indice"],
+                batch_indices=self.outputs_raw["dn.batch_idx"],
+                query_indices=self.outputs_raw["dn.map_known_indice"],
+                num_groups=self.info["dn"]["scalar"],
+                pad_size=self.info["dn"]["pad_size"],
+                class_logits=tuple(layer.class_logits for layer in dn_layers),
+                mask_logits=tuple(layer.mask_logits for layer in dn_layers),
+                box_predictions=tuple(layer.box_predictions for layer in dn_layers),
+            )
         # the interm logits/masks are bit-identical to the initial prediction (aux0), only the boxes are stored
-        outputs["interm_outputs"] = {
-            "pred_logits": self.outputs_raw["aux0.pred_logits"].clone(),
-            "pred_masks": self.outputs_raw["aux0.pred_masks"].clone(),
-            "pred_boxes": self.outputs_raw["interm.pred_boxes"].clone(),
-        }
-        return outputs
-
-    def denoising_meta(self) -> dict:
-        known = self.layer("dn_final")
-        known["aux_outputs"] = [self.layer(f"dn_aux{i}") for i in range(self.num_aux)]
-        return {
-            "known_indice": self.outputs_raw["dn.known_indice"],
-            "batch_idx": self.outputs_raw["dn.batch_idx"],
-            "map_known_indice": self.outputs_raw["dn.map_known_indice"],
-            "known_lbs_bboxes": (self.outputs_raw["dn.known_labels"], self.outputs_raw["dn.known_boxes"]),
-            "pad_size": self.info["dn"]["pad_size"],
-            "scalar": self.info["dn"]["scalar"],
-            "output_known_lbs_bboxes": known,
-        }
+        return MaskDINOModelOutput(
+            enc_topk_logits=self.outputs_raw["aux0.pred_logits"].clone(),
+            enc_topk_boxes=self.outputs_raw["interm.pred_boxes"].clone(),
+            enc_topk_masks=self.outputs_raw["aux0.pred_masks"].clone(),
+            class_logits=tuple(layer.class_logits for layer in layers),
+            mask_logits=tuple(layer.mask_logits for layer in layers),
+            box_predictions=tuple(layer.box_predictions for layer in layers),
+            denoising_outputs=denoising_outputs,
+        )
 
     def targets(self) -> list[dict[str, torch.Tensor]]:
         return [
@@ -119,8 +124,8 @@ def fixture_for(case: str) -> TrainingFixture:
 
 
 def cast_floats(value, dtype):
-    if isinstance(value, dict):
-        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if isinstance(value, ModelOutput):
+        return type(value)(**{key: cast_floats(item, dtype) for key, item in value.items()})
     if isinstance(value, (list, tuple)):
         return type(value)(cast_floats(item, dtype) for item in value)
     if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -128,12 +133,21 @@ def cast_floats(value, dtype):
     return value
 
 
-def layer_outputs(outputs: dict, layer: str) -> dict:
-    if layer == "final":
-        return {key: outputs[key] for key in PREDICTION_KEYS}
+def layer_outputs(outputs: MaskDINOModelOutput, layer: str) -> LayerPredictions:
     if layer == "interm":
-        return outputs["interm_outputs"]
-    return outputs["aux_outputs"][int(layer.removeprefix("aux"))]
+        return LayerPredictions(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
+    index = -1 if layer == "final" else int(layer.removeprefix("aux"))
+    return LayerPredictions(outputs.class_logits[index], outputs.mask_logits[index], outputs.box_predictions[index])
+
+
+def prediction_tensors(outputs: MaskDINOModelOutput) -> list[torch.Tensor]:
+    """Every prediction tensor the loss reads: all layers, the proposals and the denoising queries."""
+    tensors = [*outputs.class_logits, *outputs.mask_logits, *outputs.box_predictions]
+    tensors += [outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes]
+    denoising = outputs.denoising_outputs
+    if denoising is not None:
+        tensors += [*denoising.class_logits, *denoising.mask_logits, *denoising.box_predictions]
+    return tensors
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -168,7 +182,7 @@ def test_matching_indices_match_official(case):
     fx = fixture_for(case)
     criterion = MaskDINOLoss(fx.config())
     random_source = fx.replay()
-    _, matchings = criterion.compute_loss_terms(fx.outputs(), fx.targets(), fx.denoising_meta(), random_source)
+    _, matchings = criterion.compute_loss_terms(fx.outputs(), fx.targets(), random_source)
     assert random_source.num_remaining == 0, "every recorded loss-side draw must be consumed, in order"
     assert list(matchings) == [call["layer"] for call in fx.info["matcher_calls"]]
     for call in fx.info["matcher_calls"]:
@@ -194,14 +208,14 @@ def test_loss_terms_match_official(case, panoptic_box_loss):
         reference, total_reference = fx.contrast_losses, contrast["total_loss_PANO_BOX_LOSS_False"]
     criterion = MaskDINOLoss(config)
 
-    raw, _ = criterion.compute_loss_terms(fx.outputs(), fx.targets(), fx.denoising_meta(), fx.replay())
+    raw, _ = criterion.compute_loss_terms(fx.outputs(), fx.targets(), fx.replay())
     raw_reference = {key.removeprefix("raw."): value for key, value in reference.items() if key.startswith("raw.")}
     assert list(raw) == list(fx.info["losses_raw"])  # same names, same (official) order
     assert set(raw) == set(raw_reference)
     for name, value in raw.items():
         assert relative_error(value, raw_reference[name]) < 1e-4, (name, value.item(), raw_reference[name].item())
 
-    loss, loss_dict = criterion(fx.outputs(), fx.targets(), fx.denoising_meta(), fx.replay())
+    loss, loss_dict = criterion(fx.outputs(), fx.targets(), fx.replay())
     weighted_reference = {k.removeprefix("weighted."): v for k, v in reference.items() if k.startswith("weighted.")}
     assert set(loss_dict) == set(weighted_reference)
     for name, value in loss_dict.items():
@@ -214,10 +228,10 @@ def test_loss_terms_match_official(case, panoptic_box_loss):
 def test_decoupled_box_loss_changes_only_box_terms():
     fx = fixture_for("panoptic_decoupled_box")
     with_decoupled, _ = MaskDINOLoss(fx.config(panoptic_box_loss=True)).compute_loss_terms(
-        fx.outputs(), fx.targets(), fx.denoising_meta(), fx.replay()
+        fx.outputs(), fx.targets(), fx.replay()
     )
     without, _ = MaskDINOLoss(fx.config(panoptic_box_loss=False)).compute_loss_terms(
-        fx.outputs(), fx.targets(), fx.denoising_meta(), fx.replay()
+        fx.outputs(), fx.targets(), fx.replay()
     )
     changed = sorted(name for name in with_decoupled if not torch.equal(with_decoupled[name], without[name]))
     assert changed == sorted(fx.info["contrast_PANO_BOX_LOSS_False"]["changed_terms"])
@@ -228,7 +242,7 @@ def test_decoupled_box_loss_with_only_stuff_targets_is_zero_but_keeps_other_term
     fx = fixture_for("panoptic_decoupled_box")
     everything_stuff = fx.config(panoptic_box_loss=True, stuff_labels=list(range(fx.num_labels)))
     raw, _ = MaskDINOLoss(everything_stuff).compute_loss_terms(
-        fx.outputs(), fx.targets(), fx.denoising_meta(), fx.replay()
+        fx.outputs(), fx.targets(), fx.replay()
     )
     for name, value in raw.items():
         if name.startswith(("loss_bbox", "loss_giou")):
@@ -250,19 +264,10 @@ def test_weight_dict_is_built_like_the_official_one():
 # ------------------------------------------------------------------------------------------- behaviours
 def test_gradients_flow_to_every_prediction():
     fx = fixture_for("instance_r50_mask2box")
-    outputs, meta = fx.outputs(), fx.denoising_meta()
-    leaves = []
-    for layer in [outputs, *outputs["aux_outputs"], outputs["interm_outputs"]]:
-        for key in PREDICTION_KEYS:
-            layer[key].requires_grad_(True)
-            leaves.append(layer[key])
-    known = meta["output_known_lbs_bboxes"]
+    outputs = fx.outputs()
     # the interm logits/masks tensors are separate leaves here, so every prediction tensor is checked
-    for layer in [known, *known["aux_outputs"]]:
-        for key in PREDICTION_KEYS:
-            layer[key].requires_grad_(True)
-            leaves.append(layer[key])
-    loss, _ = MaskDINOLoss(fx.config())(outputs, fx.targets(), meta, fx.replay())
+    leaves = [tensor.requires_grad_(True) for tensor in prediction_tensors(outputs)]
+    loss, _ = MaskDINOLoss(fx.config())(outputs, fx.targets(), fx.replay())
     loss.backward()
     for leaf in leaves:
         assert leaf.grad is not None
@@ -272,9 +277,10 @@ def test_gradients_flow_to_every_prediction():
 
 def test_batch_without_any_target_gives_finite_loss():
     fx = fixture_for("panoptic_r50_batch")
-    outputs = fx.outputs()
-    for layer in [outputs, *outputs["aux_outputs"], outputs["interm_outputs"]]:
-        layer["pred_logits"].requires_grad_(True)
+    # no target anywhere: the model builds no denoising queries (denoising_outputs None), the _dn terms are zeros
+    outputs = fx.outputs(denoising=False)
+    for logits in (*outputs.class_logits, outputs.enc_topk_logits):
+        logits.requires_grad_(True)
     height, width = fx.inputs["targets.0.masks_padded"].shape[-2:]
     targets = [
         {
@@ -285,9 +291,8 @@ def test_batch_without_any_target_gives_finite_loss():
         for _ in range(fx.batch_size)
     ]
     criterion = MaskDINOLoss(fx.config())
-    # no target anywhere: the model builds no denoising queries (denoising_meta None), the _dn terms are zeros
     random_source = MaskDINORandomSource(torch.Generator().manual_seed(0))
-    raw, matchings = criterion.compute_loss_terms(outputs, targets, None, random_source)
+    raw, matchings = criterion.compute_loss_terms(outputs, targets, random_source)
     assert all(len(pred) == len(tgt) == 0 for matching in matchings.values() for pred, tgt in matching)
     for name, value in raw.items():
         assert torch.isfinite(value), name
@@ -295,33 +300,33 @@ def test_batch_without_any_target_gives_finite_loss():
             assert value.item() == 0.0, name
     assert raw["loss_ce"].item() > 0
     assert set(raw) == set(fx.info["losses_raw"])  # the zero denoising terms keep the official names
-    loss, _ = criterion(outputs, targets, None)
+    loss, _ = criterion(outputs, targets)
     assert torch.isfinite(loss)
     loss.backward()
-    assert torch.isfinite(outputs["pred_logits"].grad).all()
+    assert torch.isfinite(outputs.class_logits[-1].grad).all()
 
 
 def test_bfloat16_predictions_work_without_nan():
     fx = fixture_for("instance_r50_mask2box")
     criterion = MaskDINOLoss(fx.config())
-    reference, _ = criterion(fx.outputs(), fx.targets(), fx.denoising_meta(), fx.replay())
+    reference, _ = criterion(fx.outputs(), fx.targets(), fx.replay())
     outputs = cast_floats(fx.outputs(), torch.bfloat16)
-    meta = cast_floats(fx.denoising_meta(), torch.bfloat16)
-    outputs["pred_masks"].requires_grad_(True)
-    loss, loss_dict = criterion(outputs, fx.targets(), meta, fx.replay())
+    assert outputs.denoising_outputs.class_logits[-1].dtype == torch.bfloat16
+    final_masks = outputs.mask_logits[-1].requires_grad_(True)
+    loss, loss_dict = criterion(outputs, fx.targets(), fx.replay())
     assert all(torch.isfinite(value) for value in loss_dict.values())
     assert abs(loss.item() - reference.item()) / reference.item() < 0.02  # bf16 rounding of the predictions only
     loss.backward()
-    assert outputs["pred_masks"].grad.dtype == torch.bfloat16
-    assert torch.isfinite(outputs["pred_masks"].grad.float()).all()
+    assert final_masks.grad.dtype == torch.bfloat16
+    assert torch.isfinite(final_masks.grad.float()).all()
 
 
 def test_first_aux_layer_has_no_denoising_loss_without_query_selection():
     fx = fixture_for("instance_r50_mask2box")
     outputs = fx.outputs()
-    del outputs["interm_outputs"]
+    outputs = MaskDINOModelOutput(**{key: value for key, value in outputs.items() if not key.startswith("enc_topk")})
     raw, matchings = MaskDINOLoss(fx.config(two_stage=False, initialize_box_type="no")).compute_loss_terms(
-        outputs, fx.targets(), fx.denoising_meta(), MaskDINORandomSource()
+        outputs, fx.targets(), MaskDINORandomSource()
     )
     assert "interm" not in matchings and not any(name.endswith("_interm") for name in raw)
     assert "loss_ce_0" in raw and "loss_ce_dn_0" not in raw and "loss_ce_dn_1" in raw
@@ -331,7 +336,7 @@ def test_semantic_ce_loss_weights_the_no_object_class():
     fx = fixture_for("panoptic_r50_batch")
     config = fx.config(semantic_ce_loss=True, no_object_weight=0.1)
     logits = torch.randn(fx.batch_size, 20, fx.num_labels + 1, generator=torch.Generator().manual_seed(0))
-    outputs = {**fx.layer("final"), "pred_logits": logits}
+    outputs = fx.layer("final")._replace(class_logits=logits)
     criterion = MaskDINOLoss(config)
     indices = [(torch.tensor([3, 5]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.int64),) * 2]
     targets = fx.targets()
@@ -341,15 +346,6 @@ def test_semantic_ce_loss_weights_the_no_object_class():
     weights = torch.where(classes == fx.num_labels, 0.1, 1.0)
     per_query = F.cross_entropy(logits.transpose(1, 2), classes, reduction="none")
     torch.testing.assert_close(loss, (per_query * weights).sum() / weights.sum())
-
-
-def test_functional_entry_point_matches_module():
-    fx = fixture_for("panoptic_r50_batch")
-    loss, loss_dict = MaskDINOForUniversalSegmentationLoss(
-        fx.outputs(), fx.targets(), fx.config(), fx.denoising_meta(), fx.replay()
-    )
-    assert abs(loss.item() - fx.info["total_loss"]) / fx.info["total_loss"] < 1e-4
-    assert set(loss_dict) == set(fx.info["losses_weighted"])
 
 
 # ------------------------------------------------------------------------------------------ random source

@@ -81,15 +81,18 @@ def test_denoising_queries_match_official():
     targets = model._build_targets(pixel_values, masks, labels, boxes)
     outputs = model.model(pixel_values, targets=targets, random_source=source)
     official = load_file(case_dir(case) / "training" / "outputs.safetensors")
-    meta = outputs.denoising_meta
-    pad = meta["pad_size"]
-    assert torch.equal(meta["attn_mask"], official["dec.self_attn_mask"].bool())
-    assert torch.equal(meta["map_known_indice"], official["dn.map_known_indice"])
-    assert torch.equal(meta["known_lbs_bboxes"][0], official["dn.known_labels"])
-    torch.testing.assert_close(meta["anchors"], official["dec.init_reference_unsigmoid"][:, :pad], atol=1e-4, rtol=0)
-    torch.testing.assert_close(meta["content"], official["dec.init_tgt"][:, :pad], atol=1e-4, rtol=0)
-    for layer, (logits, masks_, box) in enumerate(outputs.denoising_outputs):
-        name = "dn_final" if layer == len(outputs.denoising_outputs) - 1 else f"dn_aux{layer}"
+    denoising = outputs.denoising_outputs
+    pad = denoising.pad_size
+    assert torch.equal(denoising.self_attn_mask, official["dec.self_attn_mask"].bool())
+    assert torch.equal(denoising.query_indices, official["dn.map_known_indice"])
+    assert torch.equal(denoising.known_labels, official["dn.known_labels"])
+    torch.testing.assert_close(
+        denoising.reference_points, official["dec.init_reference_unsigmoid"][:, :pad], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(denoising.queries, official["dec.init_tgt"][:, :pad], atol=1e-4, rtol=0)
+    layers = list(zip(denoising.class_logits, denoising.mask_logits, denoising.box_predictions))
+    for layer, (logits, masks_, box) in enumerate(layers):
+        name = "dn_final" if layer == len(layers) - 1 else f"dn_aux{layer}"
         torch.testing.assert_close(logits, official[f"{name}.pred_logits"], atol=1e-4, rtol=0)
         torch.testing.assert_close(box, official[f"{name}.pred_boxes"], atol=1e-4, rtol=0)
         torch.testing.assert_close(masks_, official[f"{name}.pred_masks"], atol=1e-4, rtol=0)

@@ -75,7 +75,9 @@ def _register() -> None:
     # (`AutoVideoProcessor.register` does this, but `transformers.AutoVideoProcessor` is a dummy without torchvision.)
     VIDEO_PROCESSOR_MAPPING.register(MaskDINOConfig, {}, exist_ok=True)
     # The image-segmentation and object-detection pipelines check the model class against these name tables, not
-    # against registered classes; list ours so they do not log "not supported" for it.
+    # against registered classes; list ours so they do not log "not supported" for it. The base-model table tells
+    # code that reads it (Transformers' common tests among them) that `MaskDINOModel` is a headless base model.
+    modeling_auto.MODEL_MAPPING_NAMES.setdefault(MaskDINOConfig.model_type, MaskDINOModel.__name__)
     for names in (
         modeling_auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES,
         modeling_auto.MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES,

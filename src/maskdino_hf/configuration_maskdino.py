@@ -44,8 +44,9 @@ class MaskDINOConfig(PreTrainedConfig):
         backbone_config: backbone given to `load_backbone` (`AutoBackbone`); a ResNet-50 with the official
             detectron2 layout (stride in the 3x3 conv, frozen batch norm) by default. Its `out_features` must be
             `stage1..stage4` (ResNet/Swin) so that they map to `res2..res5`.
-        hidden_size: width of the decoder and of the query-selection heads. The official sine query embedding
-            hard-codes 128 features per coordinate, so only 256 reproduces the official model.
+        hidden_size: width of the decoder and of the query-selection heads; a multiple of 4 divisible by
+            `decoder_attention_heads`. The sine query embedding takes `hidden_size // 2` features per box coordinate
+            (the official 128 at 256).
         feature_size: width of the pixel decoder (`SEM_SEG_HEAD.CONVS_DIM`).
         mask_feature_size: width of the per-pixel embedding (`SEM_SEG_HEAD.MASK_DIM`).
         encoder_layers / encoder_attention_heads / encoder_ffn_dim / encoder_n_points: the multi-scale deformable
@@ -176,10 +177,10 @@ class MaskDINOConfig(PreTrainedConfig):
                 f"num_feature_levels ({self.num_feature_levels}) must be at least the number of encoder_in_features "
                 f"({len(self.encoder_in_features)})"
             )
-        if self.hidden_size != 256:
+        if self.hidden_size % 4:
             raise ValueError(
-                f"hidden_size must be 256: the sine query embedding has 128 features per box coordinate, got "
-                f"{self.hidden_size}"
+                f"hidden_size must be a multiple of 4 (the sine query embedding has hidden_size / 2 sin-cos features "
+                f"per box coordinate), got {self.hidden_size}"
             )
         for name in ("feature_size", "hidden_size"):
             heads = self.encoder_attention_heads if name == "feature_size" else self.decoder_attention_heads

@@ -21,6 +21,8 @@ with one random point set per image, PointRend importance sampling that takes it
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,10 +44,23 @@ from .random_source import MaskDINORandomSource
 if is_scipy_available():
     from scipy.optimize import linear_sum_assignment
 
+if TYPE_CHECKING:
+    from .modeling_maskdino import MaskDINOModelOutput
+
 logger = logging.get_logger(__name__)
 
 # One entry per image: (indices of the matched predictions, indices of their ground-truth objects), int64.
 Matching = list[tuple[Tensor, Tensor]]
+
+
+class LayerPredictions(NamedTuple):
+    """One prediction layer, under the model output's field names: class logits (batch, queries, C), mask logits
+    (batch, queries, h, w) (any resolution: they are sampled at normalised coordinates) and sigmoid cxcywh boxes
+    (batch, queries, 4) normalised to the padded input."""
+
+    class_logits: Tensor
+    mask_logits: Tensor | None
+    box_predictions: Tensor
 
 COST_TERMS = ("class", "mask", "dice", "bbox", "giou")
 BASE_LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
@@ -149,7 +164,7 @@ class MaskDINOHungarianMatcher(nn.Module):
     @torch.no_grad()
     def compute_costs(
         self,
-        outputs: dict[str, Tensor],
+        outputs: LayerPredictions,
         targets: list[dict[str, Tensor]],
         random_source: MaskDINORandomSource | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -160,11 +175,11 @@ class MaskDINOHungarianMatcher(nn.Module):
         `bbox`, `giou` to tensors of the same shape. Draws one `rand(1, P, 2)` per image.
         """
         random_source = random_source if random_source is not None else MaskDINORandomSource()
-        logits = outputs["pred_logits"].float()
+        logits = outputs.class_logits.float()
         batch_size, num_queries = logits.shape[:2]
         device = logits.device
-        pred_boxes = outputs["pred_boxes"].float().flatten(0, 1)
-        pred_masks = outputs["pred_masks"].float()
+        pred_boxes = outputs.box_predictions.float().flatten(0, 1)
+        pred_masks = outputs.mask_logits.float()
 
         target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
@@ -206,7 +221,7 @@ class MaskDINOHungarianMatcher(nn.Module):
     @torch.no_grad()
     def per_image_costs(
         self,
-        outputs: dict[str, Tensor],
+        outputs: LayerPredictions,
         targets: list[dict[str, Tensor]],
         random_source: MaskDINORandomSource | None = None,
     ) -> list[dict[str, Tensor]]:
@@ -220,15 +235,14 @@ class MaskDINOHungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(
         self,
-        outputs: dict[str, Tensor],
+        outputs: LayerPredictions,
         targets: list[dict[str, Tensor]],
         random_source: MaskDINORandomSource | None = None,
     ) -> Matching:
         """Match the predictions of one layer to the targets.
 
         Args:
-            outputs: `pred_logits` (batch, num_queries, num_classes), `pred_boxes` (batch, num_queries, 4) sigmoid
-                cxcywh, `pred_masks` (batch, num_queries, h, w) logits.
+            outputs: one layer's `class_logits`, `mask_logits` and `box_predictions`.
             targets: one dict per image with `labels` (n,), `boxes` (n, 4) normalised cxcywh and `masks` (n, H, W).
             random_source: where the mask points come from (torch's global RNG by default).
 
@@ -255,25 +269,20 @@ class MaskDINOHungarianMatcher(nn.Module):
 class MaskDINOLoss(nn.Module):
     """Set criterion of Mask DINO.
 
-    Call it with the decoder's outputs in the official dict layout and the per-image targets:
+    Call it with the model's outputs ([`MaskDINOModelOutput`]), read field by field, and the per-image targets:
 
-    * `outputs`:
-        * `pred_logits` (batch, num_queries, C), `pred_boxes` (batch, num_queries, 4) sigmoid cxcywh normalised to
-          the padded input, `pred_masks` (batch, num_queries, h, w) mask logits (any resolution; they are sampled at
-          normalised coordinates): the final decoder layer, denoising queries removed;
-        * `aux_outputs`: list of dicts with the same three keys, one per earlier prediction (with `initial_pred`,
-          entry 0 is the prediction from the selected queries before the first decoder layer, entry i after
-          decoder layer i-1);
-        * `interm_outputs` (two-stage only): the same three keys for the selected encoder proposals.
+    * `outputs.class_logits`, `outputs.mask_logits`, `outputs.box_predictions`: one entry per prediction layer, the
+      final decoder layer last, denoising queries removed (with `initial_pred`, entry 0 is the prediction from the
+      selected queries before the first decoder layer, entry i after decoder layer i-1); the final layer is matched
+      and supervised, the earlier ones too with `deep_supervision`;
+    * `outputs.enc_topk_logits`, `enc_topk_masks`, `enc_topk_boxes` (two-stage only): the selected encoder
+      proposals (`interm`);
+    * `outputs.denoising_outputs` ([`MaskDINODenoisingOutput`], `None` when no denoising queries were built, e.g.
+      no image has a target): `num_groups`, `pad_size` and the denoising queries' `class_logits`, `mask_logits`,
+      `box_predictions` per layer; denoising query `g * pad_size / num_groups + j` of image b reconstructs
+      `targets[b]` object j.
     * `targets`: one dict per image with `labels` (n,) int64, `boxes` (n, 4) cxcywh normalised by the UNPADDED
       image size, `masks` (n, H, W) bool/uint8/float zero-padded to the padded batch size. n may be 0.
-    * `denoising_meta` (the official `mask_dict`; `None` when no denoising queries were built, e.g. no image has a
-      target): `scalar` (int, number of denoising groups), `pad_size` (int, scalar * single_pad, single_pad = the
-      largest target count of the batch), `output_known_lbs_bboxes` (dict with `pred_logits`, `pred_boxes`,
-      `pred_masks` of shape (batch, pad_size, ...) for the final layer and `aux_outputs`, a list aligned with
-      `outputs["aux_outputs"]`). The model also stores `known_indice`, `batch_idx`, `map_known_indice`,
-      `known_lbs_bboxes` (noised-free labels and boxes) there; the loss does not need them: denoising query
-      `g * single_pad + j` of image b reconstructs `targets[b]` object j.
     * `random_source`: the source of the matcher and PointRend points (torch's global RNG by default).
 
     Returns `(loss, loss_dict)`: `loss_dict` holds every produced term multiplied by its weight (`weight_dict`,
@@ -358,10 +367,12 @@ class MaskDINOLoss(nn.Module):
         return points
 
     # ------------------------------------------------------------------------------------------ loss terms
-    def loss_labels(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+    def loss_labels(
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+    ) -> dict[str, Tensor]:
         """`loss_ce`: sigmoid focal loss over all queries and classes, `.mean(1).sum() / num_masks * num_queries`;
         with `semantic_ce_loss`, softmax cross-entropy with the no-object class weighted `no_object_weight`."""
-        logits = outputs["pred_logits"].float()
+        logits = outputs.class_logits.float()
         batch_size, num_queries, num_logits = logits.shape
         batch_idx, pred_idx = self._prediction_index(indices, logits.device)
         matched_labels = self._matched_targets(targets, indices, "labels", logits.device).long()
@@ -376,11 +387,13 @@ class MaskDINOLoss(nn.Module):
         loss = sigmoid_focal_loss(logits, one_hot, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
         return {"loss_ce": loss * num_queries}
 
-    def loss_boxes(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+    def loss_boxes(
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+    ) -> dict[str, Tensor]:
         """`loss_bbox` (L1 on cxcywh) and `loss_giou` (1 - GIoU) summed over matched pairs / num_masks. With
         `panoptic_box_loss`, pairs whose ground-truth label is a stuff label contribute nothing (the normaliser still
         counts them)."""
-        pred_boxes = outputs["pred_boxes"]
+        pred_boxes = outputs.box_predictions
         batch_idx, pred_idx = self._prediction_index(indices, pred_boxes.device)
         source = pred_boxes[batch_idx, pred_idx].float()
         target = self._matched_targets(targets, indices, "boxes", source.device).float()
@@ -393,10 +406,12 @@ class MaskDINOLoss(nn.Module):
             giou = torch.where(is_thing, giou, torch.zeros_like(giou))
         return {"loss_bbox": l1.sum() / num_masks, "loss_giou": giou.sum() / num_masks}
 
-    def loss_masks(self, outputs, targets, indices, num_masks, random_source=None) -> dict[str, Tensor]:
+    def loss_masks(
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+    ) -> dict[str, Tensor]:
         """`loss_mask` (BCE) and `loss_dice` on `train_num_points` points per matched mask, chosen by uncertainty
         (see `sample_points_using_uncertainty`); no upsampling, points are in normalised coordinates."""
-        pred_masks = outputs["pred_masks"]
+        pred_masks = outputs.mask_logits
         batch_idx, pred_idx = self._prediction_index(indices, pred_masks.device)
         source = pred_masks[batch_idx, pred_idx].float()[:, None]
         with torch.no_grad():
@@ -438,9 +453,8 @@ class MaskDINOLoss(nn.Module):
     # --------------------------------------------------------------------------------------------- forward
     def compute_loss_terms(
         self,
-        outputs: dict,
+        outputs: MaskDINOModelOutput,
         targets: list[dict[str, Tensor]],
-        denoising_meta: dict | None = None,
         random_source: MaskDINORandomSource | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Matching]]:
         """Unweighted loss terms (the official criterion's output) and the matching of every matched layer.
@@ -450,19 +464,26 @@ class MaskDINOLoss(nn.Module):
         points of the matched masks), its denoising queries, then for each auxiliary layer the same, then `interm`.
         """
         random_source = random_source if random_source is not None else MaskDINORandomSource()
-        device = outputs["pred_logits"].device
+        device = outputs.class_logits[-1].device
         missing = [key for key in ("labels", "boxes", "masks") for t in targets if key not in t]
         if missing:
             raise ValueError(f"every target needs 'labels', 'boxes' and 'masks'; missing {sorted(set(missing))}")
         num_masks = self._num_masks(targets, device)
 
-        use_denoising = self.denoising != "no" and denoising_meta is not None
-        dn_outputs = dn_indices = dn_norm = None
+        layers = [
+            LayerPredictions(*layer)
+            for layer in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)
+        ]
+        denoising = outputs.denoising_outputs
+        use_denoising = self.denoising != "no" and denoising is not None
+        dn_layers = dn_indices = dn_norm = None
         if use_denoising:
-            dn_outputs = denoising_meta["output_known_lbs_bboxes"]
-            scalar = int(denoising_meta["scalar"])
-            dn_indices = self.denoising_indices(targets, scalar, int(denoising_meta["pad_size"]))
-            dn_norm = num_masks * scalar
+            dn_layers = [
+                LayerPredictions(*layer)
+                for layer in zip(denoising.class_logits, denoising.mask_logits, denoising.box_predictions)
+            ]
+            dn_indices = self.denoising_indices(targets, denoising.num_groups, denoising.pad_size)
+            dn_norm = num_masks * denoising.num_groups
 
         terms: dict[str, Tensor] = {}
         matchings: dict[str, Matching] = {}
@@ -474,10 +495,10 @@ class MaskDINOLoss(nn.Module):
             layer_terms = self._terms(all_kinds, layer_outputs, targets, indices, num_masks, random_source)
             terms.update({key + suffix: value for key, value in layer_terms.items()})
 
-        def denoising_layer(layer_outputs, suffix):
+        def denoising_layer(index, suffix):
             if use_denoising:
                 layer_terms = self._terms(
-                    self.denoising_losses, layer_outputs, targets, dn_indices, dn_norm, random_source
+                    self.denoising_losses, dn_layers[index], targets, dn_indices, dn_norm, random_source
                 )
             elif self.denoising != "no":
                 layer_terms = self._zero_denoising_terms(device)
@@ -485,54 +506,38 @@ class MaskDINOLoss(nn.Module):
                 return
             terms.update({key + suffix: value for key, value in layer_terms.items()})
 
-        final = {key: outputs[key] for key in ("pred_logits", "pred_masks", "pred_boxes")}
-        matched_layer(final, "final", "")
-        denoising_layer(dn_outputs, "_dn")
-
-        if self.deep_supervision and outputs.get("aux_outputs"):
+        two_stage = outputs.enc_topk_logits is not None
+        matched_layer(layers[-1], "final", "")
+        denoising_layer(-1, "_dn")
+        if self.deep_supervision:
             # without query selection the first auxiliary prediction gets no denoising loss (official behaviour)
-            first_denoised = 0 if "interm_outputs" in outputs else 1
-            for layer, aux_outputs in enumerate(outputs["aux_outputs"]):
+            first_denoised = 0 if two_stage else 1
+            for layer, aux_outputs in enumerate(layers[:-1]):
                 matched_layer(aux_outputs, f"aux{layer}", f"_{layer}")
                 if layer >= first_denoised:
-                    dn_aux = dn_outputs["aux_outputs"][layer] if use_denoising else None
-                    denoising_layer(dn_aux, f"_dn_{layer}")
-
-        if outputs.get("interm_outputs") is not None:
-            matched_layer(outputs["interm_outputs"], "interm", "_interm")
+                    denoising_layer(layer, f"_dn_{layer}")
+        if two_stage:
+            interm = LayerPredictions(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
+            matched_layer(interm, "interm", "_interm")
         return terms, matchings
 
     def forward(
         self,
-        outputs: dict,
+        outputs: MaskDINOModelOutput,
         targets: list[dict[str, Tensor]],
-        denoising_meta: dict | None = None,
         random_source: MaskDINORandomSource | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and the weighted terms (terms without a weight are dropped, as in the official model)."""
-        terms, _ = self.compute_loss_terms(outputs, targets, denoising_meta, random_source)
+        terms, _ = self.compute_loss_terms(outputs, targets, random_source)
         loss_dict = {name: value * self.weight_dict[name] for name, value in terms.items() if name in self.weight_dict}
         loss = torch.stack(list(loss_dict.values())).sum()
         return loss, loss_dict
 
 
-def MaskDINOForUniversalSegmentationLoss(
-    outputs: dict,
-    targets: list[dict[str, Tensor]],
-    config: MaskDINOConfig,
-    denoising_meta: dict | None = None,
-    random_source: MaskDINORandomSource | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Functional entry point (Transformers' `*Loss` function style): build the criterion from `config` on the
-    predictions' device and return `(loss, loss_dict)`; see [`MaskDINOLoss`] for the layouts."""
-    criterion = MaskDINOLoss(config).to(outputs["pred_logits"].device)
-    return criterion(outputs, targets, denoising_meta, random_source)
-
-
 __all__ = [
     "MaskDINOHungarianMatcher",
     "MaskDINOLoss",
-    "MaskDINOForUniversalSegmentationLoss",
+    "LayerPredictions",
     "generalized_box_iou_with_eps",
     "focal_class_cost",
     "maskdino_weight_dict",

@@ -20,15 +20,19 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import (
+    DeformableDetrEncoder,
     DeformableDetrFrozenBatchNorm2d,
+    DeformableDetrMLPPredictionHead,
     inverse_sigmoid,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
@@ -40,7 +44,89 @@ from .loss_maskdino import MaskDINOLoss
 from .ms_deform_attn import MaskDINOMultiscaleDeformableAttention
 from .random_source import MaskDINORandomSource
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+@dataclass
+class MaskDINOQuerySelectionOutput(ModelOutput):
+    r"""
+    Unified query selection (two-stage): every encoder token predicts a class and a box, the `num_queries` best
+    become the decoder's queries. Q = num_queries, C = classifier width, (h, w) = 1/4 of the padded input.
+
+    enc_outputs_class (`torch.Tensor` of shape (batch, tokens, C)): class logits of every encoder token.
+    enc_outputs_coord_logits (`torch.Tensor` of shape (batch, tokens, 4)): their boxes in logit space (+inf for
+        proposals touching the border).
+    enc_topk_indices (`torch.Tensor` of shape (batch, Q)): the selected tokens, by descending score.
+    enc_topk_logits (`torch.Tensor` of shape (batch, Q, C)): class logits of the selected proposals.
+    enc_topk_boxes (`torch.Tensor` of shape (batch, Q, 4)): their boxes (sigmoid cxcywh).
+    enc_topk_masks (`torch.Tensor` of shape (batch, Q, h, w)): their mask logits.
+    enc_topk_hidden_states (`torch.Tensor` of shape (batch, Q, hidden)): their encoder states, the content queries.
+    enc_topk_coord_logits (`torch.Tensor` of shape (batch, Q, 4)): their boxes in logit space, the anchors.
+    """
+
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+    enc_topk_indices: torch.Tensor | None = None
+    enc_topk_logits: torch.Tensor | None = None
+    enc_topk_boxes: torch.Tensor | None = None
+    enc_topk_masks: torch.Tensor | None = None
+    enc_topk_hidden_states: torch.Tensor | None = None
+    enc_topk_coord_logits: torch.Tensor | None = None
+
+
+@dataclass
+class MaskDINODenoisingOutput(ModelOutput):
+    r"""
+    Unified denoising (training only): the ground-truth labels and boxes of the batch, noised, in `num_groups` groups
+    of `pad_size / num_groups` queries (the largest target count of the batch), placed before the matching queries.
+    Denoising query `g * pad_size / num_groups + j` of image b reconstructs target j of image b. T = targets of the
+    whole batch, N = pad_size + num_queries.
+
+    queries (`torch.Tensor` of shape (batch, pad_size, hidden)): content queries, the embeddings of noised labels.
+    reference_points (`torch.Tensor` of shape (batch, pad_size, 4)): their anchors, noised boxes in logit space.
+    self_attn_mask (`torch.Tensor` of shape (N, N)): decoder self-attention mask, True = blocked: matching queries
+        do not see denoising ones, a group sees only itself and the matching queries.
+    known_labels / known_boxes (`torch.Tensor` of shape (num_groups * T,) / (num_groups * T, 4)): the labels and
+        boxes before noise, group after group (the official `known_lbs_bboxes`).
+    known_indices (`torch.Tensor` of shape (num_groups * T,)): target index within the batch of each of them.
+    batch_indices (`torch.Tensor` of shape (T,)): image of each target.
+    query_indices (`torch.Tensor` of shape (num_groups * T,)): the denoising query of each of them.
+    num_groups (`int`): the number of groups (the official `scalar`). pad_size (`int`): denoising queries per image.
+    class_logits / mask_logits / box_predictions (`tuple[torch.Tensor]`): the denoising queries' predictions of
+        every prediction layer, (batch, pad_size, ...), aligned with the model output's fields of the same names.
+    """
+
+    queries: torch.Tensor | None = None
+    reference_points: torch.Tensor | None = None
+    self_attn_mask: torch.Tensor | None = None
+    known_labels: torch.Tensor | None = None
+    known_boxes: torch.Tensor | None = None
+    known_indices: torch.Tensor | None = None
+    batch_indices: torch.Tensor | None = None
+    query_indices: torch.Tensor | None = None
+    num_groups: int | None = None
+    pad_size: int | None = None
+    class_logits: tuple[torch.Tensor, ...] | None = None
+    mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    box_predictions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MaskDINODecoderOutput(ModelOutput):
+    r"""
+    Outputs of [`MaskDINODecoder`], field for field those of [`MaskDINOModelOutput`] (see there), with the query
+    selection grouped in `query_selection` ([`MaskDINOQuerySelectionOutput`], `None` without two-stage).
+    """
+
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    init_reference_points: torch.Tensor | None = None
+    class_logits: tuple[torch.Tensor, ...] | None = None
+    mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    box_predictions: tuple[torch.Tensor, ...] | None = None
+    query_selection: MaskDINOQuerySelectionOutput | None = None
+    denoising_outputs: MaskDINODenoisingOutput | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -69,8 +155,20 @@ class MaskDINOModelOutput(ModelOutput):
     mask_logits (`tuple[torch.Tensor | None]`): the same layers' mask logits (batch, Q, h, w); `None` for the
         intermediate layers at inference unless `output_auxiliary_masks=True`.
     box_predictions (`tuple[torch.Tensor]`): the same layers' boxes (batch, Q, 4), sigmoid cxcywh.
-    denoising_outputs (`dict`): per-layer predictions of the denoising queries (training only).
-    denoising_meta (`dict`): how denoising queries map to ground truth (training only).
+    denoising_outputs (`MaskDINODenoisingOutput`, *optional*): the denoising queries, their predictions per layer
+        and how they map to the ground truth (training with targets only).
+    encoder_hidden_states (`tuple[torch.Tensor]`, *optional*): with `output_hidden_states=True`, the deformable
+        encoder's input and every encoder layer's output, `encoder_layers + 1` tensors (batch, tokens, feature_size)
+        over all levels (encoder level order).
+    encoder_attentions (`tuple[torch.Tensor]`, *optional*): with `output_attentions=True`, every encoder layer's
+        deformable attention weights (batch, tokens, encoder_attention_heads, num_feature_levels, encoder_n_points).
+    decoder_hidden_states (`tuple[torch.Tensor]`, *optional*): with `output_hidden_states=True`, the decoder's input
+        queries and every decoder layer's (un-normed) output, `decoder_layers + 1` tensors (batch, N, hidden), where
+        N = Q, or denoising queries first plus Q when training with denoising.
+    decoder_attentions (`tuple[torch.Tensor]`, *optional*): with `output_attentions=True`, every decoder layer's
+        query self-attention weights (batch, decoder_attention_heads, N, N).
+    cross_attentions (`tuple[torch.Tensor]`, *optional*): with `output_attentions=True`, every decoder layer's
+        deformable cross-attention weights (batch, N, decoder_attention_heads, num_feature_levels, decoder_n_points).
     """
 
     backbone_features: tuple[torch.Tensor, ...] | None = None
@@ -88,8 +186,12 @@ class MaskDINOModelOutput(ModelOutput):
     class_logits: tuple[torch.Tensor, ...] | None = None
     mask_logits: tuple[torch.Tensor | None, ...] | None = None
     box_predictions: tuple[torch.Tensor, ...] | None = None
-    denoising_outputs: dict | None = None
-    denoising_meta: dict | None = None
+    denoising_outputs: MaskDINODenoisingOutput | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -111,6 +213,9 @@ class MaskDINOForUniversalSegmentationOutput(ModelOutput):
     mask_features (`torch.Tensor`): the per-pixel embedding.
     intermediate_hidden_states (`torch.Tensor`, *optional*): decoder states, when `output_hidden_states=True`.
     backbone_features / multi_scale_features (*optional*): when `output_hidden_states=True`.
+    encoder_hidden_states / decoder_hidden_states (*optional*): per-layer states, when `output_hidden_states=True`;
+    encoder_attentions / decoder_attentions / cross_attentions (*optional*): per-layer attention weights, when
+        `output_attentions=True` (see `MaskDINOModelOutput`).
     """
 
     loss: torch.Tensor | None = None
@@ -126,27 +231,16 @@ class MaskDINOForUniversalSegmentationOutput(ModelOutput):
     intermediate_hidden_states: torch.Tensor | None = None
     backbone_features: tuple[torch.Tensor, ...] | None = None
     multi_scale_features: tuple[torch.Tensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class MaskDINOMLP(nn.Module):
-    """A stack of linear layers with ReLU between them (box, mask and query-position heads)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
-            if index < len(self.layers) - 1:
-                hidden_states = F.relu(hidden_states)
-        return hidden_states
-
-
-def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
-    """Sine embedding of normalised (cx, cy, w, h) boxes: `num_features` per coordinate in the order (y, x, w, h)."""
+def box_sine_embedding(boxes: torch.Tensor, num_features: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine embedding of normalised (cx, cy, w, h) boxes: `num_features` per coordinate in the order (y, x, w, h).
+    The decoder takes `hidden_size // 2` (128 for the official 256), so the four coordinates fill `2 * hidden_size`."""
     dim_t = torch.arange(num_features, dtype=torch.float32, device=boxes.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
     scaled = boxes.float()[..., None] * (2 * math.pi) / dim_t
@@ -193,7 +287,9 @@ def encoder_output_proposals(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-stage anchors: one proposal per encoder token, centred on its cell, size 0.05 * 2**level (decoder level
     index, so the first (coarsest) level gets the smallest). Proposals touching the border (any coordinate outside
-    (0.01, 0.99)) become +inf and their token is zeroed. Returns (memory, proposals in logit space)."""
+    (0.01, 0.99)) become +inf and their token is zeroed. Returns (memory, proposals in logit space).
+    Not Deformable DETR's `gen_encoder_output_proposals`: that is a model method that also masks padding and applies
+    the model's own output projection, while Mask DINO attends to padding and projects afterwards."""
     proposals = []
     for level, (height, width) in enumerate(spatial_shapes_list):
         grid_y, grid_x = torch.meshgrid(
@@ -248,7 +344,7 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(dim, config.encoder_ffn_dim)
         self.fc2 = nn.Linear(config.encoder_ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.activation = _ACTIVATIONS[config.activation_function]
+        self.activation = ACT2FN[config.activation_function]
         self.dropout = config.dropout
         # Tokens per feed-forward chunk at inference (2048 x encoder_ffn_dim activations: 16 MB in fp32).
         self.ffn_chunk_size = 2048
@@ -261,8 +357,9 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         spatial_shapes: torch.Tensor,
         spatial_shapes_list: list[tuple[int, int]],
         level_start_index: torch.Tensor,
-    ) -> torch.Tensor:
-        attended, _ = self.self_attn(
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the new states and the deformable attention weights (batch, tokens, heads, levels, points)."""
+        attended, attention_weights = self.self_attn(
             hidden_states=hidden_states,
             encoder_hidden_states=hidden_states,
             position_embeddings=position_embeddings,
@@ -284,7 +381,8 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
                 [self.fc2(self.activation(self.fc1(chunk))) for chunk in hidden_states.split(self.ffn_chunk_size, 1)],
                 1,
             )
-        return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        hidden_states = self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        return hidden_states, attention_weights
 
 
 def fpn_feature_names(config: MaskDINOConfig) -> list[str]:
@@ -336,21 +434,11 @@ class MaskDINOPixelDecoder(nn.Module):
         )
         self.mask_projection = nn.Conv2d(dim, config.mask_feature_size, kernel_size=1)
 
-    @staticmethod
-    def reference_points(spatial_shapes_list: list[tuple[int, int]], device, dtype) -> torch.Tensor:
-        """Cell centres of every level, normalised to [0, 1] (no padding mask: valid ratios are 1)."""
-        points = []
-        for height, width in spatial_shapes_list:
-            ref_y, ref_x = torch.meshgrid(
-                (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
-                (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width,
-                indexing="ij",
-            )
-            points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
-        points = torch.cat(points, 0).to(dtype)
-        return points[None, :, None].expand(1, -1, len(spatial_shapes_list), 2)
-
-    def forward(self, features: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, features: dict[str, torch.Tensor], output_attentions: bool = False, output_hidden_states: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Returns the encoder's multi-scale maps, the mask features, and (when asked) the encoder's per-layer
+        states (input first) and deformable attention weights."""
         sources = [proj(features[name]) for proj, name in zip(self.input_projections, self.encoder_features)]
         extra = []
         previous = features[self.extra_source]
@@ -371,13 +459,23 @@ class MaskDINOPixelDecoder(nn.Module):
         position_embeddings = torch.cat(position, 1)
         spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long, device=hidden_states.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        reference_points = self.reference_points(spatial_shapes_list, hidden_states.device, hidden_states.dtype)
-        reference_points = reference_points.expand(batch_size, -1, -1, -1)
+        # Cell centres of every level in [0, 1]; no padding mask, so every valid ratio is 1.
+        valid_ratios = torch.ones(1, len(spatial_shapes_list), 2, device=hidden_states.device)
+        reference_points = DeformableDetrEncoder.get_reference_points(
+            spatial_shapes_list, valid_ratios, hidden_states.device
+        )
+        reference_points = reference_points.to(hidden_states.dtype).expand(batch_size, -1, -1, -1)
+        all_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, attention_weights = layer(
                 hidden_states, position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
                 level_start_index,
             )
+            if output_hidden_states:
+                all_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attention_weights,)
 
         sizes = [height * width for height, width in spatial_shapes_list]
         # (batch, height, width, channels) views seen as (batch, channels, height, width): channels-last maps, whose
@@ -393,7 +491,7 @@ class MaskDINOPixelDecoder(nn.Module):
             lateral_map = lateral(features[name])
             upsampled = F.interpolate(outputs[finest], size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(output_conv(lateral_map + upsampled))
-        return multi_scale_features, self.mask_projection(outputs[-1])
+        return multi_scale_features, self.mask_projection(outputs[-1]), all_states, all_attentions
 
 
 class MaskDINODecoderLayer(GradientCheckpointingLayer):
@@ -412,7 +510,7 @@ class MaskDINODecoderLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(dim, config.decoder_ffn_dim)
         self.fc2 = nn.Linear(config.decoder_ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.activation = _ACTIVATIONS[config.activation_function]
+        self.activation = ACT2FN[config.activation_function]
         self.dropout = config.dropout
 
     def forward(
@@ -425,11 +523,18 @@ class MaskDINODecoderLayer(GradientCheckpointingLayer):
         spatial_shapes_list: list[tuple[int, int]],
         level_start_index: torch.Tensor,
         self_attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns the new states, the self-attention weights (batch, heads, N, N) when `output_attentions`, else
+        `None`, and the deformable cross-attention weights (batch, N, heads, levels, points)."""
         query = hidden_states + query_position
-        attended = self.self_attn(query, query, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
+        if output_attentions:
+            attended, self_attn_weights = self.eager_self_attention(query, hidden_states, self_attn_mask)
+        else:
+            attended = self.self_attn(query, query, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
+            self_attn_weights = None
         hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
-        attended, _ = self.encoder_attn(
+        attended, cross_attn_weights = self.encoder_attn(
             hidden_states=hidden_states,
             encoder_hidden_states=memory,
             position_embeddings=query_position,
@@ -440,7 +545,34 @@ class MaskDINODecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
         feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
-        return self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        hidden_states = self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
+        return hidden_states, self_attn_weights, cross_attn_weights
+
+    def eager_self_attention(
+        self, query: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`self.self_attn` (same parameters, same function) written out, so that the attention weights it
+        returns are the ones that weight the values and receive gradients (`nn.MultiheadAttention` returns a copy).
+        Used only for `output_attentions=True`; the default path keeps PyTorch's fused attention."""
+        attention = self.self_attn
+        batch_size, length, dim = query.shape
+        heads = attention.num_heads
+        weight_q, weight_k, weight_v = attention.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = attention.in_proj_bias.chunk(3)
+
+        def split_heads(states: torch.Tensor) -> torch.Tensor:
+            return states.view(batch_size, length, heads, dim // heads).transpose(1, 2)
+
+        queries = split_heads(F.linear(query, weight_q, bias_q))
+        keys = split_heads(F.linear(query, weight_k, bias_k))
+        values = split_heads(F.linear(value, weight_v, bias_v))
+        scores = queries @ keys.transpose(-1, -2) / math.sqrt(dim // heads)
+        if attn_mask is not None:
+            scores = scores.masked_fill(attn_mask, float("-inf"))
+        weights = scores.softmax(-1)
+        attended = F.dropout(weights, attention.dropout, self.training) @ values
+        attended = attention.out_proj(attended.transpose(1, 2).reshape(batch_size, length, dim))
+        return attended, weights
 
 
 class MaskDINODecoder(nn.Module):
@@ -465,9 +597,9 @@ class MaskDINODecoder(nn.Module):
             self.query_embed = nn.Embedding(config.num_queries, 4)
         self.class_embed = nn.Linear(dim, config.num_classifier_outputs)
         self.label_enc = nn.Embedding(config.num_labels, dim)
-        self.mask_embed = MaskDINOMLP(dim, dim, config.mask_feature_size, 3)
-        self.bbox_embed = MaskDINOMLP(dim, dim, 4, 3)
-        self.ref_point_head = MaskDINOMLP(2 * dim, dim, dim, 2)
+        self.mask_embed = DeformableDetrMLPPredictionHead(dim, dim, config.mask_feature_size, 3)
+        self.bbox_embed = DeformableDetrMLPPredictionHead(dim, dim, 4, 3)
+        self.ref_point_head = DeformableDetrMLPPredictionHead(2 * dim, dim, dim, 2)
         # The official decoder normalises each layer's output with this norm and the heads apply it once more.
         self.layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(MaskDINODecoderLayer(config) for _ in range(config.decoder_layers))
@@ -503,7 +635,7 @@ class MaskDINODecoder(nn.Module):
 
     def query_selection(
         self, memory: torch.Tensor, spatial_shapes_list: list[tuple[int, int]], mask_features: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    ) -> MaskDINOQuerySelectionOutput:
         """Unified query selection: score every encoder token, keep the top-k as content queries and anchors."""
         memory, proposals = encoder_output_proposals(memory, spatial_shapes_list)
         memory = self.enc_output_norm(self.enc_output(memory))
@@ -513,23 +645,21 @@ class MaskDINODecoder(nn.Module):
         selected_coords = torch.gather(coord_logits, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
         selected_memory = torch.gather(memory, 1, topk.unsqueeze(-1).expand(-1, -1, memory.shape[-1]))
         topk_logits, topk_masks = self.prediction_heads(selected_memory, mask_features)
-        return {
-            "enc_outputs_class": class_logits,
-            "enc_outputs_coord_logits": coord_logits,
-            "topk_indices": topk,
-            "content": selected_memory,
-            "anchors": selected_coords,
-            "topk_logits": topk_logits,
-            "topk_boxes": selected_coords.sigmoid(),
-            "topk_masks": topk_masks,
-        }
+        return MaskDINOQuerySelectionOutput(
+            enc_outputs_class=class_logits,
+            enc_outputs_coord_logits=coord_logits,
+            enc_topk_indices=topk,
+            enc_topk_logits=topk_logits,
+            enc_topk_boxes=selected_coords.sigmoid(),
+            enc_topk_masks=topk_masks,
+            enc_topk_hidden_states=selected_memory,
+            enc_topk_coord_logits=selected_coords,
+        )
 
-    def denoising_queries(self, targets: list[dict], random_source) -> dict | None:
-        """Unified denoising: noised ground-truth labels and boxes repeated in groups.
+    def denoising_queries(self, targets: list[dict], random_source) -> MaskDINODenoisingOutput | None:
+        """Unified denoising: noised ground-truth labels and boxes repeated in groups (predictions not filled yet).
 
-        Returns `None` when no image has a target. Otherwise the denoising content queries and anchors
-        (batch, pad_size, ...), the self-attention mask (True = blocked) over [denoising; matching] queries,
-        and the bookkeeping the loss needs (official `mask_dict` layout).
+        Returns `None` when no image has a target or the batch has more targets than `denoising_num`.
         """
         config = self.config
         counts = [len(target["labels"]) for target in targets]
@@ -575,17 +705,18 @@ class MaskDINODecoder(nn.Module):
         is_dn = torch.arange(size, device=device) < pad_size
         # Matching queries cannot see denoising ones; a denoising group sees only itself (and matching queries).
         attn_mask = is_dn[None, :] & (~is_dn[:, None] | (group_id[:, None] != group_id[None, :]))
-        return {
-            "content": content,
-            "anchors": anchors,
-            "attn_mask": attn_mask,
-            "known_indice": torch.arange(len(labels), device=device).repeat(groups),
-            "batch_idx": batch_index,
-            "map_known_indice": slot,
-            "known_lbs_bboxes": (known_labels, known_boxes),
-            "pad_size": pad_size,
-            "scalar": groups,
-        }
+        return MaskDINODenoisingOutput(
+            queries=content,
+            reference_points=anchors,
+            self_attn_mask=attn_mask,
+            known_labels=known_labels,
+            known_boxes=known_boxes,
+            known_indices=torch.arange(len(labels), device=device).repeat(groups),
+            batch_indices=batch_index,
+            query_indices=slot,
+            num_groups=groups,
+            pad_size=pad_size,
+        )
 
     def forward(
         self,
@@ -594,7 +725,9 @@ class MaskDINODecoder(nn.Module):
         targets: list[dict] | None = None,
         random_source=None,
         output_auxiliary_masks: bool = False,
-    ) -> dict:
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> MaskDINODecoderOutput:
         config = self.config
         levels = len(multi_scale_features)
         # The decoder reads the levels in reverse encoder order.
@@ -608,12 +741,12 @@ class MaskDINODecoder(nn.Module):
         selection = None
         if config.two_stage:
             selection = self.query_selection(memory, spatial_shapes_list, mask_features)
-            content = selection["content"].detach()
-            anchors = selection["anchors"].detach()
+            content = selection.enc_topk_hidden_states.detach()
+            anchors = selection.enc_topk_coord_logits.detach()
             if config.learn_tgt:
                 content = self.query_feat.weight[None].expand(batch_size, -1, -1)
             if config.initialize_box_type != "no":
-                anchors = mask_enhanced_box_init(selection["topk_masks"], config.initialize_box_type)
+                anchors = mask_enhanced_box_init(selection.enc_topk_masks, config.initialize_box_type)
         else:
             content = self.query_feat.weight[None].expand(batch_size, -1, -1)
             anchors = self.query_embed.weight[None].expand(batch_size, -1, -1)
@@ -624,9 +757,9 @@ class MaskDINODecoder(nn.Module):
             denoising = self.denoising_queries(targets, random_source)
         attn_mask = None
         if denoising is not None:
-            content = torch.cat([denoising["content"], content], dim=1)
-            anchors = torch.cat([denoising["anchors"].to(anchors.dtype), anchors], dim=1)
-            attn_mask = denoising["attn_mask"]
+            content = torch.cat([denoising.queries, content], dim=1)
+            anchors = torch.cat([denoising.reference_points.to(anchors.dtype), anchors], dim=1)
+            attn_mask = denoising.self_attn_mask
 
         class_logits, mask_logits, boxes = [], [], []
         predict_all_masks = self.training or output_auxiliary_masks
@@ -639,10 +772,14 @@ class MaskDINODecoder(nn.Module):
         hidden_states = content
         reference_points = anchors.sigmoid()
         references = [reference_points]
-        intermediate = []
-        for index, layer in enumerate(self.layers):
-            query_position = self.ref_point_head(box_sine_embedding(reference_points))
-            hidden_states = layer(
+        reference_logits = []
+        normed_states = []
+        all_states = (hidden_states,) if output_hidden_states else None
+        self_attentions = () if output_attentions else None
+        cross_attentions = () if output_attentions else None
+        for layer in self.layers:
+            query_position = self.ref_point_head(box_sine_embedding(reference_points, config.hidden_size // 2))
+            hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
                 query_position,
                 reference_points[:, :, None].expand(-1, -1, levels, -1),
@@ -651,48 +788,78 @@ class MaskDINODecoder(nn.Module):
                 spatial_shapes_list,
                 level_start_index,
                 attn_mask,
+                output_attentions,
             )
-            normed = self.layer_norm(hidden_states)
-            intermediate.append(normed)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+            if output_attentions:
+                self_attentions += (self_weights,)
+                cross_attentions += (cross_weights,)
+            normed_states.append(self.layer_norm(hidden_states))
+            # Look forward twice: the reported box uses the normed state, the next layer's anchor the raw one.
+            reference_logits.append(inverse_sigmoid(reference_points))
+            refined = (self.bbox_embed(hidden_states) + reference_logits[-1]).sigmoid()
+            reference_points = refined.detach()
+            references.append(refined)
+
+        # The heads read the returned stacked states (denoising queries split off), so gradients reach them.
+        intermediate_hidden_states = torch.stack(normed_states, 1)
+        pad = denoising.pad_size if denoising is not None else 0
+        if denoising is not None:
+            denoising_states, intermediate_hidden_states = intermediate_hidden_states.split(
+                [pad, intermediate_hidden_states.shape[2] - pad], 2
+            )
+            layer_states = [
+                torch.cat([denoising_states[:, i], intermediate_hidden_states[:, i]], 1) for i in range(len(self.layers))
+            ]
+        else:
+            layer_states = intermediate_hidden_states.unbind(1)
+        for index, normed in enumerate(layer_states):
             last = index == len(self.layers) - 1
             logits, masks = self.prediction_heads(normed, mask_features, predict_all_masks or last)
             class_logits.append(logits)
             mask_logits.append(masks)
-            # Look forward twice: the reported box uses the normed state, the next layer's anchor the raw one.
-            reference_logits = inverse_sigmoid(reference_points)
-            boxes.append((self.bbox_embed(normed) + reference_logits).sigmoid())
-            refined = (self.bbox_embed(hidden_states) + reference_logits).sigmoid()
-            reference_points = refined.detach()
-            references.append(refined)
+            boxes.append((self.bbox_embed(normed) + reference_logits[index]).sigmoid())
 
         if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
             # The initial queries are the selected tokens: their masks are the query-selection masks.
-            mask_logits[0] = selection["topk_masks"]
+            mask_logits[0] = selection.enc_topk_masks
         if self.training and denoising is None:
             class_logits[-1] = class_logits[-1] + 0.0 * self.label_enc.weight.sum()
 
-        outputs = {
-            "class_logits": class_logits,
-            "mask_logits": mask_logits,
-            "boxes": boxes,
-            "intermediate": intermediate,
-            "references": references,
-            "init_reference": init_reference,
-            "selection": selection,
-            "denoising": denoising,
-        }
         if denoising is not None:
-            pad = denoising["pad_size"]
-            outputs["denoising_predictions"] = [
-                (logits[:, :pad], masks[:, :pad] if masks is not None else None, box[:, :pad])
-                for logits, masks, box in zip(class_logits, mask_logits, boxes)
-            ]
-            outputs["class_logits"] = [logits[:, pad:] for logits in class_logits]
-            outputs["mask_logits"] = [masks[:, pad:] if masks is not None else None for masks in mask_logits]
-            outputs["boxes"] = [box[:, pad:] for box in boxes]
-            outputs["intermediate"] = [state[:, pad:] for state in intermediate]
-            outputs["references"] = [ref[:, pad:] for ref in references]
-        return outputs
+            # Denoising queries come first: split them off every prediction.
+            def split(predictions: list) -> tuple[tuple, tuple]:
+                pairs = [(None, None) if value is None else (value[:, :pad], value[:, pad:]) for value in predictions]
+                return tuple(first for first, _ in pairs), tuple(rest for _, rest in pairs)
+
+            (dn_logits, class_logits), (dn_masks, mask_logits) = split(class_logits), split(mask_logits)
+            (dn_boxes, boxes), (_, references) = split(boxes), split(references)
+            denoising = MaskDINODenoisingOutput(
+                **denoising, class_logits=dn_logits, mask_logits=dn_masks, box_predictions=dn_boxes
+            )
+        return MaskDINODecoderOutput(
+            intermediate_hidden_states=intermediate_hidden_states,
+            intermediate_reference_points=torch.stack(references, 1),
+            init_reference_points=init_reference,
+            class_logits=tuple(class_logits),
+            mask_logits=tuple(mask_logits),
+            box_predictions=tuple(boxes),
+            query_selection=selection,
+            denoising_outputs=denoising,
+            decoder_hidden_states=all_states,
+            decoder_attentions=self_attentions,
+            cross_attentions=cross_attentions,
+        )
+
+
+def reject_unsupported_kwargs(model_name: str, kwargs: dict) -> None:
+    """Refuse keywords the forward does not use, instead of silently ignoring them."""
+    if kwargs:
+        raise TypeError(
+            f"{model_name}.forward() got unsupported keyword arguments {sorted(kwargs)}; it accepts the inputs in its "
+            "signature plus output_attentions, output_hidden_states and return_dict"
+        )
 
 
 @contextmanager
@@ -732,6 +899,17 @@ class MaskDINOPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`, without progress bars unless `MASKDINO_HF_PROGRESS=1`."""
         with _progress_bars_unless_asked():
             return super().save_pretrained(*args, **kwargs)
+
+    def resolve_output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """The standard output switches, each falling back to its config default."""
+        config = self.config
+        return (
+            bool(config.output_attentions if output_attentions is None else output_attentions),
+            bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+            bool(config.return_dict if return_dict is None else return_dict),
+        )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -830,9 +1008,11 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         targets: list[dict] | None = None,
         random_source=None,
         output_auxiliary_masks: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> MaskDINOModelOutput:
+    ) -> MaskDINOModelOutput | tuple:
         r"""
         pixel_values (`torch.Tensor` of shape (batch, 3, height, width)): normalised images, padded to the size
             divisibility. pixel_mask (`torch.Tensor` of shape (batch, height, width), *optional*): 1 on real pixels;
@@ -840,7 +1020,14 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         targets (`list[dict]`, *optional*): per image `labels` and `boxes` (normalised cxcywh), for denoising.
         random_source: where the denoising noise is drawn (see `random_source.py`).
         output_auxiliary_masks (`bool`): also compute the intermediate layers' masks at inference.
+        output_attentions / output_hidden_states / return_dict: as in every Transformers model (defaults from the
+            config); `return_dict=False` returns `MaskDINOModelOutput.to_tuple()` (fields in declaration order,
+            `None` fields left out).
         """
+        reject_unsupported_kwargs(type(self).__name__, kwargs)
+        output_attentions, output_hidden_states, return_dict = self.resolve_output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         _check_pixel_inputs(pixel_values, pixel_mask, self.min_input_size)
         if torch.is_autocast_enabled(pixel_values.device.type):
             # Under autocast, channels-last convolutions (backbone, then the pixel decoder's convs on its channels-last
@@ -849,30 +1036,40 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         backbone_maps = self.backbone(pixel_values).feature_maps[-4:]
         features = dict(zip(BACKBONE_FEATURES, backbone_maps))
-        multi_scale_features, mask_features = self.pixel_decoder(features)
+        multi_scale_features, mask_features, encoder_states, encoder_attentions = self.pixel_decoder(
+            features, output_attentions, output_hidden_states
+        )
         if random_source is None and self.training:
             random_source = MaskDINORandomSource()
-        decoded = self.decoder(multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks)
-        selection = decoded["selection"] or {}
-        return MaskDINOModelOutput(
+        decoded = self.decoder(
+            multi_scale_features, mask_features, targets, random_source, output_auxiliary_masks, output_attentions,
+            output_hidden_states,
+        )
+        selection = decoded.query_selection or MaskDINOQuerySelectionOutput()
+        outputs = MaskDINOModelOutput(
             backbone_features=tuple(backbone_maps),
             multi_scale_features=tuple(multi_scale_features),
             mask_features=mask_features,
-            enc_outputs_class=selection.get("enc_outputs_class"),
-            enc_outputs_coord_logits=selection.get("enc_outputs_coord_logits"),
-            enc_topk_indices=selection.get("topk_indices"),
-            enc_topk_logits=selection.get("topk_logits"),
-            enc_topk_boxes=selection.get("topk_boxes"),
-            enc_topk_masks=selection.get("topk_masks"),
-            init_reference_points=decoded["init_reference"],
-            intermediate_hidden_states=torch.stack(decoded["intermediate"], 1),
-            intermediate_reference_points=torch.stack(decoded["references"], 1),
-            class_logits=tuple(decoded["class_logits"]),
-            mask_logits=tuple(decoded["mask_logits"]),
-            box_predictions=tuple(decoded["boxes"]),
-            denoising_outputs=decoded.get("denoising_predictions"),
-            denoising_meta=decoded["denoising"],
+            enc_outputs_class=selection.enc_outputs_class,
+            enc_outputs_coord_logits=selection.enc_outputs_coord_logits,
+            enc_topk_indices=selection.enc_topk_indices,
+            enc_topk_logits=selection.enc_topk_logits,
+            enc_topk_boxes=selection.enc_topk_boxes,
+            enc_topk_masks=selection.enc_topk_masks,
+            init_reference_points=decoded.init_reference_points,
+            intermediate_hidden_states=decoded.intermediate_hidden_states,
+            intermediate_reference_points=decoded.intermediate_reference_points,
+            class_logits=decoded.class_logits,
+            mask_logits=decoded.mask_logits,
+            box_predictions=decoded.box_predictions,
+            denoising_outputs=decoded.denoising_outputs,
+            encoder_hidden_states=encoder_states,
+            encoder_attentions=encoder_attentions,
+            decoder_hidden_states=decoded.decoder_hidden_states,
+            decoder_attentions=decoded.decoder_attentions,
+            cross_attentions=decoded.cross_attentions,
         )
+        return outputs if return_dict else outputs.to_tuple()
 
 
 class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
@@ -882,6 +1079,13 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         super().__init__(config)
         self.model = MaskDINOModel(config)
         self.post_init()
+
+    @cached_property
+    def criterion(self) -> MaskDINOLoss:
+        """The model's one loss object, built on first use from the config. Kept out of the module tree (a cached
+        attribute, not a submodule), so it adds nothing to the state dict; it moves its few constants to the
+        predictions' device itself."""
+        return MaskDINOLoss(self.config)
 
     def save_pretrained(self, *args, **kwargs):
         """Save as Transformers does, with `auto_map` also naming this class for the Auto classes the
@@ -901,26 +1105,35 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         boxes: list[torch.Tensor] | None = None,
         random_source=None,
         output_auxiliary_masks: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> MaskDINOForUniversalSegmentationOutput:
+    ) -> MaskDINOForUniversalSegmentationOutput | tuple:
         r"""
         mask_labels (`list[torch.Tensor]`, *optional*): per image (num_targets, height, width) binary masks at the
             padded input size. class_labels (`list[torch.Tensor]`, *optional*): per image (num_targets,) class ids.
         boxes (`list[torch.Tensor]`, *optional*): per image (num_targets, 4) normalised cxcywh boxes (of the unpadded
             image); computed from the masks when omitted.
+        output_attentions / output_hidden_states / return_dict: as in every Transformers model (defaults from the
+            config); `return_dict=False` returns `MaskDINOForUniversalSegmentationOutput.to_tuple()`.
         """
+        reject_unsupported_kwargs(type(self).__name__, kwargs)
+        output_attentions, output_hidden_states, return_dict = self.resolve_output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         targets = None
         if class_labels is not None:
             targets = self._build_targets(pixel_values, mask_labels, class_labels, boxes, pixel_mask)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         outputs = self.model(
             pixel_values,
             pixel_mask,
             targets=targets,
             random_source=random_source,
             output_auxiliary_masks=bool(output_auxiliary_masks) or targets is not None,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         auxiliary = [
             {"class_queries_logits": logits, "masks_queries_logits": masks, "pred_boxes": box}
@@ -928,10 +1141,8 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         ]
         loss = loss_dict = None
         if targets is not None:
-            loss, loss_dict = MaskDINOLoss(self.config)(
-                self._loss_inputs(outputs), targets, self._denoising_inputs(outputs), random_source
-            )
-        return MaskDINOForUniversalSegmentationOutput(
+            loss, loss_dict = self.criterion(outputs, targets, random_source)
+        result = MaskDINOForUniversalSegmentationOutput(
             loss=loss,
             loss_dict=loss_dict,
             class_queries_logits=outputs.class_logits[-1],
@@ -945,7 +1156,13 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
             intermediate_hidden_states=outputs.intermediate_hidden_states if output_hidden_states else None,
             backbone_features=outputs.backbone_features if output_hidden_states else None,
             multi_scale_features=outputs.multi_scale_features if output_hidden_states else None,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
         )
+        return result if return_dict else result.to_tuple()
 
     def _build_targets(self, pixel_values, mask_labels, class_labels, boxes, pixel_mask=None) -> list[dict]:
         """Per-image loss targets. Boxes missing from the inputs are the masks' tight boxes, normalised by the
@@ -989,33 +1206,6 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
             targets.append(target)
         return targets
 
-    @staticmethod
-    def _loss_inputs(outputs: MaskDINOModelOutput) -> dict:
-        def layer(logits, masks, box):
-            return {"pred_logits": logits, "pred_masks": masks, "pred_boxes": box}
-
-        layers = [layer(*values) for values in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)]
-        result = dict(layers[-1])
-        result["aux_outputs"] = layers[:-1]
-        if outputs.enc_topk_logits is not None:
-            result["interm_outputs"] = layer(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
-        return result
-
-    @staticmethod
-    def _denoising_inputs(outputs: MaskDINOModelOutput) -> dict | None:
-        meta = outputs.denoising_meta
-        if meta is None:
-            return None
-        layers = [
-            {"pred_logits": logits, "pred_masks": masks, "pred_boxes": box}
-            for logits, masks, box in outputs.denoising_outputs
-        ]
-        known = dict(layers[-1])
-        known["aux_outputs"] = layers[:-1]
-        result = {key: value for key, value in meta.items() if key not in ("content", "anchors", "attn_mask")}
-        result["output_known_lbs_bboxes"] = known
-        return result
-
 
 __all__ = [
     "MaskDINOModel",
@@ -1023,4 +1213,7 @@ __all__ = [
     "MaskDINOPreTrainedModel",
     "MaskDINOModelOutput",
     "MaskDINOForUniversalSegmentationOutput",
+    "MaskDINODecoderOutput",
+    "MaskDINODenoisingOutput",
+    "MaskDINOQuerySelectionOutput",
 ]
