@@ -10,7 +10,6 @@ import math
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 INITIALIZE_BOX_TYPES = ("no", "bitmask", "mask2box")
@@ -18,6 +17,7 @@ FEATURE_ORDERS = ("low2high", "high2low")
 DENOISING_TYPES = ("seg", "det", "no")
 BACKBONE_FEATURES = ("res2", "res3", "res4", "res5")
 COMMON_STRIDES = (4, 8, 16, 32)
+ACTIVATIONS = ("relu", "gelu")
 
 # Allowed ranges of the numeric fields, checked by `validate_allowed_values` (the types by `@strict`).
 _POSITIVE = (
@@ -221,10 +221,8 @@ class MaskDINOConfig(PreTrainedConfig):
             raise ValueError(f"oversample_ratio must be at least 1 (points sampled per kept point), got {self.oversample_ratio}")
         if self.common_stride not in COMMON_STRIDES:
             raise ValueError(f"common_stride must be one of {COMMON_STRIDES}, got {self.common_stride}")
-        if self.activation_function not in ACT2FN:
-            raise ValueError(
-                f"activation_function must be one of {sorted(ACT2FN)}, got {self.activation_function!r}"
-            )
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {ACTIVATIONS}, got {self.activation_function!r}")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be positive, got {self.num_labels} (id2label={self.id2label})")
 
