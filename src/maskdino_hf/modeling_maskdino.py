@@ -389,8 +389,9 @@ def _check_targets(
     failed = torch.stack([bad.any() for _, _, bad in value_checks]).tolist()
     for (description, values, bad), is_bad in zip(value_checks, failed):
         if is_bad:
-            shown = values[bad.expand_as(values)] if bad.shape == values.shape else values[bad.any(-1)]
-            raise ValueError(f"{description}, got {shown.unique()[:10].tolist()}")
+            shown = values[bad].unique()[:10]
+            shown = shown.double().round(decimals=4) if shown.is_floating_point() else shown
+            raise ValueError(f"{description}, got {shown.tolist()}")
 
 
 class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
