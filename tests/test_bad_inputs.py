@@ -55,13 +55,13 @@ BAD_CONFIGS = [
     ({"denoising": "heavy"}, ValueError, r"denoising must be one of"),
     ({"encoder_in_features": ["res9"]}, ValueError, r"encoder_in_features must be a non-empty subset"),
     # cross-field consistency
-    ({"encoder_in_features": ["res3", "res3"], "num_feature_levels": 3}, ValueError, r"encoder_in_features has duplicates"),
+    ({"encoder_in_features": ["res3", "res3"], "num_feature_levels": 3},
+     ValueError, r"encoder_in_features has duplicates"),
     ({"num_feature_levels": 2}, ValueError, r"num_feature_levels \(2\) must be at least"),
     ({"feature_size": 48, "encoder_attention_heads": 4}, ValueError, r"feature_size must be a multiple of 32"),
     ({"feature_size": 96, "encoder_attention_heads": 5}, ValueError, r"feature_size \(96\) must be divisible"),
     ({"stuff_labels": [3, 9]}, ValueError, r"stuff_labels \[9\] are outside 0\.\.4"),
     ({"stuff_labels": [3, 3]}, ValueError, r"stuff_labels has duplicates"),
-    ({"id2label": {0: "a", 1: "b"}}, ValueError, r"num_labels \(5\) disagrees with id2label.*2 labels"),
     ({"denoising_num": 0}, ValueError, r"denoising='seg' needs denoising_num >= 1"),
     ({"two_stage": False}, ValueError, r"needs two_stage=True"),
     (
@@ -105,6 +105,13 @@ def test_bad_config_json_is_refused_by_from_pretrained(tmp_path, field, value, m
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises((TypeError, ValueError), match=message):
         MaskDINOConfig.from_pretrained(tmp_path)
+
+
+def test_num_labels_given_to_from_pretrained_reheads_the_config(tmp_path):
+    """Transformers' fine-tuning convention: `num_labels` overrides the saved label names (with a warning)."""
+    tiny_config().save_pretrained(tmp_path)
+    config = MaskDINOConfig.from_pretrained(tmp_path, num_labels=3)
+    assert config.num_labels == 3 and sorted(config.id2label) == [0, 1, 2]
 
 
 def test_bad_dict_is_refused_by_from_dict():
@@ -220,16 +227,20 @@ BAD_PIXEL_INPUTS = [
     ({"pixel_values": _with(_pixels(), (0, 2, 9, 9), -float("inf"))}, ValueError, r"NaN or infinite"),
     ({"pixel_values": _pixels(), "pixel_mask": _with(torch.ones(1, 96, 64, dtype=torch.long), (0, 0, 0), 255)},
      ValueError, r"pixel_mask must be 0/1.*255"),
-    ({"pixel_values": _pixels(), "pixel_mask": torch.full((1, 96, 64), 0.5)}, ValueError, r"pixel_mask must be 0/1.*0\.5"),
-    ({"pixel_values": _pixels(), "pixel_mask": torch.ones(1, 64, 96)}, ValueError, r"pixel_mask must have shape.*\(1, 96, 64\)"),
+    ({"pixel_values": _pixels(), "pixel_mask": torch.full((1, 96, 64), 0.5)},
+     ValueError, r"pixel_mask must be 0/1.*0\.5"),
+    ({"pixel_values": _pixels(), "pixel_mask": torch.ones(1, 64, 96)},
+     ValueError, r"pixel_mask must have shape.*\(1, 96, 64\)"),
     ({"pixel_values": _pixels(), "pixel_mask": [[1]]}, TypeError, r"pixel_mask must be a torch.Tensor.*list"),
     ({"pixel_values": torch.zeros(1, 4, 96, 64)}, ValueError, r"3 channels.*got 4"),
     ({"pixel_values": torch.zeros(1, 1, 96, 64)}, ValueError, r"3 channels.*got 1"),
     ({"pixel_values": torch.zeros(3, 96, 64)}, ValueError, r"4-d tensor.*\(3, 96, 64\)"),
     ({"pixel_values": torch.zeros(1, 3, 96, 64, dtype=torch.uint8)}, ValueError, r"floating point.*uint8"),
     ({"pixel_values": _pixels().numpy()}, TypeError, r"pixel_values must be a torch.Tensor.*ndarray"),
-    ({"pixel_values": _pixels().double()}, ValueError, r"pixel_values are torch.float64 but the model's weights are torch.float32"),
-    ({"pixel_values": _pixels(32, 64)}, ValueError, r"smaller than the coarsest feature stride \(64\).*minimum input.*64x65"),
+    ({"pixel_values": _pixels().double()},
+     ValueError, r"pixel_values are torch.float64 but the model's weights are torch.float32"),
+    ({"pixel_values": _pixels(32, 64)},
+     ValueError, r"smaller than the coarsest feature stride \(64\).*minimum input.*64x65"),
     ({"pixel_values": _pixels(64, 64)}, ValueError, r"single value per GroupNorm group.*minimum input.*64x65"),
 ]
 
@@ -329,7 +340,8 @@ BAD_TARGETS = [
      r"boxes\[0\] must be finite.*nan"),
     ({"boxes": torch.tensor([[0.9, 0.5, 0.5, 0.2], [0.5, 0.5, 0.2, 0.2]])}, ValueError,
      r"boxes\[0\] must lie inside the image.*1\.15"),
-    ({"boxes": torch.tensor([[0.3, 0.26, 0.34, 0.31]])}, ValueError, r"boxes\[0\] must have shape \(num_targets, 4\) = \(2, 4\)"),
+    ({"boxes": torch.tensor([[0.3, 0.26, 0.34, 0.31]])},
+     ValueError, r"boxes\[0\] must have shape \(num_targets, 4\) = \(2, 4\)"),
     ({"boxes": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]])}, TypeError, r"boxes\[0\] must be floating point"),
 ]
 
@@ -392,14 +404,18 @@ def _msda_inputs(**changes) -> dict:
 
 
 BAD_MSDA_INPUTS = [
-    ({"value_spatial_shapes": torch.tensor([(16, 8), (4, 4)])}, r"value_spatial_shapes \[\(16, 8\), \(4, 4\)\] claims 144 tokens but value has 80"),
+    ({"value_spatial_shapes": torch.tensor([(16, 8), (4, 4)])},
+     r"value_spatial_shapes \[\(16, 8\), \(4, 4\)\] claims 144 tokens but value has 80"),
     ({"value_spatial_shapes": torch.tensor([(8, 8), (4, 2)])}, r"claims 72 tokens but value has 80"),
     ({"value_spatial_shapes": torch.tensor([(8, 8), (0, 16)]), "value": torch.randn(2, 64, 4, 8)}, r"must be positive"),
-    ({"level_start_index": torch.tensor([0, 60])}, r"level_start_index \[0, 60\] disagrees with value_spatial_shapes.*\[0, 64\]"),
+    ({"level_start_index": torch.tensor([0, 60])},
+     r"level_start_index \[0, 60\] disagrees with value_spatial_shapes.*\[0, 64\]"),
     ({"level_start_index": torch.tensor([0])}, r"level_start_index must have shape \(levels,\) = \(2,\)"),
-    ({"value_spatial_shapes": torch.tensor([(8, 8)])}, r"value_spatial_shapes must have shape \(levels, 2\) = \(2, 2\)"),
+    ({"value_spatial_shapes": torch.tensor([(8, 8)])},
+     r"value_spatial_shapes must have shape \(levels, 2\) = \(2, 2\)"),
     ({"attention_weights": torch.rand(2, 10, 4, 2, 4)}, r"attention_weights must have shape .* = \(2, 10, 4, 2, 3\)"),
-    ({"sampling_locations": torch.rand(2, 10, 4, 2, 3)}, r"sampling_locations must have shape \(batch, queries, heads, levels, points, 2\)"),
+    ({"sampling_locations": torch.rand(2, 10, 4, 2, 3)},
+     r"sampling_locations must have shape \(batch, queries, heads, levels, points, 2\)"),
     ({"sampling_locations": torch.rand(2, 10, 8, 2, 3, 2), "attention_weights": torch.rand(2, 10, 8, 2, 3)},
      r"must have value's batch \(2\) and heads \(4\)"),
     ({"value": torch.randn(2, 80, 32)}, r"value must have shape \(batch, tokens, heads, head_dim\)"),

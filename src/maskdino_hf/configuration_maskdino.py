@@ -191,12 +191,6 @@ class MaskDINOConfig(PreTrainedConfig):
     init_std: float | int = 0.02
 
     def __post_init__(self, **kwargs):
-        num_labels = kwargs.get("num_labels")
-        if num_labels is not None and self.id2label is not None and num_labels != len(self.id2label):
-            raise ValueError(
-                f"num_labels ({num_labels}) disagrees with id2label, which names {len(self.id2label)} labels: give "
-                "one of them, or both of the same size"
-            )
         super().__post_init__(**kwargs)
         self.encoder_in_features = list(self.encoder_in_features)
         self.stuff_labels = sorted(int(label) for label in self.stuff_labels)
@@ -218,7 +212,9 @@ class MaskDINOConfig(PreTrainedConfig):
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.oversample_ratio < 1:
-            raise ValueError(f"oversample_ratio must be at least 1 (points sampled per kept point), got {self.oversample_ratio}")
+            raise ValueError(
+                f"oversample_ratio must be at least 1 (points sampled per kept point), got {self.oversample_ratio}"
+            )
         if self.common_stride not in COMMON_STRIDES:
             raise ValueError(f"common_stride must be one of {COMMON_STRIDES}, got {self.common_stride}")
         if self.activation_function not in ACTIVATIONS:

@@ -69,7 +69,9 @@ def check_official_keys(data: dict, path: str | Path, node: str = "") -> None:
         candidates = [f"{node}.{leaf}" if node else leaf for leaf in OFFICIAL_CONFIG_LEAVES.get(node, ())] + children
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ConversionError(f"{path}: unknown config key {name!r}, which the official Mask DINO config does not have{hint}")
+        raise ConversionError(
+            f"{path}: unknown config key {name!r}, which the official Mask DINO config does not have{hint}"
+        )
 
 
 def load_official_config(path: str | Path, _seen: tuple = ()) -> dict:

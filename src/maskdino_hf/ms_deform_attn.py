@@ -266,10 +266,13 @@ def _check_msda_inputs(
     num_levels = sampling_locations.shape[3]
     if value_spatial_shapes.shape != (num_levels, 2):
         raise ValueError(
-            f"value_spatial_shapes must have shape (levels, 2) = ({num_levels}, 2), got {tuple(value_spatial_shapes.shape)}"
+            f"value_spatial_shapes must have shape (levels, 2) = ({num_levels}, 2), got "
+            f"{tuple(value_spatial_shapes.shape)}"
         )
     if level_start_index.shape != (num_levels,):
-        raise ValueError(f"level_start_index must have shape (levels,) = ({num_levels},), got {tuple(level_start_index.shape)}")
+        raise ValueError(
+            f"level_start_index must have shape (levels,) = ({num_levels},), got {tuple(level_start_index.shape)}"
+        )
     on_cpu = value_spatial_shapes.device.type == "cpu" and level_start_index.device.type == "cpu"
     if not on_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
@@ -280,8 +283,8 @@ def _check_msda_inputs(
         starts.append(starts[-1] + height * width)
     if level_start_index.tolist() != starts:
         raise ValueError(
-            f"level_start_index {level_start_index.tolist()} disagrees with value_spatial_shapes, whose levels start at "
-            f"{starts}"
+            f"level_start_index {level_start_index.tolist()} disagrees with value_spatial_shapes, whose levels start "
+            f"at {starts}"
         )
 
 
