@@ -150,6 +150,13 @@ def _write_yaml(tmp_path, data: dict, name: str = "config.yaml"):
         ({"MODLE": {"WEIGHTS": ""}}, r"unknown config key 'MODLE'.*did you mean MODEL"),
         ({"SOLVER": {"BASE_LRR": 0.1}}, r"unknown config key 'SOLVER\.BASE_LRR'.*did you mean SOLVER\.BASE_LR"),
         ({"MODEL": {"MaskDINO": 3}}, r"'MODEL\.MaskDINO' is a node of the official config, expected a mapping"),
+        ({"MODEL": {"MaskDINO": {"TWO_STAGE": "false"}}},
+         r"'MODEL\.MaskDINO\.TWO_STAGE' must be of type bool as in the official config, got str 'false'"),
+        ({"MODEL": {"MaskDINO": {"NUM_OBJECT_QUERIES": "100"}}},
+         r"'MODEL\.MaskDINO\.NUM_OBJECT_QUERIES' must be of type int.*got str '100'"),
+        ({"MODEL": {"SEM_SEG_HEAD": {"NUM_CLASSES": True}}},
+         r"'MODEL\.SEM_SEG_HEAD\.NUM_CLASSES' must be of type int.*bool"),
+        ({"MODEL": {"PIXEL_MEAN": "123.675"}}, r"'MODEL\.PIXEL_MEAN' must be of type list.*str"),
     ],
 )
 def test_yaml_key_the_official_config_lacks_is_refused_with_file_and_suggestion(tmp_path, data, message):
@@ -157,6 +164,13 @@ def test_yaml_key_the_official_config_lacks_is_refused_with_file_and_suggestion(
     with pytest.raises(ConversionError, match=message) as caught:
         load_official_config(path)
     assert str(path) in str(caught.value)
+
+
+def test_yaml_values_of_detectron2_compatible_types_are_accepted(tmp_path):
+    """An int for a float key, None for any key, as a partial yaml over the official defaults."""
+    path = _write_yaml(tmp_path, {"MODEL": {"MaskDINO": {"CLASS_WEIGHT": 4, "DEC_LAYERS": 3},
+                                            "SWIN": {"QK_SCALE": 0.5}, "WEIGHTS": None}})
+    assert load_official_config(path)["MODEL"]["MaskDINO"] == {"CLASS_WEIGHT": 4, "DEC_LAYERS": 3}
 
 
 def test_yaml_typo_in_a_base_file_names_that_file(tmp_path):
@@ -175,7 +189,9 @@ def test_official_key_table_is_the_key_set_of_configs_dumped_by_the_official_cod
         return found
 
     table = {f"{node}.{leaf}" if node else leaf for node, names in OFFICIAL_CONFIG_LEAVES.items() for leaf in names}
-    for path in sorted(FIXTURES.glob("*/config.yaml")):
+    paths = sorted(FIXTURES.glob("*/config.yaml"))
+    assert len(paths) == 5
+    for path in paths:
         assert leaves(yaml.safe_load(path.read_text())) == table, path
         load_official_config(path)  # and every official config loads
 
@@ -240,8 +256,9 @@ BAD_PIXEL_INPUTS = [
     ({"pixel_values": _pixels().double()},
      ValueError, r"pixel_values are torch.float64 but the model's weights are torch.float32"),
     ({"pixel_values": _pixels(32, 64)},
-     ValueError, r"smaller than the coarsest feature stride \(64\).*minimum input.*64x65"),
-    ({"pixel_values": _pixels(64, 64)}, ValueError, r"single value per GroupNorm group.*minimum input.*64x65"),
+     ValueError, r"smaller than the coarsest feature stride \(64\).*minimum input with this config is 64x64"),
+    ({"pixel_values": _pixels(64, 64)},
+     ValueError, r"one value per GroupNorm group.*a single image must be at least 64x65"),
 ]
 
 
@@ -257,11 +274,12 @@ def test_more_queries_than_encoder_tokens_names_both_numbers():
         model(_pixels(96, 64))
 
 
-def test_the_advertised_minimum_input_runs(model):
+@pytest.mark.parametrize("batch, extra", [(1, 1), (2, 0)], ids=["one image one pixel larger", "two images"])
+def test_the_advertised_minimum_input_runs(model, batch, extra):
     size = model.model.min_input_size
     with torch.no_grad():
-        outputs = model(_pixels(size, size + 1))
-    assert outputs.pred_boxes.shape == (1, 10, 4)
+        outputs = model(_pixels(size, size + extra, batch=batch))
+    assert outputs.pred_boxes.shape == (batch, 10, 4)
     assert torch.isfinite(outputs.masks_queries_logits).all()
 
 
@@ -272,6 +290,13 @@ def test_padded_batch_with_a_bool_pixel_mask_runs(model):
         outputs = model(_pixels(96, 64, batch=2), pixel_mask=pixel_mask)
     assert outputs.class_queries_logits.shape == (2, 10, 5)
     assert torch.isfinite(outputs.class_queries_logits).all()
+
+
+def test_empty_batch_gives_empty_outputs(model):
+    with torch.no_grad():
+        outputs = model(torch.zeros(0, 3, 96, 64), pixel_mask=torch.ones(0, 96, 64, dtype=torch.long))
+    assert outputs.pred_boxes.shape == (0, 10, 4)
+    assert outputs.class_queries_logits.shape == (0, 10, 5)
 
 
 def test_bfloat16_autocast_runs(model):

@@ -52,21 +52,36 @@ def _official_nodes() -> set[str]:
     return nodes
 
 
+def _check_official_type(name: str, value, expected: type | None, path: str | Path) -> None:
+    """detectron2's type rule: the official type, None on either side, or a list for a tuple; an int is also taken
+    for a float (where detectron2 is stricter). A bool is not an int and a string is not a number or a flag."""
+    if expected is None or value is None or type(value) is expected:
+        return
+    if expected is float and type(value) is int or expected is list and isinstance(value, tuple):
+        return
+    raise ConversionError(
+        f"{path}: config key {name!r} must be of type {expected.__name__} as in the official config, got "
+        f"{type(value).__name__} {value!r}"
+    )
+
+
 def check_official_keys(data: dict, path: str | Path, node: str = "") -> None:
-    """Refuse keys that the official config does not have, as detectron2's merge does (a typo would otherwise
-    convert silently with the default). The error names the key, the file and the closest official keys."""
+    """Refuse keys that the official config does not have, and values of another type, as detectron2's merge does (a
+    typo would otherwise convert silently with the default, `TWO_STAGE: "false"` would read as true). The error names
+    the key, the file and the closest official keys or the expected type."""
     nodes = _official_nodes()
     for key, value in data.items():
         name = f"{node}.{key}" if node else str(key)
         if name in nodes and isinstance(value, dict):
             check_official_keys(value, path, name)
             continue
-        if name not in nodes and key in OFFICIAL_CONFIG_LEAVES.get(node, ()):
+        if name not in nodes and key in OFFICIAL_CONFIG_LEAVES.get(node, {}):
+            _check_official_type(name, value, OFFICIAL_CONFIG_LEAVES[node][key], path)
             continue
         if name in nodes:
             raise ConversionError(f"{path}: config key {name!r} is a node of the official config, expected a mapping")
         children = [other for other in nodes if other and other.rpartition(".")[0] == node]
-        candidates = [f"{node}.{leaf}" if node else leaf for leaf in OFFICIAL_CONFIG_LEAVES.get(node, ())] + children
+        candidates = [f"{node}.{leaf}" if node else leaf for leaf in OFFICIAL_CONFIG_LEAVES.get(node, {})] + children
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ConversionError(

@@ -217,7 +217,7 @@ def _skip_data_checks() -> bool:
 def _not_binary(values: torch.Tensor) -> torch.Tensor:
     """0-d bool tensor: does `values` hold anything but 0 and 1? Computed on its device (no host read), with the
     cheapest reduction per dtype (elementwise comparisons of int64 maps cost ~50 ms at 512x704 on CPU)."""
-    if values.dtype == torch.bool:
+    if values.dtype == torch.bool or values.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=values.device)
     if values.is_floating_point():
         return (values * (1 - values)).any()  # exactly 0 for 0 and 1 only; NaN counts as non-zero
@@ -275,20 +275,19 @@ def _check_pixel_inputs(
             raise TypeError(f"pixel_mask must hold 0/1 (bool, integer or float), got {pixel_mask.dtype}")
     height, width = pixel_values.shape[-2:]
     min_size = max(strides)
-    # With one channel per GroupNorm group the coarsest level needs two pixels: one side one pixel larger.
-    minimum = f"{min_size}x{min_size}" if config.feature_size >= 64 else f"{min_size}x{min_size + 1}"
     if min(height, width) < min_size:
         raise ValueError(
             f"input of size {(height, width)} is smaller than the coarsest feature stride ({min_size}); the minimum "
-            f"input with this config is {minimum}: resize or pad it first"
+            f"input with this config is {min_size}x{min_size}: resize or pad it first"
         )
     # Every stride-2 stage rounds up, so a level of stride s is ceil(height / s) x ceil(width / s).
     level_sizes = [(-(-height // stride)) * (-(-width // stride)) for stride in strides]
-    if min(level_sizes) * (config.feature_size // 32) < 2:
+    # GroupNorm(32) needs two values per group over the batch: one channel per group, one image and a 1x1 level fail.
+    if pixel_values.shape[0] * min(level_sizes) * (config.feature_size // 32) == 1:
         raise ValueError(
-            f"input of size {(height, width)} leaves the coarsest level (stride {min_size}) with a single value per "
-            f"GroupNorm group (feature_size={config.feature_size}, 32 groups): the minimum input with this config is "
-            f"{minimum} (one side larger than {min_size})"
+            f"a single image of size {(height, width)} leaves the coarsest level (stride {min_size}) with one value per "
+            f"GroupNorm group (feature_size={config.feature_size}, 32 groups): with this config a single image must be "
+            f"at least {min_size}x{min_size + 1} (one side larger than {min_size}), or pad the batch"
         )
     if config.two_stage and sum(level_sizes) < config.num_queries:
         raise ValueError(
