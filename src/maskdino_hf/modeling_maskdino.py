@@ -313,6 +313,7 @@ def _check_pixel_inputs(
 
 
 def _check_target_list(name: str, values, batch_size: int) -> None:
+    """A target argument is a list (or tuple, or stacked tensor) of one tensor per image."""
     if not isinstance(values, (list, tuple)) and not torch.is_tensor(values):
         raise TypeError(f"{name} must be a list with one tensor per image, got {type(values).__name__}")
     if len(values) != batch_size:
