@@ -196,16 +196,27 @@ def test_official_key_table_is_the_key_set_of_configs_dumped_by_the_official_cod
         load_official_config(path)  # and every official config loads
 
 
-def test_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
+class _MarkerPayload:
+    """Unpickling this object would create the marker file (an arbitrary call hidden in a checkpoint)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_pickle_payload_inside_a_pth_state_dict_never_runs(tmp_path, writer):
+    """A payload among the tensors of a `.pth` (torch's zip format, or detectron2's plain pickle) is never run: the
+    converter refuses the file, naming it (tests/test_conversion.py covers a payload at the top of the pickle)."""
     marker = tmp_path / "payload_ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
+    checkpoint = {"model": {"backbone.stem.conv1.weight": torch.zeros(1), "payload": _MarkerPayload(marker)}}
     path = tmp_path / "model_final.pth"
-    with open(path, "wb") as handle:
-        pickle.dump({"model": {"backbone.stem.conv1.weight": Payload()}}, handle)
+    if writer == "torch.save":
+        torch.save(checkpoint, path)
+    else:
+        path.write_bytes(pickle.dumps(checkpoint))
     with pytest.raises(ConversionError, match=r"model_final\.pth could not be read as a weights-only checkpoint"):
         load_official_checkpoint(path)
     assert not marker.exists()
