@@ -4,11 +4,12 @@ Defaults are those of the official R50 COCO instance configuration with hidden s
 three backbone scales plus one downsampled level (``maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml``).
 """
 
-from __future__ import annotations
-
+import functools
 import importlib
+import math
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
@@ -32,9 +33,51 @@ LEGACY_POSTPROCESSING_FIELDS = (
     "size_divisibility",
 )
 
+COMMON_STRIDES = (4, 8, 16, 32)
+ACTIVATIONS = ("relu", "gelu")
+
+# Allowed ranges of the numeric fields, checked by `validate_allowed_values` (the types by `@strict`).
+_POSITIVE = (
+    "hidden_size", "feature_size", "mask_feature_size", "encoder_attention_heads", "encoder_ffn_dim",
+    "encoder_n_points", "decoder_layers", "decoder_attention_heads", "decoder_ffn_dim", "decoder_n_points",
+    "num_queries", "num_feature_levels", "train_num_points", "layer_norm_eps",
+)
+_NON_NEGATIVE = (
+    "encoder_layers", "denoising_num", "denoising_noise_scale", "class_weight", "mask_weight",
+    "dice_weight", "box_weight", "giou_weight", "no_object_weight", "cost_class_weight", "cost_mask_weight",
+    "cost_dice_weight", "cost_box_weight", "cost_giou_weight", "focal_gamma", "init_std",
+)
+_PROBABILITIES = ("focal_alpha", "importance_sample_ratio")
+
 logger = logging.get_logger(__name__)
 
 
+def _plain_validation_errors(cls):
+    """Make `@strict`'s failures plain `TypeError` / `ValueError`.
+
+    `@strict` wraps a wrong type (`TypeError`) or a refused value (`ValueError`) in a `StrictDataclassError`, which
+    is neither; callers catching `ValueError`/`TypeError` would miss it. The original error, which names the field,
+    the value and what is allowed, is raised instead (construction, `from_dict`/`from_pretrained`, assignment and
+    `validate()`)."""
+
+    def plain(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except StrictDataclassError as error:
+                if isinstance(error.__cause__, (TypeError, ValueError)):
+                    raise error.__cause__ from None
+                raise
+
+        return wrapper
+
+    for name in ("__init__", "__setattr__", "validate"):
+        setattr(cls, name, plain(getattr(cls, name)))
+    return cls
+
+
+@_plain_validation_errors
 @strict
 class MaskDINOConfig(PreTrainedConfig):
     r"""
@@ -71,6 +114,10 @@ class MaskDINOConfig(PreTrainedConfig):
         `importance_sample_ratio`, `focal_alpha`, `focal_gamma`.
     Post-processing settings (tasks, thresholds, top-k, padding multiple) belong to [`MaskDINOImageProcessor`];
     the same names in an older `config.json` are accepted and dropped (`LEGACY_POSTPROCESSING_FIELDS`).
+
+    Every field is validated on construction, `from_pretrained`/`from_dict` and assignment: a wrong type (a string
+    for a number, a bool for an int) raises `TypeError`; an out-of-range value or fields that disagree raise
+    `ValueError`, naming the field, the value and what is allowed.
     """
 
     model_type = "maskdino"
@@ -112,7 +159,7 @@ class MaskDINOConfig(PreTrainedConfig):
     enforce_input_projection: bool = False
     dropout: float | int = 0.0
     activation_function: str = "relu"
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float | int = 1e-5
 
     two_stage: bool = True
     initial_pred: bool = True
@@ -121,31 +168,31 @@ class MaskDINOConfig(PreTrainedConfig):
     semantic_ce_loss: bool = False
 
     denoising: str = "seg"
-    denoising_noise_scale: float = 0.4
+    denoising_noise_scale: float | int = 0.4
     denoising_num: int = 100
 
     stuff_labels: list[int] | tuple[int, ...] = ()
     panoptic_box_loss: bool = False
 
-    class_weight: float = 4.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    box_weight: float = 5.0
-    giou_weight: float = 2.0
-    no_object_weight: float = 0.1
-    cost_class_weight: float = 4.0
-    cost_mask_weight: float = 5.0
-    cost_dice_weight: float = 5.0
-    cost_box_weight: float = 5.0
-    cost_giou_weight: float = 2.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    class_weight: float | int = 4.0
+    mask_weight: float | int = 5.0
+    dice_weight: float | int = 5.0
+    box_weight: float | int = 5.0
+    giou_weight: float | int = 2.0
+    no_object_weight: float | int = 0.1
+    cost_class_weight: float | int = 4.0
+    cost_mask_weight: float | int = 5.0
+    cost_dice_weight: float | int = 5.0
+    cost_box_weight: float | int = 5.0
+    cost_giou_weight: float | int = 2.0
+    focal_alpha: float | int = 0.25
+    focal_gamma: float | int = 2.0
     train_num_points: int = 112 * 112
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
+    oversample_ratio: float | int = 3.0
+    importance_sample_ratio: float | int = 0.75
     deep_supervision: bool = True
 
-    init_std: float = 0.02
+    init_std: float | int = 0.02
 
     def __post_init__(self, **kwargs):
         dropped = [name for name in LEGACY_POSTPROCESSING_FIELDS if name in kwargs]
@@ -156,6 +203,33 @@ class MaskDINOConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.encoder_in_features = list(self.encoder_in_features)
         self.stuff_labels = sorted(int(label) for label in self.stuff_labels)
+
+    def validate_allowed_values(self):
+        """Refuse out-of-range numbers and unknown names field by field (`@strict` has checked the types)."""
+        for name in _POSITIVE + _NON_NEGATIVE + _PROBABILITIES + ("dropout", "oversample_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative (0 or more), got {getattr(self, name)}")
+        for name in _PROBABILITIES:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.oversample_ratio < 1:
+            raise ValueError(
+                f"oversample_ratio must be at least 1 (points sampled per kept point), got {self.oversample_ratio}"
+            )
+        if self.common_stride not in COMMON_STRIDES:
+            raise ValueError(f"common_stride must be one of {COMMON_STRIDES}, got {self.common_stride}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {ACTIVATIONS}, got {self.activation_function!r}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be positive, got {self.num_labels} (id2label={self.id2label})")
 
     def validate_architecture(self):
         """Refuse values the model cannot run with, naming the field and what is allowed."""
@@ -203,10 +277,37 @@ class MaskDINOConfig(PreTrainedConfig):
             raise ValueError(f"stuff_labels {bad_stuff} are outside 0..{self.num_labels - 1} (num_labels)")
 
     @classmethod
-    def from_release(cls, name: str) -> MaskDINOConfig:
+    def from_release(cls, name: str) -> "MaskDINOConfig":
         """The configuration of a released official checkpoint, e.g. `maskdino-r50-coco-instance` (see
         `maskdino_hf.releases.RELEASES`). Imported by name so that the remote-code copy of this file needs no more."""
         return importlib.import_module("maskdino_hf.releases").release_config(name)
+
+    def validate_consistency(self):
+        """Refuse fields that disagree with each other, naming both sides."""
+        if len(set(self.encoder_in_features)) != len(self.encoder_in_features):
+            raise ValueError(f"encoder_in_features has duplicates: {self.encoder_in_features}")
+        out_features = getattr(self.backbone_config, "out_features", None)
+        if out_features is not None and len(out_features) != len(BACKBONE_FEATURES):
+            raise ValueError(
+                f"backbone_config.out_features must name 4 maps (strides 4, 8, 16, 32 = {BACKBONE_FEATURES}) from "
+                f"which encoder_in_features and the mask features are taken, got {out_features}"
+            )
+        needs_projection = self.feature_size != self.hidden_size or self.enforce_input_projection
+        if needs_projection and self.hidden_size % 32:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of 32 (GroupNorm(32) of the decoder's input "
+                f"projections, used since feature_size={self.feature_size} or enforce_input_projection=True)"
+            )
+        if self.denoising != "no" and self.denoising_num < 1:
+            raise ValueError(
+                f"denoising={self.denoising!r} needs denoising_num >= 1 denoising queries, got {self.denoising_num}; "
+                "set denoising='no' to train without denoising"
+            )
+        if len(set(self.stuff_labels)) != len(self.stuff_labels):
+            raise ValueError(f"stuff_labels has duplicates: {self.stuff_labels}")
+        ids = sorted(int(key) for key in self.id2label)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"id2label keys must be the class ids 0..{len(ids) - 1}, got {ids}")
 
     @property
     def num_classifier_outputs(self) -> int:

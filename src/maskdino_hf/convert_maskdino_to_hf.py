@@ -8,6 +8,7 @@ any key left unmapped, any model key left missing, or any shape that differs sto
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import yaml
 from .configuration_maskdino import MaskDINOConfig
 from .dataset_categories import COCO_NUM_THINGS, COCO_PANOPTIC_CATEGORIES
 from .modeling_maskdino import fpn_feature_names
+from .official_config_keys import OFFICIAL_CONFIG_LEAVES
 
 
 # Official modules that appear under several names in the state dict (shared, so all aliases hold the same tensor).
@@ -41,8 +43,55 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _official_nodes() -> set[str]:
+    """Every config node of the official config (those holding leaves and all their parents)."""
+    nodes = set()
+    for node in OFFICIAL_CONFIG_LEAVES:
+        parts = node.split(".") if node else []
+        nodes.update(".".join(parts[:length]) for length in range(len(parts) + 1))
+    return nodes
+
+
+def _check_official_type(name: str, value, expected: type | None, path: str | Path) -> None:
+    """detectron2's type rule: the official type, None on either side, or a list for a tuple; an int is also taken
+    for a float (where detectron2 is stricter). A bool is not an int and a string is not a number or a flag."""
+    if expected is None or value is None or type(value) is expected:
+        return
+    if expected is float and type(value) is int or expected is list and isinstance(value, tuple):
+        return
+    raise ConversionError(
+        f"{path}: config key {name!r} must be of type {expected.__name__} as in the official config, got "
+        f"{type(value).__name__} {value!r}"
+    )
+
+
+def check_official_keys(data: dict, path: str | Path, node: str = "") -> None:
+    """Refuse keys that the official config does not have, and values of another type, as detectron2's merge does (a
+    typo would otherwise convert silently with the default, `TWO_STAGE: "false"` would read as true). The error names
+    the key, the file and the closest official keys or the expected type."""
+    nodes = _official_nodes()
+    for key, value in data.items():
+        name = f"{node}.{key}" if node else str(key)
+        if name in nodes and isinstance(value, dict):
+            check_official_keys(value, path, name)
+            continue
+        if name not in nodes and key in OFFICIAL_CONFIG_LEAVES.get(node, {}):
+            _check_official_type(name, value, OFFICIAL_CONFIG_LEAVES[node][key], path)
+            continue
+        if name in nodes:
+            raise ConversionError(f"{path}: config key {name!r} is a node of the official config, expected a mapping")
+        children = [other for other in nodes if other and other.rpartition(".")[0] == node]
+        candidates = [f"{node}.{leaf}" if node else leaf for leaf in OFFICIAL_CONFIG_LEAVES.get(node, {})] + children
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConversionError(
+            f"{path}: unknown config key {name!r}, which the official Mask DINO config does not have{hint}"
+        )
+
+
 def load_official_config(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read an official yaml, resolving `_BASE_` chains relative to each file."""
+    """Read an official yaml, resolving `_BASE_` chains relative to each file. Keys the official config does not
+    have are refused (see `check_official_keys`)."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConversionError(f"_BASE_ cycle through {path}")
@@ -53,6 +102,7 @@ def load_official_config(path: str | Path, _seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConversionError(f"{path} is not a detectron2 yaml mapping")
     base = data.pop("_BASE_", None)
+    check_official_keys(data, path)
     if base is None:
         return data
     return _deep_merge(load_official_config(path.parent / base, _seen + (path,)), data)
@@ -452,6 +502,7 @@ def convert_checkpoint(
 __all__ = [
     "ConversionError",
     "check_against_model",
+    "check_official_keys",
     "config_from_official",
     "convert_checkpoint",
     "convert_state_dict",

@@ -307,28 +307,206 @@ def encoder_output_proposals(
     return memory, proposals.to(memory.dtype)
 
 
-def _check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, min_size: int) -> None:
-    if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
-        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
-        raise ValueError(f"pixel_values must be a 4-d tensor (batch, 3, height, width), got {shape}")
+def _skip_data_checks() -> bool:
+    """Checks that read tensor values back to the host are skipped while compiling, exporting or tracing."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _not_binary(values: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: does `values` hold anything but 0 and 1? Computed on its device (no host read), with the
+    cheapest reduction per dtype (elementwise comparisons of int64 maps cost ~50 ms at 512x704 on CPU)."""
+    if values.dtype == torch.bool or values.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=values.device)
+    if values.is_floating_point():
+        return (values * (1 - values)).any()  # exactly 0 for 0 and 1 only; NaN counts as non-zero
+    low, high = values.aminmax()
+    return (low < 0) | (high > 1)
+
+
+def _check_pixel_tensor(pixel_values: torch.Tensor) -> None:
+    """pixel_values must be a floating-point (batch, 3, height, width) tensor."""
+    if not torch.is_tensor(pixel_values):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor (batch, 3, height, width), got {type(pixel_values).__name__}"
+        )
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must be a 4-d tensor (batch, 3, height, width), got {tuple(pixel_values.shape)}"
+        )
     if pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]}")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values must be floating point (normalised by the image processor), got {pixel_values.dtype}"
         )
-    if min(pixel_values.shape[-2:]) < min_size:
+
+
+def _check_pixel_inputs(
+    pixel_values: torch.Tensor,
+    pixel_mask: torch.Tensor | None,
+    strides: list[int],
+    config: MaskDINOConfig,
+    model_dtype: torch.dtype,
+) -> None:
+    """Refuse pixel inputs the model cannot run on, naming the argument, what was given and what is allowed.
+
+    Shapes: a (batch, 3, height, width) floating-point tensor at least as large as the coarsest encoder stride,
+    whose coarsest level GroupNorm can normalise and whose encoder tokens are at least `num_queries`; outside autocast,
+    the model's dtype. Values (one host read, skipped under compile/export): finite pixels and a 0/1 `pixel_mask`."""
+    _check_pixel_tensor(pixel_values)
+    if pixel_values.dtype != model_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
         raise ValueError(
-            f"input of size {tuple(pixel_values.shape[-2:])} is smaller than the coarsest feature stride ({min_size}); "
-            "resize or pad it first"
+            f"pixel_values are {pixel_values.dtype} but the model's weights are {model_dtype}: cast them with "
+            "`pixel_values.to(model.dtype)` or run under `torch.autocast`"
         )
-    if pixel_mask is not None and (
-        pixel_mask.ndim != 3 or pixel_mask.shape[0] != pixel_values.shape[0] or pixel_mask.shape[-2:] != pixel_values.shape[-2:]
-    ):
+    if pixel_mask is not None:
+        if not torch.is_tensor(pixel_mask):
+            raise TypeError(
+                f"pixel_mask must be a torch.Tensor (batch, height, width), got {type(pixel_mask).__name__}"
+            )
+        if pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[-2:]):
+            raise ValueError(
+                f"pixel_mask must have shape (batch, height, width) = "
+                f"{(pixel_values.shape[0], *pixel_values.shape[-2:])}, got {tuple(pixel_mask.shape)}"
+            )
+        if pixel_mask.is_complex():
+            raise TypeError(f"pixel_mask must hold 0/1 (bool, integer or float), got {pixel_mask.dtype}")
+    height, width = pixel_values.shape[-2:]
+    min_size = max(strides)
+    if min(height, width) < min_size:
         raise ValueError(
-            f"pixel_mask must have shape (batch, height, width) = "
-            f"{(pixel_values.shape[0], *pixel_values.shape[-2:])}, got {tuple(pixel_mask.shape)}"
+            f"input of size {(height, width)} is smaller than the coarsest feature stride ({min_size}); the minimum "
+            f"input with this config is {min_size}x{min_size}: resize or pad it first"
         )
+    # Every stride-2 stage rounds up, so a level of stride s is ceil(height / s) x ceil(width / s).
+    level_sizes = [(-(-height // stride)) * (-(-width // stride)) for stride in strides]
+    # GroupNorm(32) needs two values per group over the batch: one channel per group, one image and a 1x1 level fail.
+    if pixel_values.shape[0] * min(level_sizes) * (config.feature_size // 32) == 1:
+        raise ValueError(
+            f"a single image of size {(height, width)} leaves the coarsest level (stride {min_size}) with one value per "
+            f"GroupNorm group (feature_size={config.feature_size}, 32 groups): with this config a single image must be "
+            f"at least {min_size}x{min_size + 1} (one side larger than {min_size}), or pad the batch"
+        )
+    if config.two_stage and sum(level_sizes) < config.num_queries:
+        raise ValueError(
+            f"input of size {(height, width)} gives {sum(level_sizes)} encoder tokens, fewer than the "
+            f"num_queries={config.num_queries} queries selected from them: use a larger input or fewer queries"
+        )
+    if _skip_data_checks():
+        return
+    # One host read for both value checks. A finite float32 sum means every pixel is finite (NaN or +-Inf propagate).
+    problems = torch.isfinite(pixel_values.sum(dtype=torch.float32)).logical_not().reshape(1)
+    if pixel_mask is not None:
+        problems = torch.cat([problems, _not_binary(pixel_mask).reshape(1)])
+    not_finite, *not_binary = problems.tolist()
+    count = int((~torch.isfinite(pixel_values)).sum()) if not_finite else 0  # 0: the sum overflowed float32
+    if count:
+        raise ValueError(
+            f"pixel_values has {count} NaN or infinite values; every pixel must be finite (check the image decoding "
+            "and normalisation)"
+        )
+    if not_binary and not_binary[0]:
+        values = pixel_mask.unique()[:10].tolist()
+        raise ValueError(f"pixel_mask must be 0/1 (1 on real pixels, 0 on padding), got values {values}")
+
+
+def _check_target_list(name: str, values, batch_size: int) -> None:
+    """A target argument is a list (or tuple, or stacked tensor) of one tensor per image."""
+    if not isinstance(values, (list, tuple)) and not torch.is_tensor(values):
+        raise TypeError(f"{name} must be a list with one tensor per image, got {type(values).__name__}")
+    if len(values) != batch_size:
+        raise ValueError(f"{name} has {len(values)} entries for a batch of {batch_size} images (one per image)")
+    for index, value in enumerate(values):
+        if not torch.is_tensor(value):
+            raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_targets(
+    pixel_values: torch.Tensor,
+    mask_labels: list[torch.Tensor] | None,
+    class_labels: list[torch.Tensor] | None,
+    boxes: list[torch.Tensor] | None,
+    num_labels: int,
+) -> None:
+    """Refuse training targets that would train on a meaningless loss, naming the argument, the image and the values.
+
+    Per image: `class_labels` (n,) integer ids in [0, num_labels); `mask_labels` (n, height, width) at the padded
+    input size, 0/1 or bool; `boxes` (optional) (n, 4) finite normalised (cx, cy, w, h) inside [0, 1] with
+    non-negative sizes. n = 0 (an image with no objects) is valid. The value checks share one host read."""
+    if class_labels is None:
+        given = [name for name, value in (("mask_labels", mask_labels), ("boxes", boxes)) if value is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} given without class_labels: training needs class_labels and mask_labels "
+                "(boxes optional); for inference pass none of them"
+            )
+        return
+    _check_pixel_tensor(pixel_values)
+    if mask_labels is None:
+        raise ValueError(
+            "class_labels given without mask_labels: training needs both (boxes are optional, computed from the masks)"
+        )
+    batch_size, height, width = pixel_values.shape[0], *pixel_values.shape[-2:]
+    _check_target_list("class_labels", class_labels, batch_size)
+    _check_target_list("mask_labels", mask_labels, batch_size)
+    if boxes is not None:
+        _check_target_list("boxes", boxes, batch_size)
+    device = pixel_values.device
+    # (description, values, which of them are bad, is any bad): the flags are read together, once, below.
+    value_checks: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+
+    def add(description: str, values: torch.Tensor, bad: torch.Tensor) -> None:
+        value_checks.append((description, values, bad, bad.any()))
+
+    for index in range(batch_size):
+        labels, masks = class_labels[index], mask_labels[index]
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(
+                f"class_labels[{index}] must hold integer class ids (torch.int64), got {labels.dtype}; float ids "
+                "would be truncated"
+            )
+        if labels.ndim != 1:
+            raise ValueError(f"class_labels[{index}] must have shape (num_targets,), got {tuple(labels.shape)}")
+        if masks.shape != (labels.shape[0], height, width):
+            raise ValueError(
+                f"mask_labels[{index}] must have shape (num_targets, height, width) = ({labels.shape[0]}, {height}, "
+                f"{width}) (one mask per class label, at the padded input size), got {tuple(masks.shape)}"
+            )
+        if masks.is_complex():
+            raise TypeError(f"mask_labels[{index}] must hold 0/1 (bool, integer or float), got {masks.dtype}")
+        labels = labels.to(device)
+        add(f"class_labels[{index}] must be class ids in 0..{num_labels - 1} (num_labels={num_labels})", labels,
+            (labels < 0) | (labels >= num_labels))
+        masks = masks.to(device)
+        value_checks.append(
+            (f"mask_labels[{index}] must be binary (0/1 or bool; divide 0/255 masks by 255)", masks, None,
+             _not_binary(masks))
+        )
+        if boxes is None:
+            continue
+        box = boxes[index]
+        if not box.is_floating_point():
+            raise TypeError(f"boxes[{index}] must be floating point normalised (cx, cy, w, h), got {box.dtype}")
+        if box.shape != (labels.shape[0], 4):
+            raise ValueError(
+                f"boxes[{index}] must have shape (num_targets, 4) = ({labels.shape[0]}, 4), got {tuple(box.shape)}"
+            )
+        box = box.to(device, torch.float32)
+        corners = torch.cat([box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2], dim=-1)
+        add(f"boxes[{index}] must be finite", box, ~torch.isfinite(box))
+        add(f"boxes[{index}] must have non-negative width and height", box[:, 2:], box[:, 2:] < 0)
+        add(f"boxes[{index}] must be normalised (cx, cy, w, h) in [0, 1]", box, (box < 0) | (box > 1))
+        add(f"boxes[{index}] must lie inside the image: corners (x0, y0, x1, y1) in [0, 1]", corners,
+            (corners < -1e-3) | (corners > 1 + 1e-3))
+    if _skip_data_checks() or not value_checks:
+        return
+    failed = torch.stack([flag for *_, flag in value_checks]).tolist()
+    for (description, values, bad, _), is_bad in zip(value_checks, failed):
+        if is_bad:
+            bad = (values != 0) & (values != 1) if bad is None else bad
+            shown = values[bad].unique()[:10]
+            shown = shown.double().round(decimals=4) if shown.is_floating_point() else shown
+            raise ValueError(f"{description}, got {shown.tolist()}")
 
 
 class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
@@ -997,9 +1175,17 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         self.post_init()
 
     @property
+    def encoder_strides(self) -> list[int]:
+        """Stride of every encoder level: the backbone maps, then the extra levels, each halving the one before."""
+        decoder = self.pixel_decoder
+        strides = [2 ** (BACKBONE_FEATURES.index(name) + 2) for name in decoder.encoder_features]
+        source = 2 ** (BACKBONE_FEATURES.index(decoder.extra_source) + 2)
+        return strides + [source * 2 ** (level + 1) for level in range(len(decoder.extra_projections))]
+
+    @property
     def min_input_size(self) -> int:
-        """The coarsest feature stride (extra levels halve the res5 map each)."""
-        return 32 * 2 ** (self.config.num_feature_levels - len(self.config.encoder_in_features))
+        """The coarsest encoder stride: the smallest height and width the model takes."""
+        return max(self.encoder_strides)
 
     def forward(
         self,
@@ -1028,7 +1214,7 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         output_attentions, output_hidden_states, return_dict = self.resolve_output_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        _check_pixel_inputs(pixel_values, pixel_mask, self.min_input_size)
+        _check_pixel_inputs(pixel_values, pixel_mask, self.encoder_strides, self.config, self.dtype)
         if torch.is_autocast_enabled(pixel_values.device.type):
             # Under autocast, channels-last convolutions (backbone, then the pixel decoder's convs on its channels-last
             # maps) skip oneDNN's layout reorders: about 25% faster on CPU. Not in fp32, where the different summation
@@ -1122,6 +1308,7 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         output_attentions, output_hidden_states, return_dict = self.resolve_output_flags(
             output_attentions, output_hidden_states, return_dict
         )
+        _check_targets(pixel_values, mask_labels, class_labels, boxes, self.config.num_labels)
         targets = None
         if class_labels is not None:
             targets = self._build_targets(pixel_values, mask_labels, class_labels, boxes, pixel_mask)
@@ -1165,36 +1352,14 @@ class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
     def _build_targets(self, pixel_values, mask_labels, class_labels, boxes, pixel_mask=None) -> list[dict]:
-        """Per-image loss targets. Boxes missing from the inputs are the masks' tight boxes, normalised by the
-        unpadded image size (read from `pixel_mask`) as the official targets are."""
-        batch_size = pixel_values.shape[0]
-        if len(class_labels) != batch_size:
-            raise ValueError(f"class_labels has {len(class_labels)} entries for a batch of {batch_size}")
-        if mask_labels is not None and len(mask_labels) != batch_size:
-            raise ValueError(f"mask_labels has {len(mask_labels)} entries for a batch of {batch_size}")
-        if boxes is None and mask_labels is None:
-            raise ValueError("training needs boxes or mask_labels besides class_labels")
+        """Per-image loss targets (validated by `_check_targets`). Boxes missing from the inputs are the masks' tight
+        boxes, normalised by the unpadded image size (read from `pixel_mask`) as the official targets are."""
         targets = []
-        for index in range(batch_size):
+        for index in range(pixel_values.shape[0]):
             labels = class_labels[index].to(pixel_values.device).long()
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_labels):
-                raise ValueError(
-                    f"class_labels[{index}] has ids outside 0..{self.config.num_labels - 1}: {labels.tolist()}"
-                )
-            target = {"labels": labels}
-            if mask_labels is not None:
-                masks = mask_labels[index].to(pixel_values.device)
-                if masks.shape[0] != labels.shape[0] or masks.shape[-2:] != pixel_values.shape[-2:]:
-                    raise ValueError(
-                        f"mask_labels[{index}] must have shape ({labels.shape[0]}, "
-                        f"{pixel_values.shape[-2]}, {pixel_values.shape[-1]}), got {tuple(masks.shape)}"
-                    )
-                target["masks"] = masks.to(pixel_values.dtype)
+            target = {"labels": labels, "masks": mask_labels[index].to(pixel_values.device, pixel_values.dtype)}
             if boxes is not None:
-                box = boxes[index].to(pixel_values.device, pixel_values.dtype)
-                if box.shape != (labels.shape[0], 4):
-                    raise ValueError(f"boxes[{index}] must have shape ({labels.shape[0]}, 4), got {tuple(box.shape)}")
-                target["boxes"] = box
+                target["boxes"] = boxes[index].to(pixel_values.device, pixel_values.dtype)
             else:
                 height, width = pixel_values.shape[-2:]
                 if pixel_mask is not None:

@@ -233,6 +233,74 @@ class _WeightedRowSum(torch.autograd.Function):
         return None, grad_table, grad_weights
 
 
+def _check_msda_inputs(
+    value: torch.Tensor,
+    value_spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> None:
+    """Refuse inputs whose shapes disagree, naming the argument, its shape and the expected one.
+
+    Shapes are compared always (Python arithmetic, nothing read from a device). The contents of
+    `value_spatial_shapes` and `level_start_index` (the tokens they claim, the level offsets) are checked only when
+    they are on the CPU and nothing is being compiled or traced, so no device is ever synchronised; on accelerators
+    the model's `MultiScaleDeformableAttention.forward` checks the Python list of shapes instead."""
+    if value.ndim != 4:
+        raise ValueError(f"value must have shape (batch, tokens, heads, head_dim), got {tuple(value.shape)}")
+    batch_size, num_tokens, num_heads, _ = value.shape
+    if sampling_locations.ndim != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "sampling_locations must have shape (batch, queries, heads, levels, points, 2), got "
+            f"{tuple(sampling_locations.shape)}"
+        )
+    if sampling_locations.shape[0] != batch_size or sampling_locations.shape[2] != num_heads:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} must have value's batch ({batch_size}) and heads "
+            f"({num_heads}) in dims 0 and 2"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights must have shape (batch, queries, heads, levels, points) = "
+            f"{tuple(sampling_locations.shape[:-1])} like sampling_locations, got {tuple(attention_weights.shape)}"
+        )
+    num_levels = sampling_locations.shape[3]
+    if value_spatial_shapes.shape != (num_levels, 2):
+        raise ValueError(
+            f"value_spatial_shapes must have shape (levels, 2) = ({num_levels}, 2), got "
+            f"{tuple(value_spatial_shapes.shape)}"
+        )
+    if level_start_index.shape != (num_levels,):
+        raise ValueError(
+            f"level_start_index must have shape (levels,) = ({num_levels},), got {tuple(level_start_index.shape)}"
+        )
+    on_cpu = value_spatial_shapes.device.type == "cpu" and level_start_index.device.type == "cpu"
+    if not on_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    shapes = [tuple(shape) for shape in value_spatial_shapes.tolist()]
+    _check_spatial_shapes_list(value, shapes, "value_spatial_shapes")
+    starts = [0]
+    for height, width in shapes[:-1]:
+        starts.append(starts[-1] + height * width)
+    if level_start_index.tolist() != starts:
+        raise ValueError(
+            f"level_start_index {level_start_index.tolist()} disagrees with value_spatial_shapes, whose levels start "
+            f"at {starts}"
+        )
+
+
+def _check_spatial_shapes_list(
+    value: torch.Tensor, shapes: list[tuple[int, int]], name: str = "value_spatial_shapes_list"
+) -> None:
+    """The levels' (height, width) must be positive and hold exactly value's tokens (pure Python, no device read)."""
+    claimed = sum(height * width for height, width in shapes)
+    if claimed != value.shape[1] or any(height < 1 or width < 1 for height, width in shapes):
+        raise ValueError(
+            f"{name} {[tuple(shape) for shape in shapes]} claims {claimed} tokens but value has {value.shape[1]}: "
+            "every level's (height, width) must be positive and their height * width sum to value.shape[1]"
+        )
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
@@ -287,8 +355,10 @@ def multi_scale_deformable_attention_pytorch(
     """MSDA for all heads and levels at once (see the module docstring); same inputs / output as the reference.
 
     Only tensors are used for the level geometry (`value_spatial_shapes`, `level_start_index`), so nothing is read
-    back to the host. Half and bfloat16 inputs are computed in float32 and the output is cast back.
+    back to the host. Half and bfloat16 inputs are computed in float32 and the output is cast back. Inputs are
+    checked by `_check_msda_inputs`.
     """
+    _check_msda_inputs(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
     batch_size, num_value_tokens, num_heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     compute_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
@@ -332,6 +402,7 @@ class MultiScaleDeformableAttention(nn.Module):
         attention_weights: torch.Tensor,
         im2col_step: int,
     ) -> torch.Tensor:
+        _check_spatial_shapes_list(value, value_spatial_shapes_list)
         return multi_scale_deformable_attention_pytorch(
             value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
