@@ -292,12 +292,6 @@ class MaskDINOConfig(PreTrainedConfig):
                 f"backbone_config.out_features must name 4 maps (strides 4, 8, 16, 32 = {BACKBONE_FEATURES}) from "
                 f"which encoder_in_features and the mask features are taken, got {out_features}"
             )
-        needs_projection = self.feature_size != self.hidden_size or self.enforce_input_projection
-        if needs_projection and self.hidden_size % 32:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of 32 (GroupNorm(32) of the decoder's input "
-                f"projections, used since feature_size={self.feature_size} or enforce_input_projection=True)"
-            )
         if self.denoising != "no" and self.denoising_num < 1:
             raise ValueError(
                 f"denoising={self.denoising!r} needs denoising_num >= 1 denoising queries, got {self.denoising_num}; "
