@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,11 @@ from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_transforms import center_to_corners_format, corners_to_center_format
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format, rgb_to_id
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
+
+from .modeling_maskdino import mask_boxes
 
 try:
     from pycocotools import mask as coco_mask
@@ -127,20 +130,6 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized).astype(array.dtype)
 
 
-def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of binary masks (N, H, W) as detectron2 `BitMasks.get_bounding_boxes`: (x0, y0, x1 + 1, y1 + 1).
-
-    An empty mask gives an all-zero box.
-    """
-    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
-    for index, mask in enumerate(masks.bool()):
-        columns = torch.nonzero(mask.any(dim=0)).flatten()
-        rows = torch.nonzero(mask.any(dim=1)).flatten()
-        if len(columns) and len(rows):
-            boxes[index] = torch.tensor([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=torch.float32)
-    return boxes
-
-
 def _rle_counts(counts: Any, where: str) -> list[int]:
     """Run lengths of a COCO RLE: a list of ints, or the compressed string (6-bit chunks from '0', the format
     pycocotools writes), read here so that malformed counts are refused before pycocotools decodes them (it reads
@@ -182,12 +171,6 @@ def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Absolute xyxy boxes (N, 4) clipped to an image of `height` x `width` (a new tensor)."""
     limits = boxes.new_tensor([width, height, width, height])
     return torch.minimum(boxes.clamp(min=0), limits)
-
-
-def rgb_to_id(color: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colour to segment id: id = R + 256 G + 256^2 B."""
-    color = color.astype(np.int64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
 def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
@@ -923,7 +906,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             mask_tensor = torch.zeros((len(keep), *padded_size), dtype=torch.float32)
             for row, i in enumerate(keep):
                 mask_tensor[row, :new_height, :new_width] = torch.from_numpy(masks[i].astype(np.float32))
-            boxes = masks_to_boxes_xyxy(mask_tensor)
+            boxes = mask_boxes(mask_tensor.bool(), "bitmask")  # detectron2 BitMasks boxes (empty: zeros)
             scale = torch.tensor([new_width, new_height, new_width, new_height], dtype=torch.float32)
             targets.append(
                 {
@@ -1043,7 +1026,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError(f"{where}: a panoptic annotation needs 'panoptic_seg' or 'file_name' (with masks_path)")
         array = self._label_map(png, where, "panoptic_seg")
         if array.ndim == 3 and array.shape[-1] in (3, 4):
-            ids = rgb_to_id(array[..., :3])
+            ids = rgb_to_id(array[..., :3].astype(np.int64))
         elif array.ndim == 2:
             ids = array.astype(np.int64)
         else:
@@ -1102,10 +1085,17 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ post-processing helpers
 
     def _resolve_sizes(self, outputs, target_sizes, image_sizes):
-        """Validated outputs and per-image (target, resized, padded) sizes."""
+        """Validated outputs, detached (results never carry autograd history, even from a forward run with
+        gradients), and per-image (target, resized, padded) sizes."""
         for name in ("class_queries_logits", "masks_queries_logits"):
             if getattr(outputs, name, None) is None:
                 raise ValueError(f"outputs must have `{name}`")
+        pred_boxes = getattr(outputs, "pred_boxes", None)
+        outputs = SimpleNamespace(
+            class_queries_logits=outputs.class_queries_logits.detach(),
+            masks_queries_logits=outputs.masks_queries_logits.detach(),
+            pred_boxes=None if pred_boxes is None else pred_boxes.detach(),
+        )
         logits, masks = outputs.class_queries_logits, outputs.masks_queries_logits
         if logits.ndim != 3 or masks.ndim != 4 or logits.shape[:2] != masks.shape[:2]:
             raise ValueError(
@@ -1164,7 +1154,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 )
         if target_sizes is None:
             target_sizes = list(image_sizes)
-        return target_sizes, image_sizes, padded_size
+        return outputs, target_sizes, image_sizes, padded_size
 
     def _resized_size_or_none(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """This processor's resized size of an original `size`, `None` where the resize rule refuses it."""
@@ -1317,7 +1307,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if overlap_mask_area_threshold is not None:
             _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
         _check_top_k(top_k)
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         mask_logit_threshold = self._mask_logit_threshold(mask_threshold)
         drop_labels = self._instance_drop_labels(panoptic_on)
         results = []
@@ -1396,7 +1386,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError("object detection needs `pred_boxes` in the outputs")
         threshold = 0.0 if threshold is None else _check_fraction("threshold", threshold)
         _check_top_k(top_k)
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         drop_labels = self._instance_drop_labels(panoptic_on)
         results = []
         for index in range(len(target_sizes)):
@@ -1445,7 +1435,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             else _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
         )
         _check_fraction("mask_threshold", mask_threshold)
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         fuse = self._labels_to_fuse(label_ids_to_fuse, outputs.class_queries_logits, num_labels)
         results = []
         for index in range(len(target_sizes)):
@@ -1562,7 +1552,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             [`SemanticSegmentationPostProcessorOutput`] with `segmentation` and `segmentation_scores` (C, H, W), the
             official `sem_seg` output.
         """
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         before = self.semantic_postprocessing_before_inference or self.instance_on or self.panoptic_on
         results = []
         for index in range(len(target_sizes)):
