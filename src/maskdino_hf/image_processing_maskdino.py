@@ -573,12 +573,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     @staticmethod
     def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Resized (unpadded) size of each image from the `pixel_mask` returned by `preprocess`."""
-        sizes = []
-        for mask in torch.as_tensor(pixel_mask).bool():
-            rows = torch.nonzero(mask.any(dim=1)).flatten()
-            columns = torch.nonzero(mask.any(dim=0)).flatten()
-            sizes.append((int(rows[-1]) + 1 if len(rows) else 0, int(columns[-1]) + 1 if len(columns) else 0))
-        return sizes
+        # the image is the top-left part of its pixel mask: its size is the mask's box's bottom-right corner
+        boxes = mask_boxes(torch.as_tensor(pixel_mask).bool(), "bitmask")
+        return [(int(y1), int(x1)) for _, _, x1, y1 in boxes.tolist()]
 
     def preprocess(
         self,
