@@ -986,3 +986,23 @@ def test_post_processing_of_outputs_with_gradients_is_detached_and_warning_free(
     tensors = [instance["scores"], instance["boxes"], detection["scores"], detection["boxes"],
                semantic.segmentation_scores, universal["sem_seg"], universal["instances"]["boxes"]]
     assert not any(tensor.requires_grad for tensor in tensors)
+
+
+def test_half_precision_outputs_are_post_processed_in_float32():
+    """Outputs of a model run under bfloat16 autocast give the results of the same values in float32."""
+    processor = MaskDINOImageProcessor(num_labels=3, test_topk_per_image=5)
+    generator = torch.Generator().manual_seed(0)
+    outputs = SimpleNamespace(
+        class_queries_logits=torch.randn(1, 6, 3, generator=generator).bfloat16(),
+        masks_queries_logits=torch.randn(1, 6, 8, 8, generator=generator).bfloat16(),
+        pred_boxes=torch.rand(1, 6, 4, generator=generator).bfloat16(),
+    )
+    as_float = SimpleNamespace(**{name: value.float() for name, value in vars(outputs).items()})
+    sizes = {"target_sizes": [(30, 30)], "image_sizes": [(32, 32)]}
+    half = processor.post_process_instance_segmentation(outputs, **sizes)[0]
+    full = processor.post_process_instance_segmentation(as_float, **sizes)[0]
+    assert half["scores"].dtype == half["boxes"].dtype == torch.float32 and len(half["scores"]) == 5
+    for name in ("scores", "labels", "boxes", "masks"):
+        torch.testing.assert_close(half[name], full[name], rtol=0, atol=0)
+    semantic = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True, **sizes)[0]
+    assert semantic.segmentation_scores.dtype == torch.float32

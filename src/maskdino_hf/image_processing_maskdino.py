@@ -1036,16 +1036,23 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ post-processing helpers
 
     def _resolve_sizes(self, outputs, target_sizes, image_sizes):
-        """Validated outputs, detached (results never carry autograd history, even from a forward run with
-        gradients), and per-image (target, resized, padded) sizes."""
+        """Validated outputs and per-image (target, resized, padded) sizes. The outputs are detached (results never
+        carry autograd history, even from a forward run with gradients) and half precision is computed in float32
+        (a model run under bfloat16 autocast gets the float32 post-processing)."""
         for name in ("class_queries_logits", "masks_queries_logits"):
             if getattr(outputs, name, None) is None:
                 raise ValueError(f"outputs must have `{name}`")
-        pred_boxes = getattr(outputs, "pred_boxes", None)
+
+        def prepared(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            tensor = tensor.detach()
+            return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
         outputs = SimpleNamespace(
-            class_queries_logits=outputs.class_queries_logits.detach(),
-            masks_queries_logits=outputs.masks_queries_logits.detach(),
-            pred_boxes=None if pred_boxes is None else pred_boxes.detach(),
+            class_queries_logits=prepared(outputs.class_queries_logits),
+            masks_queries_logits=prepared(outputs.masks_queries_logits),
+            pred_boxes=prepared(getattr(outputs, "pred_boxes", None)),
         )
         logits, masks = outputs.class_queries_logits, outputs.masks_queries_logits
         if logits.ndim != 3 or masks.ndim != 4 or logits.shape[:2] != masks.shape[:2]:

@@ -347,8 +347,6 @@ def model_predict_fn(
         image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
         with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
-        for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):  # post-processing in float32
-            setattr(outputs, name, getattr(outputs, name).float())
         sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
         return _post_process(processor, outputs, tasks, threshold, sizes, target_sizes)
 
