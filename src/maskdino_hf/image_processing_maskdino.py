@@ -130,6 +130,43 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized).astype(array.dtype)
 
 
+def _rle_counts(counts: Any, where: str) -> list[int]:
+    """Run lengths of a COCO RLE: a list of ints, or the compressed string (6-bit chunks from '0', the format
+    pycocotools writes), read here so that malformed counts are refused before pycocotools decodes them (it reads
+    past the runs it was given)."""
+    if isinstance(counts, list):
+        for count in counts:
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise ValueError(f"{where}: RLE counts must be non-negative ints, got {count!r}")
+        return [int(count) for count in counts]
+    if isinstance(counts, str):
+        counts = counts.encode()
+    if not isinstance(counts, bytes):
+        raise TypeError(f"{where}: RLE counts must be a list of ints or a compressed string, got {type(counts)}")
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                raise ValueError(f"{where}: compressed RLE counts {counts[:40]!r} end in the middle of a run")
+            chunk = counts[position] - 48
+            if not 0 <= chunk < 64:
+                raise ValueError(f"{where}: compressed RLE counts hold the invalid character {chr(counts[position])!r}")
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"{where}: compressed RLE counts decode to a negative run length {value}")
+        runs.append(value)
+    return runs
+
+
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Absolute xyxy boxes (N, 4) clipped to an image of `height` x `width` (a new tensor)."""
     limits = boxes.new_tensor([width, height, width, height])
@@ -946,13 +983,22 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 rle = coco_mask.merge(coco_mask.frPyObjects(polygons, new_height, new_width))
                 mask = coco_mask.decode(rle).astype(bool)
             elif isinstance(segmentation, Mapping):
-                from .data import rle_to_mask  # the project's COCO RLE reader: counts checked before decoding
-
                 rle_size = tuple(int(v) for v in segmentation.get("size", ()))
                 if rle_size != (height, width):
                     raise ValueError(f"{what}: RLE size {rle_size} does not match the image size {(height, width)}")
-                mask = rle_to_mask(segmentation, what)
-                mask = _resize_nearest(mask.astype(np.uint8), new_height, new_width).astype(bool)
+                if "counts" not in segmentation:
+                    raise ValueError(f"{what}: an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
+                total = sum(_rle_counts(segmentation["counts"], what))
+                if total != height * width:
+                    raise ValueError(
+                        f"{what}: RLE counts sum to {total}, but a {height} x {width} mask has {height * width} pixels"
+                    )
+                if isinstance(segmentation["counts"], list):
+                    rle = coco_mask.frPyObjects(dict(segmentation), height, width)
+                else:
+                    counts = segmentation["counts"]
+                    rle = {"size": list(rle_size), "counts": counts.encode() if isinstance(counts, str) else counts}
+                mask = _resize_nearest(coco_mask.decode(rle).astype(np.uint8), new_height, new_width).astype(bool)
             else:
                 array = self._label_map(segmentation, what, "a mask")
                 if array.shape != (height, width):
