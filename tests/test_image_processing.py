@@ -1006,3 +1006,19 @@ def test_half_precision_outputs_are_post_processed_in_float32():
         torch.testing.assert_close(half[name], full[name], rtol=0, atol=0)
     semantic = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True, **sizes)[0]
     assert semantic.segmentation_scores.dtype == torch.float32
+
+
+def test_processor_mask_boxes_are_the_model_bitmask_rule():
+    """The processor's copy of the mask-to-box rule (its saved remote code imports no other module) gives the
+    model's `mask_boxes(masks, "bitmask")`, empty masks (all-zero boxes) and one-pixel masks included."""
+    from maskdino_hf.image_processing_maskdino import _bitmask_boxes
+    from maskdino_hf.modeling_maskdino import mask_boxes
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(0, 5, 7), (4, 1, 1), (20, 13, 17), (5, 40, 3)]:
+        masks = torch.rand(shape, generator=generator) > 0.9
+        if shape[0] > 2:
+            masks[1] = False
+            masks[2] = False
+            masks[2, 0, shape[2] - 1] = True
+        torch.testing.assert_close(_bitmask_boxes(masks), mask_boxes(masks, "bitmask"), rtol=0, atol=0)

@@ -36,8 +36,6 @@ from transformers.image_transforms import center_to_corners_format, corners_to_c
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-from .modeling_maskdino import mask_boxes
-
 try:
     from pycocotools import mask as coco_mask
 except ImportError:  # optional: only COCO polygon / RLE annotations and `return_coco_annotation` need it
@@ -128,6 +126,21 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
         return array
     resized = Image.fromarray(array.astype(np.int32)).resize((width, height), Image.NEAREST)
     return np.asarray(resized).astype(array.dtype)
+
+
+def _bitmask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight float32 boxes (x0, y0, x1 + 1, y1 + 1) of bool masks (N, H, W), all zeros for an empty mask: detectron2
+    `BitMasks.get_bounding_boxes`, the model's `mask_boxes(masks, "bitmask")`. Written here, not imported, because
+    the processor is saved as standalone remote code (no imports of other package modules)."""
+    height, width = masks.shape[-2:]
+    cols, rows = masks.any(dim=-2), masks.any(dim=-1)
+    x = torch.arange(width, device=masks.device, dtype=torch.float32)
+    y = torch.arange(height, device=masks.device, dtype=torch.float32)
+    boxes = torch.stack([
+        torch.where(cols, x, float(width)).amin(-1), torch.where(rows, y, float(height)).amin(-1),
+        torch.where(cols, x, -1.0).amax(-1) + 1, torch.where(rows, y, -1.0).amax(-1) + 1,
+    ], dim=-1)
+    return torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
 
 
 def _rle_counts(counts: Any, where: str) -> list[int]:
@@ -611,7 +624,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Resized (unpadded) size of each image from the `pixel_mask` returned by `preprocess`."""
         # the image is the top-left part of its pixel mask: its size is the mask's box's bottom-right corner
-        boxes = mask_boxes(torch.as_tensor(pixel_mask).bool(), "bitmask")
+        boxes = _bitmask_boxes(torch.as_tensor(pixel_mask).bool())
         return [(int(y1), int(x1)) for _, _, x1, y1 in boxes.tolist()]
 
     def preprocess(
@@ -903,7 +916,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             mask_tensor = torch.zeros((len(keep), *padded_size), dtype=torch.float32)
             for row, i in enumerate(keep):
                 mask_tensor[row, :new_height, :new_width] = torch.from_numpy(masks[i].astype(np.float32))
-            boxes = mask_boxes(mask_tensor.bool(), "bitmask")  # detectron2 BitMasks boxes (empty: zeros)
+            boxes = _bitmask_boxes(mask_tensor.bool())
             scale = torch.tensor([new_width, new_height, new_width, new_height], dtype=torch.float32)
             targets.append(
                 {
