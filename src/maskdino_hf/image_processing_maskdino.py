@@ -143,7 +143,7 @@ def _bitmask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
 
 
-def _rle_counts(counts: Any, where: str) -> list[int]:
+def rle_counts(counts: Any, where: str) -> list[int]:
     """Run lengths of a COCO RLE: a list of ints, or the compressed string (6-bit chunks from '0', the format
     pycocotools writes), read here so that malformed counts are refused before pycocotools decodes them (it reads
     past the runs it was given)."""
@@ -1001,7 +1001,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     raise ValueError(f"{what}: RLE size {rle_size} does not match the image size {(height, width)}")
                 if "counts" not in segmentation:
                     raise ValueError(f"{what}: an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
-                total = sum(_rle_counts(segmentation["counts"], what))
+                total = sum(rle_counts(segmentation["counts"], what))
                 if total != height * width:
                     raise ValueError(
                         f"{what}: RLE counts sum to {total}, but a {height} x {width} mask has {height * width} pixels"
