@@ -152,7 +152,7 @@ INSTANCE_CASES = {
         ["annotations[1]", "sum to 0", "768"]),
     "compressed RLE of invalid characters": (
         lambda d: d["annotations"][1]["segmentation"].update(counts="0z1~"), ValueError,
-        ["annotations[1]", "not a valid COCO RLE string"]),
+        ["annotations[1]", "invalid character 'z'"]),
     "RLE of another size than the image": (
         lambda d: d["annotations"][1]["segmentation"].update(size=[10, 10], counts=[0, 100]), ValueError,
         ["annotations[1]", "[10, 10]", "[24, 32]"]),

@@ -133,9 +133,18 @@ def test_predict_writes_overlays_and_results(task, model_dir, image_paths, tmp_p
                 assert sum(c["area"] for c in annotation["classes"]) == width * height
     stdout = capsys.readouterr().out
     assert "image(s)" in stdout
-    # one summary line per image (counts per class), one JSON line per image written as it finished
-    for index, path in enumerate(image_paths):
-        assert f"[{index + 1}/{len(image_paths)}] {path}: " in stdout, stdout
+    # one summary line per image (visualization.summarize: count and classes, void for panoptic), one JSON line
+    # per image written as it finished
+    for index, (info, path) in enumerate(zip(report["images"], image_paths)):
+        prefix = f"[{index + 1}/{len(image_paths)}] {path}: {task}: "
+        summary = next(line for line in stdout.splitlines() if line.startswith(prefix))[len(prefix):]
+        annotations = [a for a in report["annotations"] if a["image_id"] == info["id"]]
+        if task == "panoptic":
+            assert summary.startswith(f"{len(annotations[0]['segments_info'])} segment") and ", void " in summary
+        elif task == "semantic":
+            assert summary.startswith(f"{len(annotations[0]['classes'])} class")
+        else:
+            assert summary.startswith(f"{len(annotations)} {task}")
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["image"] for line in lines] == report["images"]
     assert [a for line in lines for a in line["annotations"]] == report["annotations"]

@@ -8,6 +8,7 @@ outputs (`decoder.safetensors:pred_*`), return what the official model returned 
 from __future__ import annotations
 
 import json
+import warnings
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -952,3 +953,72 @@ def test_target_sizes_of_other_preprocessing_resize_the_whole_prediction():
         assert method(outputs, target_sizes=target_sizes)[0]["segmentation"].shape == (1, 4)
     with pytest.raises(ValueError):
         processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes + [(1, 4)])
+
+
+def test_post_processing_of_outputs_with_gradients_is_detached_and_warning_free():
+    """Outputs of a forward run with gradients (no `torch.no_grad`, as in training): every post-processing method
+    works on detached tensors, so its results carry no autograd history and reading a score as a Python float
+    raises no "requires_grad=True" warning."""
+    from conftest import tiny_config
+
+    from maskdino_hf import MaskDINOForUniversalSegmentation
+
+    torch.manual_seed(0)
+    model = MaskDINOForUniversalSegmentation(tiny_config()).eval()
+    processor = MaskDINOImageProcessor(
+        num_labels=5, stuff_labels=[3, 4], size={"shortest_edge": 64, "longest_edge": 96}, focus_on_box=False,
+        instance_on=True, panoptic_on=True, semantic_on=True,
+    )
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    outputs = model(**processor([image], return_tensors="pt"))
+    assert outputs.class_queries_logits.requires_grad and outputs.pred_boxes.requires_grad
+    sizes = {"target_sizes": [(60, 80)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        instance = processor.post_process_instance_segmentation(outputs, panoptic_on=False, **sizes)[0]
+        detection = processor.post_process_object_detection(outputs, panoptic_on=False, **sizes)[0]
+        panoptic = processor.post_process_panoptic_segmentation(outputs, threshold=0.0, **sizes)[0]
+        semantic = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True, **sizes)[0]
+        universal = processor.post_process_universal_segmentation(outputs, **sizes)[0]
+        scores = [float(result["scores"][0]) for result in (instance, detection, universal["instances"])]
+        boxes = [float(value) for value in instance["boxes"][0]]
+    assert len(scores) == 3 and len(boxes) == 4 and len(panoptic["segments_info"]) > 0
+    tensors = [instance["scores"], instance["boxes"], detection["scores"], detection["boxes"],
+               semantic.segmentation_scores, universal["sem_seg"], universal["instances"]["boxes"]]
+    assert not any(tensor.requires_grad for tensor in tensors)
+
+
+def test_half_precision_outputs_are_post_processed_in_float32():
+    """Outputs of a model run under bfloat16 autocast give the results of the same values in float32."""
+    processor = MaskDINOImageProcessor(num_labels=3, test_topk_per_image=5)
+    generator = torch.Generator().manual_seed(0)
+    outputs = SimpleNamespace(
+        class_queries_logits=torch.randn(1, 6, 3, generator=generator).bfloat16(),
+        masks_queries_logits=torch.randn(1, 6, 8, 8, generator=generator).bfloat16(),
+        pred_boxes=torch.rand(1, 6, 4, generator=generator).bfloat16(),
+    )
+    as_float = SimpleNamespace(**{name: value.float() for name, value in vars(outputs).items()})
+    sizes = {"target_sizes": [(30, 30)], "image_sizes": [(32, 32)]}
+    half = processor.post_process_instance_segmentation(outputs, **sizes)[0]
+    full = processor.post_process_instance_segmentation(as_float, **sizes)[0]
+    assert half["scores"].dtype == half["boxes"].dtype == torch.float32 and len(half["scores"]) == 5
+    for name in ("scores", "labels", "boxes", "masks"):
+        torch.testing.assert_close(half[name], full[name], rtol=0, atol=0)
+    semantic = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True, **sizes)[0]
+    assert semantic.segmentation_scores.dtype == torch.float32
+
+
+def test_processor_mask_boxes_are_the_model_bitmask_rule():
+    """The processor's copy of the mask-to-box rule (its saved remote code imports no other module) gives the
+    model's `mask_boxes(masks, "bitmask")`, empty masks (all-zero boxes) and one-pixel masks included."""
+    from maskdino_hf.image_processing_maskdino import _bitmask_boxes
+    from maskdino_hf.modeling_maskdino import mask_boxes
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(0, 5, 7), (4, 1, 1), (20, 13, 17), (5, 40, 3)]:
+        masks = torch.rand(shape, generator=generator) > 0.9
+        if shape[0] > 2:
+            masks[1] = False
+            masks[2] = False
+            masks[2, 0, shape[2] - 1] = True
+        torch.testing.assert_close(_bitmask_boxes(masks), mask_boxes(masks, "bitmask"), rtol=0, atol=0)

@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from maskdino_hf import predict
@@ -243,8 +244,11 @@ def test_summary_and_table_count_what_the_result_holds():
     assert summarize(instances, ID2LABEL, "instance") == "instance: 3 instances (circle 1, triangle 2)"
     assert summarize(instances, ID2LABEL, "detection") == "detection: 3 detections (circle 1, triangle 2)"
     assert [row["area"] for row in segment_table(instances, ID2LABEL, "detection")] == [200, 50, 16]
+    as_tensors = {key: torch.as_tensor(value) for key, value in instances.items()}  # as the predict path has them
+    assert summarize(as_tensors, ID2LABEL, "instance") == "instance: 3 instances (circle 1, triangle 2)"
     empty = {"labels": np.zeros(0, int), "scores": np.zeros(0), "boxes": np.zeros((0, 4))}
     assert summarize(empty, ID2LABEL, "instance") == "instance: 0 instances"
+    assert summarize({**empty, "masks": np.zeros((0, 7, 9), bool)}, ID2LABEL, "instance") == "instance: 0 instances"
 
     label_map = np.full((10, 20), 3)
     label_map[5:] = 4

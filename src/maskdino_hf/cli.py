@@ -248,6 +248,16 @@ def _add_convert(commands) -> None:
     convert.set_defaults(handler=_convert)
 
 
+def _add_model_options(parser) -> None:
+    """The options of ``predict`` and ``evaluate`` that choose the model and how it runs."""
+    parser.add_argument("--model", default=None,
+                        help="model folder or Hugging Face Hub id (default: the bundled demo model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="images per forward pass (sizes may differ)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
+
+
 def _add_predict(commands) -> None:
     predict = commands.add_parser(
         "predict",
@@ -259,18 +269,13 @@ def _add_predict(commands) -> None:
     )
     predict.add_argument("images", nargs="*", metavar="IMAGES",
                          help="image files or folders of images (default: the demo model's bundled images)")
-    predict.add_argument("--model", default=None,
-                         help="model folder or Hugging Face Hub id (default: the bundled demo model)")
+    _add_model_options(predict)
     predict.add_argument("--task", choices=TASKS, default=None,
                          help="default: panoptic for a panoptic model, semantic for a semantic-only one, else instance")
     predict.add_argument("--threshold", type=_unit_float, default=None,
                          help=f"instance/detection score threshold (default {DEFAULT_INSTANCE_THRESHOLD}); panoptic "
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--batch-size", type=_positive_int, default=1,
-                         help="images per forward pass (sizes may differ)")
-    predict.add_argument("--bf16", action="store_true", help=BF16_HELP)
     predict.add_argument("--progress", action="store_true", help="show Transformers' model loading progress bars")
     predict.set_defaults(handler=_predict)
 
@@ -283,16 +288,13 @@ def _add_evaluate(commands) -> None:
         "annotations/panoptic.json + panoptic/, semantic/), a folder of such split folders, or a datasets "
         "save_to_disk folder. Prints a table and optionally writes a JSON report.",
     )
-    evaluate.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled demo model)")
+    _add_model_options(evaluate)
     evaluate.add_argument("--data", required=True, help="COCO-format folder or datasets save_to_disk folder")
     evaluate.add_argument("--task", choices=EVAL_TASKS, default="all",
                           help="all (default): every kind of annotation the data has")
     evaluate.add_argument("--split", default="validation", help="split of a DatasetDict / sub-folder (validation)")
     evaluate.add_argument("--output", default=None, help="write the report JSON here")
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=1)
     evaluate.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
-    evaluate.add_argument("--bf16", action="store_true", help=BF16_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
 

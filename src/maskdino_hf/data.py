@@ -48,6 +48,7 @@ from transformers.image_transforms import rgb_to_id
 import datasets
 from datasets import Features, List, Value
 
+from .image_processing_maskdino import rle_counts
 from .modeling_maskdino import mask_boxes
 
 __all__ = [
@@ -158,27 +159,6 @@ def _rle_size(rle: Mapping, where: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _compressed_counts(counts: bytes, where: str) -> list[int]:
-    """The run lengths of a compressed COCO RLE string (pycocotools' format: 5 bits a character from ``'0'``, a
-    continuation bit, a sign bit on the last character, each count after the second stored as a difference to the
-    count two before)."""
-    values: list[int] = []
-    position = 0
-    while position < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if position == len(counts) or not 48 <= counts[position] < 112:
-                raise ValueError(f"{where}: compressed RLE counts {counts[:20]!r} are not a valid COCO RLE string")
-            code = counts[position] - 48
-            value |= (code & 0x1F) << shift
-            more = bool(code & 0x20)
-            position, shift = position + 1, shift + 5
-            if not more and code & 0x10:
-                value |= -1 << shift
-        values.append(value + values[-2] if len(values) > 2 else value)
-    return values
-
-
 def _check_counts(values: Sequence[int], height: int, width: int, kind: str, where: str) -> None:
     """Run lengths must be non-negative and cover the mask exactly: pycocotools reads (or writes) past the mask
     otherwise and returns a different mask on every call."""
@@ -206,7 +186,7 @@ def _to_compressed_rle(rle: Mapping, where: str = "RLE") -> dict:
         counts = counts.encode("ascii", errors="replace")
     if not isinstance(counts, bytes):
         raise ValueError(f"{where}: RLE counts must be a string (compressed) or a list of integers, got {type(counts).__name__}")
-    _check_counts(_compressed_counts(counts, where), height, width, "compressed", where)
+    _check_counts(rle_counts(counts, where), height, width, "compressed", where)
     return {"size": [height, width], "counts": counts}
 
 

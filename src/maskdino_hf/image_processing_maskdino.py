@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_transforms import center_to_corners_format, corners_to_center_format
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format, rgb_to_id
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
@@ -127,21 +128,22 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized).astype(array.dtype)
 
 
-def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of binary masks (N, H, W) as detectron2 `BitMasks.get_bounding_boxes`: (x0, y0, x1 + 1, y1 + 1).
+def _bitmask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight float32 boxes (x0, y0, x1 + 1, y1 + 1) of bool masks (N, H, W), all zeros for an empty mask: detectron2
+    `BitMasks.get_bounding_boxes`, the model's `mask_boxes(masks, "bitmask")`. Written here, not imported, because
+    the processor is saved as standalone remote code (no imports of other package modules)."""
+    height, width = masks.shape[-2:]
+    cols, rows = masks.any(dim=-2), masks.any(dim=-1)
+    x = torch.arange(width, device=masks.device, dtype=torch.float32)
+    y = torch.arange(height, device=masks.device, dtype=torch.float32)
+    boxes = torch.stack([
+        torch.where(cols, x, float(width)).amin(-1), torch.where(rows, y, float(height)).amin(-1),
+        torch.where(cols, x, -1.0).amax(-1) + 1, torch.where(rows, y, -1.0).amax(-1) + 1,
+    ], dim=-1)
+    return torch.where(cols.any(-1, keepdim=True), boxes, 0.0)
 
-    An empty mask gives an all-zero box.
-    """
-    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
-    for index, mask in enumerate(masks.bool()):
-        columns = torch.nonzero(mask.any(dim=0)).flatten()
-        rows = torch.nonzero(mask.any(dim=1)).flatten()
-        if len(columns) and len(rows):
-            boxes[index] = torch.tensor([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=torch.float32)
-    return boxes
 
-
-def _rle_counts(counts: Any, where: str) -> list[int]:
+def rle_counts(counts: Any, where: str) -> list[int]:
     """Run lengths of a COCO RLE: a list of ints, or the compressed string (6-bit chunks from '0', the format
     pycocotools writes), read here so that malformed counts are refused before pycocotools decodes them (it reads
     past the runs it was given)."""
@@ -182,12 +184,6 @@ def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Absolute xyxy boxes (N, 4) clipped to an image of `height` x `width` (a new tensor)."""
     limits = boxes.new_tensor([width, height, width, height])
     return torch.minimum(boxes.clamp(min=0), limits)
-
-
-def rgb_to_id(color: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colour to segment id: id = R + 256 G + 256^2 B."""
-    color = color.astype(np.int64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
 def _as_size_pairs(sizes: Any, name: str) -> list[tuple[int, int]]:
@@ -627,12 +623,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     @staticmethod
     def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Resized (unpadded) size of each image from the `pixel_mask` returned by `preprocess`."""
-        sizes = []
-        for mask in torch.as_tensor(pixel_mask).bool():
-            rows = torch.nonzero(mask.any(dim=1)).flatten()
-            columns = torch.nonzero(mask.any(dim=0)).flatten()
-            sizes.append((int(rows[-1]) + 1 if len(rows) else 0, int(columns[-1]) + 1 if len(columns) else 0))
-        return sizes
+        # the image is the top-left part of its pixel mask: its size is the mask's box's bottom-right corner
+        boxes = _bitmask_boxes(torch.as_tensor(pixel_mask).bool())
+        return [(int(y1), int(x1)) for _, _, x1, y1 in boxes.tolist()]
 
     def preprocess(
         self,
@@ -923,7 +916,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             mask_tensor = torch.zeros((len(keep), *padded_size), dtype=torch.float32)
             for row, i in enumerate(keep):
                 mask_tensor[row, :new_height, :new_width] = torch.from_numpy(masks[i].astype(np.float32))
-            boxes = masks_to_boxes_xyxy(mask_tensor)
+            boxes = _bitmask_boxes(mask_tensor.bool())
             scale = torch.tensor([new_width, new_height, new_width, new_height], dtype=torch.float32)
             targets.append(
                 {
@@ -1008,7 +1001,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     raise ValueError(f"{what}: RLE size {rle_size} does not match the image size {(height, width)}")
                 if "counts" not in segmentation:
                     raise ValueError(f"{what}: an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
-                total = sum(_rle_counts(segmentation["counts"], what))
+                total = sum(rle_counts(segmentation["counts"], what))
                 if total != height * width:
                     raise ValueError(
                         f"{what}: RLE counts sum to {total}, but a {height} x {width} mask has {height * width} pixels"
@@ -1043,7 +1036,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError(f"{where}: a panoptic annotation needs 'panoptic_seg' or 'file_name' (with masks_path)")
         array = self._label_map(png, where, "panoptic_seg")
         if array.ndim == 3 and array.shape[-1] in (3, 4):
-            ids = rgb_to_id(array[..., :3])
+            ids = rgb_to_id(array[..., :3].astype(np.int64))
         elif array.ndim == 2:
             ids = array.astype(np.int64)
         else:
@@ -1102,10 +1095,24 @@ class MaskDINOImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ post-processing helpers
 
     def _resolve_sizes(self, outputs, target_sizes, image_sizes):
-        """Validated outputs and per-image (target, resized, padded) sizes."""
+        """Validated outputs and per-image (target, resized, padded) sizes. The outputs are detached (results never
+        carry autograd history, even from a forward run with gradients) and half precision is computed in float32
+        (a model run under bfloat16 autocast gets the float32 post-processing)."""
         for name in ("class_queries_logits", "masks_queries_logits"):
             if getattr(outputs, name, None) is None:
                 raise ValueError(f"outputs must have `{name}`")
+
+        def prepared(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            tensor = tensor.detach()
+            return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+        outputs = SimpleNamespace(
+            class_queries_logits=prepared(outputs.class_queries_logits),
+            masks_queries_logits=prepared(outputs.masks_queries_logits),
+            pred_boxes=prepared(getattr(outputs, "pred_boxes", None)),
+        )
         logits, masks = outputs.class_queries_logits, outputs.masks_queries_logits
         if logits.ndim != 3 or masks.ndim != 4 or logits.shape[:2] != masks.shape[:2]:
             raise ValueError(
@@ -1164,7 +1171,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 )
         if target_sizes is None:
             target_sizes = list(image_sizes)
-        return target_sizes, image_sizes, padded_size
+        return outputs, target_sizes, image_sizes, padded_size
 
     def _resized_size_or_none(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """This processor's resized size of an original `size`, `None` where the resize rule refuses it."""
@@ -1317,7 +1324,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         if overlap_mask_area_threshold is not None:
             _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
         _check_top_k(top_k)
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         mask_logit_threshold = self._mask_logit_threshold(mask_threshold)
         drop_labels = self._instance_drop_labels(panoptic_on)
         results = []
@@ -1396,7 +1403,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError("object detection needs `pred_boxes` in the outputs")
         threshold = 0.0 if threshold is None else _check_fraction("threshold", threshold)
         _check_top_k(top_k)
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         drop_labels = self._instance_drop_labels(panoptic_on)
         results = []
         for index in range(len(target_sizes)):
@@ -1445,7 +1452,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             else _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
         )
         _check_fraction("mask_threshold", mask_threshold)
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         fuse = self._labels_to_fuse(label_ids_to_fuse, outputs.class_queries_logits, num_labels)
         results = []
         for index in range(len(target_sizes)):
@@ -1562,7 +1569,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             [`SemanticSegmentationPostProcessorOutput`] with `segmentation` and `segmentation_scores` (C, H, W), the
             official `sem_seg` output.
         """
-        target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
+        outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         before = self.semantic_postprocessing_before_inference or self.instance_on or self.panoptic_on
         results = []
         for index in range(len(target_sizes)):

@@ -46,15 +46,6 @@ class _MaskDINOOnly:
         return super().__new__(cls)
 
 
-def _float_outputs(model_outputs):
-    """Post-processing runs in float32, as `predict` does (the model may run in a lower precision)."""
-    for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):
-        value = getattr(model_outputs, name, None)
-        if value is not None:
-            model_outputs[name] = value.float()
-    return model_outputs
-
-
 def _things_only(image_processor) -> bool | None:
     """Stuff classes are not instances: dropped from instance and detection results when the model has them."""
     return True if image_processor.stuff_labels else None
@@ -85,17 +76,17 @@ class MaskDINOImageSegmentationPipeline(_MaskDINOOnly, ImageSegmentationPipeline
         if subtask not in SUBTASKS:
             raise ValueError(f"subtask must be one of {SUBTASKS} (or None for the model's own), got {subtask!r}")
         processor, id2label = self.image_processor, self.model.config.id2label
-        outputs, target_sizes = _float_outputs(model_outputs), model_outputs["target_size"]
+        target_sizes = model_outputs["target_size"]
         mask_threshold = 0.5 if mask_threshold is None else mask_threshold
         if subtask == "semantic":
-            segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)[0]
+            segmentation = processor.post_process_semantic_segmentation(model_outputs, target_sizes=target_sizes)[0]
             return [
                 {"score": None, "label": id2label[int(label)], "mask": _mask_image(segmentation == label)}
                 for label in segmentation.unique()
             ]
         if subtask == "panoptic":
             result = processor.post_process_panoptic_segmentation(
-                outputs,
+                model_outputs,
                 threshold=threshold,
                 mask_threshold=mask_threshold,
                 overlap_mask_area_threshold=overlap_mask_area_threshold,
@@ -110,7 +101,7 @@ class MaskDINOImageSegmentationPipeline(_MaskDINOOnly, ImageSegmentationPipeline
                 for segment in result["segments_info"]
             ]
         result = processor.post_process_instance_segmentation(
-            outputs,
+            model_outputs,
             threshold=DEFAULT_INSTANCE_THRESHOLD if threshold is None else threshold,
             mask_threshold=mask_threshold,
             overlap_mask_area_threshold=overlap_mask_area_threshold,
@@ -132,7 +123,7 @@ class MaskDINOObjectDetectionPipeline(_MaskDINOOnly, ObjectDetectionPipeline):
         processor = self.image_processor
         target_size = model_outputs["target_size"]
         result = processor.post_process_object_detection(
-            _float_outputs(model_outputs),
+            model_outputs,
             threshold=DEFAULT_INSTANCE_THRESHOLD if threshold is None else threshold,
             target_sizes=target_size,
             panoptic_on=_things_only(processor),

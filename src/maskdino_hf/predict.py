@@ -278,8 +278,8 @@ def input_size(height: int, width: int, processor, min_side: int) -> dict[str, i
 
 
 def _to_cpu(value: Any) -> Any:
-    if hasattr(value, "detach"):
-        return value.detach().cpu()
+    if hasattr(value, "cpu"):  # tensors (post-processing returns them detached)
+        return value.cpu()
     if isinstance(value, Mapping):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -289,6 +289,8 @@ def _to_cpu(value: Any) -> Any:
 
 def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes) -> list[dict[str, Any]]:
     """``[{task: result}]`` on CPU; instance / detection boxes clipped to the image."""
+    from .image_processing_maskdino import clip_boxes
+
     things_only = True if processor.stuff_labels else None  # stuff classes are no instances (official rule)
     results: list[dict[str, Any]] = [{} for _ in target_sizes]
     for task in tasks:
@@ -309,11 +311,8 @@ def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes) -> 
         for result, item, (height, width) in zip(results, items, target_sizes):
             item = _to_cpu(item)
             if task in ("instance", "detection"):
-                boxes = item["boxes"].clone()
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
                 item = {key: item[key] for key in ("scores", "labels", "boxes", "masks") if key in item}
-                item["boxes"] = boxes
+                item["boxes"] = clip_boxes(item["boxes"], height, width)
             result[task] = item
     return results
 
@@ -348,8 +347,6 @@ def model_predict_fn(
         image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
         with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
-        for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):  # post-processing in float32
-            setattr(outputs, name, getattr(outputs, name).float())
         sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
         return _post_process(processor, outputs, tasks, threshold, sizes, target_sizes)
 
@@ -388,22 +385,6 @@ def default_task(processor) -> str:
     return "instance"
 
 
-def summarize(counts: Mapping[str, int], what: str) -> str:
-    """``"3 instances: 2 circle, 1 triangle"`` from per-class counts (largest first)."""
-    total = sum(counts.values())
-    parts = ", ".join(f"{count} {name}" for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-    return f"{total} {what}" + (f": {parts}" if parts else "")
-
-
-def _bbox_xywh(mask) -> list[int]:
-    import numpy as np
-
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0, 0, 0, 0]
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
 def _save_label_png(array, path: Path) -> None:
     import numpy as np
     from PIL import Image
@@ -417,14 +398,10 @@ def _save_label_png(array, path: Path) -> None:
 
 @dataclass
 class ImageResult:
-    """One image's records for the reports, its overlay and its per-class counts."""
+    """One image's records for the reports and its overlay."""
 
     annotations: list[dict]
     overlay: Any
-    counts: dict[str, int]
-
-
-_WHAT = {"instance": "instances", "detection": "detections", "panoptic": "segments", "semantic": "class regions"}
 
 
 class PredictionWriter:
@@ -455,34 +432,31 @@ class PredictionWriter:
         )
         overlay = draw_instances(image, item["labels"], item["scores"], masks=masks, boxes=item["boxes"],
                                  id2label=self.id2label, title=f"{self.task} ({len(coco)})")
-        counts: dict[str, int] = {}
-        for result in coco:
-            counts[self._name(result["category_id"])] = counts.get(self._name(result["category_id"]), 0) + 1
-        return ImageResult(coco, overlay, counts)
+        return ImageResult(coco, overlay)
 
     def _panoptic(self, image_id: int, image, item: Mapping, stem: str) -> ImageResult:
         import numpy as np
         from PIL import Image
         from transformers.image_transforms import id_to_rgb
 
+        from .data import mask_to_bbox
         from .visualization import draw_panoptic
 
         segmentation = item["segmentation"].numpy().astype(np.int64)
         png_name = f"panoptic/{stem}.png"
         Image.fromarray(id_to_rgb(np.maximum(segmentation, 0)).astype(np.uint8)).save(self.output_dir / png_name)
-        segments, counts = [], {}
+        segments = []
         for segment in item["segments_info"]:
             mask = segmentation == int(segment["id"])
             label = int(segment["label_id"])
             segments.append({
                 "id": int(segment["id"]), "category_id": label, "label": self._name(label),
                 "isthing": int(segment.get("isthing", label not in self.stuff)), "iscrowd": 0,
-                "score": float(segment.get("score", 1.0)), "area": int(mask.sum()), "bbox": _bbox_xywh(mask),
+                "score": float(segment.get("score", 1.0)), "area": int(mask.sum()), "bbox": mask_to_bbox(mask),
             })
-            counts[self._name(label)] = counts.get(self._name(label), 0) + 1
         overlay = draw_panoptic(image, segmentation, item["segments_info"], id2label=self.id2label,
                                 title=f"panoptic ({len(segments)})")
-        return ImageResult([{"image_id": image_id, "file_name": png_name, "segments_info": segments}], overlay, counts)
+        return ImageResult([{"image_id": image_id, "file_name": png_name, "segments_info": segments}], overlay)
 
     def _semantic(self, image_id: int, image, item, stem: str) -> ImageResult:
         import numpy as np
@@ -496,11 +470,12 @@ class PredictionWriter:
         classes = [{"label_id": int(label), "label": self._name(label), "area": int(count)}
                    for label, count in zip(labels.tolist(), pixels.tolist())]
         overlay = draw_semantic(image, label_map, id2label=self.id2label, ignore_index=None, title="semantic")
-        counts = {entry["label"]: 1 for entry in classes}
-        return ImageResult([{"image_id": image_id, "file_name": png_name, "classes": classes}], overlay, counts)
+        return ImageResult([{"image_id": image_id, "file_name": png_name, "classes": classes}], overlay)
 
     def add(self, image_id: int, path: Path, stem: str, image, item) -> str:
-        """Writes one image's results; returns its one-line summary."""
+        """Writes one image's results; returns its one-line summary (:func:`maskdino_hf.visualization.summarize`)."""
+        from .visualization import summarize
+
         if self.task in ("instance", "detection"):
             result = self._instances(image_id, image, item)
         elif self.task == "panoptic":
@@ -514,7 +489,7 @@ class PredictionWriter:
         self.annotations.extend(result.annotations)
         self._jsonl.write(json.dumps({"image": info, "annotations": result.annotations}) + "\n")
         self._jsonl.flush()
-        return f"{path}: {summarize(result.counts, _WHAT[self.task])}"
+        return f"{path}: {summarize(item, self.id2label, self.task)}"
 
     def skip(self, path: str | os.PathLike, reason: str) -> None:
         self.skipped.append({"path": str(path), "reason": reason})

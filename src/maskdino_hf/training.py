@@ -35,7 +35,7 @@ from torch import nn
 
 import datasets
 
-from .data import IGNORE_INDEX, load_coco_folder, panoptic_ids, read_categories, rle_to_mask
+from .data import IGNORE_INDEX, load_coco_folder, mask_to_bbox, panoptic_ids, read_categories, rle_to_mask
 from .random_source import MaskDINORandomSource, _as_shape
 
 __all__ = [
@@ -220,10 +220,10 @@ def decode_example(
                 continue
             mask = ids == int(segment["id"])
             if detection_only:
-                ys, xs = np.nonzero(mask)
-                if len(xs):
+                x, y, w, h = mask_to_bbox(mask)
+                if w:
                     mask = np.zeros_like(mask)
-                    mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+                    mask[y : y + h, x : x + w] = True
             masks.append(mask)
             labels.append(label)
     elif task == "semantic":

@@ -1,4 +1,4 @@
-"""Overlay drawings and one-line summaries of Mask DINO results, with PIL, numpy and scipy only.
+"""Overlay drawings and one-line summaries of Mask DINO results, with PIL, numpy and scipy.
 
 The pictures are meant to be read against their legend without guessing:
 
@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from transformers.utils import to_numpy
 
 __all__ = [
     "TASKS",
@@ -90,16 +91,10 @@ def class_color(label: int) -> tuple[int, int, int]:
     return segment_colors([label])[0]
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _to_pil(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    array = _to_numpy(image)
+    array = to_numpy(image)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
@@ -474,9 +469,9 @@ def draw_instances(
     The first instance is drawn on top (pass them sorted by decreasing score). Pixels outside every instance are
     not marked void: instance results do not claim to cover the image.
     """
-    labels = _to_numpy(labels).reshape(-1).astype(np.int64)
+    labels = to_numpy(labels).reshape(-1).astype(np.int64)
     n = len(labels)
-    scores_np = None if scores is None else _to_numpy(scores).reshape(-1).astype(np.float64)
+    scores_np = None if scores is None else to_numpy(scores).reshape(-1).astype(np.float64)
     if scores_np is not None and len(scores_np) != n:
         raise ValueError(f"{n} labels but {len(scores_np)} scores")
     if masks is None and boxes is None:
@@ -484,12 +479,12 @@ def draw_instances(
     pil, scale, height, width = _prepare(image, min_size)
     masks_np = None
     if masks is not None:
-        masks_np = _to_numpy(masks).astype(bool)
+        masks_np = to_numpy(masks).astype(bool)
         if masks_np.ndim != 3 or masks_np.shape[0] != n:
             raise ValueError(f"masks must be (N, H, W) with N={n}, got {masks_np.shape}")
     boxes_np = None
     if boxes is not None:
-        boxes_np = _to_numpy(boxes).astype(np.float64).reshape(-1, 4) * scale
+        boxes_np = to_numpy(boxes).astype(np.float64).reshape(-1, 4) * scale
         if len(boxes_np) != n:
             raise ValueError(f"{n} labels but {len(boxes_np)} boxes")
     colors = segment_colors(labels.tolist())
@@ -519,7 +514,7 @@ def draw_panoptic(
     ``segments_info`` lists ``{"id", "label_id" (or "category_id"), "isthing" (optional), "score" (optional)}``.
     One colour per segment; void pixels (no segment) are hatched and counted in the legend."""
     pil, scale, height, width = _prepare(image, min_size)
-    original = _to_numpy(segmentation).astype(np.int64)
+    original = to_numpy(segmentation).astype(np.int64)
     seg = _resize_label_map(original, height, width)
     known = np.isin(original, [int(info["id"]) for info in segments_info])
     colors = segment_colors([int(info.get("label_id", info.get("category_id", -1))) for info in segments_info])
@@ -551,7 +546,7 @@ def draw_semantic(
     """A semantic ``(H, W)`` label map over ``image``, one colour per class, drawn nearly opaque; the legend gives
     each class's share of the image. ``ignore_index`` and negative values are void (hatched)."""
     pil, scale, height, width = _prepare(image, min_size)
-    original = _to_numpy(segmentation).astype(np.int64)
+    original = to_numpy(segmentation).astype(np.int64)
     seg = _resize_label_map(original, height, width)
     labels, counts = np.unique(original, return_counts=True)
     segments = []
@@ -575,7 +570,7 @@ def draw_result(
     ``kwargs`` go to the drawing function (``alpha``, ``min_size``, ``legend``, ``title``)."""
     _check_task(task)
     if task in ("instance", "detection"):
-        kwargs.setdefault("title", f"{task} ({len(_to_numpy(result['labels']).reshape(-1))})")
+        kwargs.setdefault("title", f"{task} ({len(to_numpy(result['labels']).reshape(-1))})")
         masks = result.get("masks") if task == "instance" else None
         return draw_instances(
             image, result["labels"], result.get("scores"), masks=masks, boxes=result.get("boxes"), id2label=id2label,
@@ -601,19 +596,19 @@ def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) ->
     _check_task(task)
     import torch
 
-    from .image_processing_maskdino import masks_to_boxes_xyxy
+    from .modeling_maskdino import mask_boxes
 
     def boxes_of(masks: np.ndarray) -> list[list[float]]:
-        return masks_to_boxes_xyxy(torch.from_numpy(masks)).tolist() if len(masks) else []
+        return mask_boxes(torch.from_numpy(masks), "bitmask").tolist()
 
     rows = []
     if task in ("instance", "detection"):
-        labels = _to_numpy(result["labels"]).reshape(-1)
-        scores = _to_numpy(result["scores"]).reshape(-1)
-        boxes = _to_numpy(result["boxes"]).reshape(-1, 4).astype(np.float64)
+        labels = to_numpy(result["labels"]).reshape(-1)
+        scores = to_numpy(result["scores"]).reshape(-1)
+        boxes = to_numpy(result["boxes"]).reshape(-1, 4).astype(np.float64)
         masks = result.get("masks") if task == "instance" else None
         areas = (
-            _to_numpy(masks).reshape(len(labels), -1).sum(axis=1)
+            to_numpy(masks).sum(axis=(-2, -1))  # (N, H, W), N may be 0
             if masks is not None
             else (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         )
@@ -625,7 +620,7 @@ def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) ->
             )
         return rows
     if task == "panoptic":
-        segmentation = _to_numpy(result["segmentation"]).astype(np.int64)
+        segmentation = to_numpy(result["segmentation"]).astype(np.int64)
         infos = list(result["segments_info"])
         masks = np.stack([segmentation == int(info["id"]) for info in infos]) if infos else np.zeros((0, 1, 1), bool)
         for info, mask, box in zip(infos, masks, boxes_of(masks)):
@@ -636,7 +631,7 @@ def segment_table(result: Any, id2label: Mapping[int, str] | None, task: str) ->
                  "score": None if score is None else round(float(score), 4), "area": int(mask.sum()), "box": box}
             )
         return rows
-    label_map = _to_numpy(result).astype(np.int64)
+    label_map = to_numpy(result).astype(np.int64)
     labels = [label for label in np.unique(label_map).tolist() if label >= 0]
     masks = np.stack([label_map == label for label in labels]) if labels else np.zeros((0, 1, 1), bool)
     for label, mask, box in zip(labels, masks, boxes_of(masks)):
@@ -651,7 +646,7 @@ def summarize(result: Any, id2label: Mapping[int, str] | None, task: str) -> str
     ``"panoptic: 4 segments (triangle 1, rectangle 1, sky 1, ground 1), void 4489 px (31.5%)"``."""
     rows = segment_table(result, id2label, task)
     if task == "semantic":
-        total = _to_numpy(result).size
+        total = to_numpy(result).size
         shares = ", ".join(f"{row['label']} {100.0 * row['area'] / total:.1f}%" for row in rows)
         return f"semantic: {len(rows)} classes ({shares})" if rows else "semantic: no class"
     counts: dict[str, int] = {}
@@ -662,7 +657,7 @@ def summarize(result: Any, id2label: Mapping[int, str] | None, task: str) -> str
     if counts:
         line += " (" + ", ".join(f"{label} {count}" for label, count in counts.items()) + ")"
     if task == "panoptic":
-        segmentation = _to_numpy(result["segmentation"]).astype(np.int64)
+        segmentation = to_numpy(result["segmentation"]).astype(np.int64)
         void = int((~np.isin(segmentation, [row["id"] for row in rows])).sum())
         line += f", void {void} px ({100.0 * void / segmentation.size:.1f}%)"
     return line
