@@ -199,8 +199,13 @@ def test_segmentation_defaults_return_what_predict_returns(models, name, subtask
     if subtask == "instance":
         assert all(r["score"] >= 0.5 for r in results)  # predict's instance default
     if name == "demo" and subtask in (None, "panoptic"):
-        # the bundled image: two stuff regions and three shapes, all confident
-        assert sorted(r["label"] for r in results) == ["circle", "ground", "rectangle", "sky", "triangle"]
+        # the bundled image is validation image 0 of the synthetic generator: every segment of its ground truth
+        # (four shapes, sky and ground) is found, confidently
+        from maskdino_hf.synthetic import generate_shapes_split
+
+        truth = generate_shapes_split(1, image_size=((96, 128), (96, 128)), seed=0, split="validation")[0]
+        expected = sorted(config.id2label[segment["category_id"]] for segment in truth["segments_info"])
+        assert sorted(r["label"] for r in results) == expected
         assert min(r["score"] for r in results) > 0.99
 
 
