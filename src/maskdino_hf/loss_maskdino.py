@@ -155,9 +155,7 @@ class MaskDINOHungarianMatcher(nn.Module):
         self.dice_cost = config.cost_dice_weight
         self.bbox_cost = config.cost_box_weight
         self.giou_cost = config.cost_giou_weight
-        self.focal_alpha = config.focal_alpha
-        self.focal_gamma = config.focal_gamma
-        self.num_points = config.train_num_points
+        self.config = config  # focal_alpha, focal_gamma, train_num_points: read where used
         if self.class_cost == 0 and self.mask_cost == 0 and self.dice_cost == 0:
             raise ValueError("cost_class_weight, cost_mask_weight and cost_dice_weight cannot all be 0")
 
@@ -187,7 +185,7 @@ class MaskDINOHungarianMatcher(nn.Module):
 
         # one point set per image, drawn in image order like the official per-image loop
         points = torch.cat(
-            [random_source.rand(1, self.num_points, 2, device=device) for _ in range(batch_size)]
+            [random_source.rand(1, self.config.train_num_points, 2, device=device) for _ in range(batch_size)]
         ).float()
         pred_points = sample_point(pred_masks, points, align_corners=False).flatten(0, 1)  # (B*Q, P)
         if sum(sizes):
@@ -197,10 +195,10 @@ class MaskDINOHungarianMatcher(nn.Module):
             )
             target_points = sample_point(target_masks[:, None], points[image_of_target], align_corners=False)[:, 0]
         else:
-            target_points = pred_points.new_zeros(0, self.num_points)
+            target_points = pred_points.new_zeros(0, self.config.train_num_points)
 
         terms = {
-            "class": focal_class_cost(logits.flatten(0, 1), target_labels, self.focal_alpha, self.focal_gamma),
+            "class": focal_class_cost(logits.flatten(0, 1), target_labels, self.config.focal_alpha, self.config.focal_gamma),
             "mask": pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points),
             "dice": pair_wise_dice_loss(pred_points, target_points),
             "bbox": torch.cdist(pred_boxes, target_boxes, p=1),
@@ -308,11 +306,7 @@ class MaskDINOLoss(nn.Module):
         self.deep_supervision = config.deep_supervision
         self.semantic_ce_loss = config.semantic_ce_loss
         self.panoptic_box_loss = config.panoptic_box_loss
-        self.focal_alpha = config.focal_alpha
-        self.focal_gamma = config.focal_gamma
-        self.num_points = config.train_num_points
-        self.oversample_ratio = config.oversample_ratio
-        self.importance_sample_ratio = config.importance_sample_ratio
+        self.config = config  # focal and point-sampling settings: read where used
 
         empty_weight = torch.ones(config.num_labels + 1)
         empty_weight[-1] = config.no_object_weight
@@ -354,9 +348,10 @@ class MaskDINOLoss(nn.Module):
         uniform points. Returns (N, num_points, 2) coordinates in [0, 1]. Two draws: `rand(N, 3P, 2)` then
         `rand(N, P - int(0.75 P), 2)` (for the default ratios)."""
         num_masks = mask_logits.shape[0]
-        num_candidates = int(self.num_points * self.oversample_ratio)
-        num_uncertain = int(self.importance_sample_ratio * self.num_points)
-        num_random = self.num_points - num_uncertain
+        num_points = self.config.train_num_points
+        num_candidates = int(num_points * self.config.oversample_ratio)
+        num_uncertain = int(self.config.importance_sample_ratio * num_points)
+        num_random = num_points - num_uncertain
         candidates = random_source.rand(num_masks, num_candidates, 2, device=mask_logits.device).float()
         uncertainty = -sample_point(mask_logits, candidates, align_corners=False)[:, 0].abs()
         top = torch.topk(uncertainty, k=num_uncertain, dim=1).indices
@@ -384,7 +379,7 @@ class MaskDINOLoss(nn.Module):
             return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits))}
         one_hot = torch.zeros_like(logits)
         one_hot[batch_idx, pred_idx, matched_labels] = 1.0
-        loss = sigmoid_focal_loss(logits, one_hot, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        loss = sigmoid_focal_loss(logits, one_hot, num_masks, alpha=self.config.focal_alpha, gamma=self.config.focal_gamma)
         return {"loss_ce": loss * num_queries}
 
     def loss_boxes(
