@@ -1,7 +1,8 @@
 """The `maskdino-hf` command line: parses arguments and dispatches; nothing heavy is imported until work starts.
 
   maskdino-hf predict [IMAGES ...] [--model DIR_OR_HUB_ID] [--task instance|panoptic|semantic|detection]
-                      [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--bf16]
+                      [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--num-workers N]
+                      [--bf16]
   maskdino-hf evaluate --model DIR_OR_HUB_ID --data DIR [--task all|instance|panoptic|semantic|detection]
                        [--split validation] [--output REPORT.json]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
@@ -32,6 +33,7 @@ from .predict import (
     TASKS,
     CLIError,
     collect_images,
+    default_num_workers,
     demo_images,
     demo_model_dir,
     load_model_and_processor,
@@ -140,8 +142,9 @@ def _predict(args: argparse.Namespace) -> int:
     _make_output_dir(args.output_dir)
     device = resolve_device(args.device)
     model, processor = load_model_and_processor(args.model, device, progress=args.progress)
+    num_workers = default_num_workers(len(paths)) if args.num_workers is None else args.num_workers
     report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
-                           batch_size=args.batch_size, device=device, bf16=args.bf16)
+                           batch_size=args.batch_size, device=device, bf16=args.bf16, num_workers=num_workers)
     print(f"{report.num_images} image(s) ({report.task}): overlays and " + ", ".join(map(str, report.written))
           + (f" and {Path(args.output_dir) / report.task}/*.png" if report.task in ("panoptic", "semantic") else "")
           + f" in {args.output_dir}")
@@ -183,11 +186,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     state = process_state()  # under `accelerate launch` every process evaluates its share on its own device
     device = str(state.device) if state.num_processes > 1 else resolve_device(args.device)
     model, processor = load_model_and_processor(args.model, device)
+    num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
+    num_workers = default_num_workers(num_images) if args.num_workers is None else args.num_workers
     metrics = evaluate(model, processor, dataset, tasks, categories=categories, batch_size=args.batch_size,
-                       max_images=args.max_images, bf16=args.bf16, progress=True)
+                       max_images=args.max_images, bf16=args.bf16, progress=True, num_workers=num_workers)
     if not state.is_main_process:
         return 0
-    num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
     model_name = str(args.model) if args.model is not None else str(demo_model_dir())
     report = {"model": model_name, "data": str(args.data), "split": args.split, "tasks": tasks,
               "num_images": num_images, "metrics": metrics}
@@ -222,6 +226,7 @@ def _ranged(convert: Callable[[str], Any], low: float, high: float, allowed: str
 
 
 _positive_int = _ranged(int, 1, math.inf, "a whole number >= 1")
+_non_negative_int = _ranged(int, 0, math.inf, "a whole number >= 0")
 _unit_float = _ranged(float, 0.0, 1.0, "a number in [0, 1]")
 _port = _ranged(int, 1, 65535, "a port number in 1..65535")
 
@@ -254,7 +259,10 @@ def _add_model_options(parser) -> None:
                         help="model folder or Hugging Face Hub id (default: the bundled demo model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=_positive_int, default=1,
-                        help="images per forward pass (sizes may differ)")
+                        help="images per forward pass (sizes may differ; similar sizes are batched together)")
+    parser.add_argument("--num-workers", type=_non_negative_int, default=None,
+                        help="worker processes decoding and preprocessing images while the model runs (0: none; "
+                        "default: none for fewer than 8 images, else min(2, CPUs - 1))")
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
 

@@ -39,7 +39,9 @@ import copy
 import io
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -823,6 +825,36 @@ def _dataset_row(dataset: Any, index: int) -> dict:
     return row
 
 
+def _load_rows(dataset: Any, preprocess: Callable[[Sequence[Any]], Any] | None,
+               indices: Sequence[int]) -> tuple[list[dict], Any, str | None]:
+    """DataLoader side of :func:`evaluate`: ``(rows, inputs, error)`` of a batch, its images decoded and, with a
+    ``preprocess`` (:attr:`maskdino_hf.predict.ModelPredictor.preprocess`), preprocessed (``None`` when that
+    fails: the predictor then raises the error in the main process); ``error`` is the message of a row that cannot
+    be decoded, raised by the main process."""
+    try:
+        rows = [_dataset_row(dataset, index) for index in indices]
+    except ValueError as error:
+        return [], None, str(error)
+    inputs = None
+    if preprocess is not None:
+        try:
+            inputs = preprocess([row["image"] for row in rows])
+        except (ValueError, RuntimeError):
+            inputs = None
+    return rows, inputs, None
+
+
+def _image_sizes(dataset: Any, count: int) -> list[tuple[int, int] | None]:
+    """``(height, width)`` of the first ``count`` images, read without decoding them where the data set allows,
+    to batch similar sizes together (:func:`maskdino_hf.predict.plan_batches`)."""
+    from .predict import encoded_image_size, undecoded_images
+
+    encoded = undecoded_images(dataset)
+    if encoded is not None:
+        return [encoded_image_size(image) for image in encoded[:count]["image"]]
+    return [encoded_image_size(dataset[index]["image"]) for index in range(count)]
+
+
 def evaluate(
     model,
     processor,
@@ -837,6 +869,7 @@ def evaluate(
     predict_fn: Callable[[Sequence[Any], Sequence[Mapping]], list[dict[str, Any]]] | None = None,
     per_category: bool = True,
     progress: bool = False,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """COCO box/mask AP, PQ and mIoU of ``model`` on ``dataset`` (a :class:`datasets.Dataset` in the column layout
     of :mod:`maskdino_hf.data`, or a list of such rows).
@@ -846,16 +879,23 @@ def evaluate(
         categories: the data set's ``[{"id", "name", "isthing"}]`` (default: the model's labels, stuff from
             ``config.stuff_labels``).
         label_to_category: model label -> category id (default: :func:`label_to_category_mapping`).
-        batch_size: images per forward pass (per process); ``max_images``: the first N images only.
+        batch_size: images per forward pass (per process), images of similar sizes batched together
+            (:func:`maskdino_hf.predict.plan_batches`); ``max_images``: the first N images only.
         bf16: run the model under bfloat16 autocast.
         predict_fn: ``(images, rows) -> [{task: result}]`` in place of the model's predict helper (e.g. the ground
             truth, to check the metrics).
+        progress: show a progress bar and, at the end, the images per second (on stderr, main process).
+        num_workers: DataLoader worker processes decoding (and, for the model's own predictor, preprocessing) the
+            next batches while the model runs; 0: all in this process.
 
     Under Accelerate (``accelerate launch``) each process predicts its share of the batches; the records are gathered
-    and the metrics, computed once on the main process in data set order, are returned on every process.
+    and the metrics, computed once on the main process in data set order, are returned on every process. The batch
+    plan depends on the images only, so the metrics do not depend on the number of processes either.
     """
     from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
+
+    from .predict import ModelPredictor, load_batches, model_predict_fn, plan_batches
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -874,20 +914,24 @@ def evaluate(
     evaluator = DatasetEvaluator(tasks, categories, label_to_category, model.config.num_labels, id2label,
                                  getattr(processor, "ignore_index", IGNORE_INDEX))
     if predict_fn is None:
-        from .predict import model_predict_fn
-
         predict_fn = model_predict_fn(model, processor, tasks, str(model.device), threshold=None, bf16=bf16)
+    preprocess = predict_fn.preprocess if isinstance(predict_fn, ModelPredictor) else None
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
-    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    start = time.perf_counter()
+    batches = plan_batches(_image_sizes(dataset, count) if batch_size > 1 else [None] * count, batch_size)
     state = process_state()
     was_training = model.training
     model.eval()
     records = []
     try:
         with state.split_between_processes(batches) as shard:
-            for indices in tqdm(shard, desc="evaluate", unit="batch", disable=not progress or not state.is_main_process):
-                rows = [_dataset_row(dataset, index) for index in indices]
-                predictions = predict_fn([row["image"] for row in rows], rows)
+            loader = load_batches(shard, partial(_load_rows, dataset, preprocess), num_workers)
+            bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or not state.is_main_process)
+            for indices, (rows, inputs, error) in zip(shard, bar, strict=True):
+                if error is not None:
+                    raise ValueError(error)
+                images = [row["image"] for row in rows]
+                predictions = predict_fn(images, rows, inputs=inputs) if preprocess else predict_fn(images, rows)
                 for index, row, prediction in zip(indices, rows, predictions, strict=True):
                     records.append((index, evaluator.image_record(row, prediction)))
     except Exception as error:  # noqa: BLE001  (the other processes must not wait for this one forever)
@@ -906,6 +950,10 @@ def evaluate(
         metrics = evaluator.compute([record for _, record in sorted(records, key=lambda item: item[0])], per_category)
     if state.num_processes > 1:
         metrics = broadcast_object_list([metrics])[0]
+    if progress and state.is_main_process:
+        seconds = time.perf_counter() - start
+        print(f"evaluated {count} image(s) in {seconds:.1f} s: {count / seconds:.2f} images/s (batch size "
+              f"{batch_size}, {state.num_processes} process(es), {num_workers} loader worker(s) each)", file=sys.stderr)
     return metrics
 
 

@@ -22,13 +22,15 @@ Nothing heavy is imported at module level: the CLI imports this module to parse 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 TASKS = ("instance", "panoptic", "semantic", "detection")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -317,6 +319,57 @@ def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes) -> 
     return results
 
 
+def preprocess_images(processor, min_side: int, images: Sequence[Any]) -> list[tuple[list[int], dict[str, Any]]]:
+    """The processor's inputs of ``images`` as ``[(positions, {"pixel_values", "pixel_mask"})]``: the images that
+    the processor's own resize suits padded together, each one needing the size rule's override alone. Needs no
+    model, so DataLoader workers run it (:func:`predict_images`, :func:`maskdino_hf.evaluation.evaluate`)."""
+    overrides = [input_size(image.height, image.width, processor, min_side) for image in images]
+    regular = [index for index, size in enumerate(overrides) if size is None]
+    groups = [(regular, None)] if regular else []
+    groups += [([index], size) for index, size in enumerate(overrides) if size is not None]
+    prepared = []
+    for positions, size in groups:
+        override = {"size": dict(size), "do_resize": True} if size else {}
+        inputs = processor([images[index] for index in positions], return_tensors="pt", **override)
+        prepared.append((positions, {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}))
+    return prepared
+
+
+class ModelPredictor:
+    """``predictor(images, rows=None, inputs=None) -> [{task: result}]`` (``rows``, the data set rows, are not
+    used): the model once per group of :func:`preprocess_images` (``inputs``, computed here when not given, e.g.
+    by a DataLoader worker through the picklable ``predictor.preprocess``), then the processor's post-processing of
+    each task at the original image size. Made by :func:`model_predict_fn`."""
+
+    def __init__(self, model, processor, tasks: Sequence[str], device: str = "cpu", threshold: float | None = None,
+                 bf16: bool = False) -> None:
+        self.model, self.processor, self.tasks = model, processor, list(tasks)
+        self.device, self.threshold, self.bf16 = device, threshold, bf16
+        self.preprocess = partial(preprocess_images, processor, min_input_side(model))
+
+    def _run(self, images: Sequence[Any], inputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        import torch
+
+        target_sizes = [(image.height, image.width) for image in images]
+        image_sizes = self.processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
+        device = self.device
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                                    enabled=self.bf16):
+            outputs = self.model(pixel_values=inputs["pixel_values"].to(device),
+                                 pixel_mask=inputs["pixel_mask"].to(device))
+        sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
+        return _post_process(self.processor, outputs, self.tasks, self.threshold, sizes, target_sizes)
+
+    def __call__(self, images: Sequence[Any], rows: Sequence[Mapping] | None = None,
+                 inputs: Sequence[tuple[list[int], Mapping[str, Any]]] | None = None) -> list[dict[str, Any]]:
+        inputs = self.preprocess(images) if inputs is None else inputs
+        results: list[dict[str, Any] | None] = [None] * len(images)
+        for positions, group in inputs:
+            for position, result in zip(positions, self._run([images[index] for index in positions], group)):
+                results[position] = result
+        return results  # type: ignore[return-value]
+
+
 def model_predict_fn(
     model,
     processor,
@@ -324,10 +377,10 @@ def model_predict_fn(
     device: str = "cpu",
     threshold: float | None = None,
     bf16: bool = False,
-) -> Callable[..., list[dict[str, Any]]]:
-    """A function ``(images, rows=None) -> [{task: result}]`` (``rows``, the data set rows, are not used) running
-    the model once per batch (images of different sizes are padded together by the processor; an image needing the
-    size rule's override runs alone) and the processor's post-processing of each task at the original image size.
+) -> ModelPredictor:
+    """A :class:`ModelPredictor`, the function ``(images, rows=None) -> [{task: result}]`` running the model once
+    per batch (images of different sizes are padded together by the processor; an image needing the size rule's
+    override runs alone) and the processor's post-processing of each task at the original image size.
 
     Results (on CPU): ``instance``: ``scores, labels, boxes`` (xyxy, clipped to the image), ``masks`` (N, H, W) bool,
     sorted by score, thing classes only when the processor has ``stuff_labels``; ``detection``: ``scores, labels,
@@ -336,33 +389,7 @@ def model_predict_fn(
     ``threshold``: score threshold of instances / detections (default 0: keep the top-k, as for AP) and the query
     keep threshold of panoptic inference (default: the processor's ``object_mask_threshold``). ``bf16``: run the
     model under bfloat16 autocast (CPU or CUDA; the model keeps float32 where precision needs it)."""
-    import torch
-
-    min_side = min_input_side(model)
-
-    def run(images: Sequence[Any], size: Mapping | None) -> list[dict[str, Any]]:
-        override = {"size": dict(size), "do_resize": True} if size else {}
-        inputs = processor(list(images), return_tensors="pt", **override)
-        target_sizes = [(image.height, image.width) for image in images]
-        image_sizes = processor.image_sizes_from_pixel_mask(inputs["pixel_mask"])
-        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device))
-        sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
-        return _post_process(processor, outputs, tasks, threshold, sizes, target_sizes)
-
-    def predict(images: Sequence[Any], rows: Sequence[Mapping] | None = None) -> list[dict[str, Any]]:
-        overrides = [input_size(image.height, image.width, processor, min_side) for image in images]
-        regular = [index for index, size in enumerate(overrides) if size is None]
-        results: list[dict[str, Any] | None] = [None] * len(images)
-        if regular:
-            for index, result in zip(regular, run([images[i] for i in regular], None)):
-                results[index] = result
-        for index, size in enumerate(overrides):
-            if size is not None:
-                results[index] = run([images[index]], size)[0]
-        return results  # type: ignore[return-value]
-
-    return predict
+    return ModelPredictor(model, processor, tasks, device, threshold, bf16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,6 +443,7 @@ class PredictionWriter:
         self.images: list[dict] = []
         self.annotations: list[dict] = []
         self.skipped: list[dict] = []
+        self._skipped_ids: list[int] = []
         self.jsonl_path = self.output_dir / "predictions.jsonl"
         self._jsonl = self.jsonl_path.open("w")
 
@@ -491,14 +519,20 @@ class PredictionWriter:
         self._jsonl.flush()
         return f"{path}: {summarize(item, self.id2label, self.task)}"
 
-    def skip(self, path: str | os.PathLike, reason: str) -> None:
+    def skip(self, path: str | os.PathLike, reason: str, image_id: int | None = None) -> None:
+        """Records a skipped image (``image_id``: its place in the input, to list the skipped files in that order)."""
         self.skipped.append({"path": str(path), "reason": reason})
+        self._skipped_ids.append(len(self._skipped_ids) if image_id is None else image_id)
         self._jsonl.write(json.dumps({"skipped": {"path": str(path), "reason": reason}}) + "\n")
         self._jsonl.flush()
 
     def close(self, header: Mapping[str, Any]) -> list[Path]:
-        """Writes ``predictions.json`` (``header`` + categories, images, annotations, skipped); returns the files."""
+        """Writes ``predictions.json`` (``header`` + categories, images, annotations, skipped, each in input order
+        whatever order the images finished in); returns the files."""
         self._jsonl.close()
+        self.images.sort(key=lambda info: info["id"])
+        self.annotations.sort(key=lambda annotation: annotation["image_id"])  # stable: an image's own order kept
+        self.skipped = [entry for _, entry in sorted(zip(self._skipped_ids, self.skipped), key=lambda pair: pair[0])]
         categories = [{"id": label, "name": name, "isthing": int(label not in self.stuff)}
                       for label, name in sorted(self.id2label.items())]
         report = {**header, "categories": categories, "images": self.images, "annotations": self.annotations,
@@ -509,6 +543,146 @@ class PredictionWriter:
             written.append(self.output_dir / "coco_results.json")
             written[-1].write_text(json.dumps(self.annotations))
         return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: similar sizes together, loaded and preprocessed by DataLoader workers while the model runs
+# ---------------------------------------------------------------------------------------------------------------
+
+# Images are grouped by size within windows of this many batches: enough choice to pair similar sizes, while
+# results still come out soon after their images (the window is what a run reads ahead at most, in planning only).
+BUCKET_WINDOW_BATCHES = 8
+# Below this many images, DataLoader workers cost more to start than they save (see default_num_workers).
+MIN_IMAGES_FOR_WORKERS = 8
+
+
+def default_num_workers(num_images: int) -> int:
+    """DataLoader workers for ``num_images`` images: none for a handful of images (starting a worker process costs
+    more than decoding them), else ``min(2, CPUs - 1)``, at least 1: one or two processes decoding and
+    preprocessing keep ahead of the forward pass, which keeps the other CPUs."""
+    if num_images < MIN_IMAGES_FOR_WORKERS:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cpus - 1))
+
+
+def encoded_image_size(image: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of a file path, an undecoded ``datasets`` image (``{"bytes", "path"}``), a PIL image or an
+    (H, W[, C]) array, read from the header without decoding the pixels (EXIF orientation not applied); ``None`` when it cannot be
+    read. Only a batching hint (:func:`plan_batches`): the decoded image decides everything else."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if getattr(image, "ndim", 0) >= 2:  # an array (rows of a list data set)
+        return int(image.shape[0]), int(image.shape[1])
+    if isinstance(image, Mapping):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+    if image is None:
+        return None
+    try:
+        with Image.open(image) as opened:
+            width, height = opened.size
+    except Exception:  # noqa: BLE001  (an unreadable file is reported when it is loaded)
+        return None
+    return height, width
+
+
+def _size_key(size: tuple[int, int] | None) -> tuple[int, int, int]:
+    """Unknown sizes first (mostly unreadable files, reported at once), then aspect ratio in steps of 2^(1/4),
+    then area."""
+    if size is None or min(size) < 1:
+        return (0, 0, 0)
+    height, width = size
+    return (1, round(4 * math.log2(width / height)), height * width)
+
+
+def plan_batches(sizes: Sequence[tuple[int, int] | None], batch_size: int,
+                 window: int | None = None) -> list[list[int]]:
+    """Batches of indices into ``sizes`` (each image's ``(height, width)``, ``None`` when unknown): within each
+    window of ``window`` consecutive images (default ``batch_size * BUCKET_WINDOW_BATCHES``) the images are sorted by
+    aspect ratio, then area (:func:`_size_key`), and cut into batches, so that a batch is padded little. Batch size
+    1 keeps the input order. Deterministic, so every process of a sharded evaluation makes the same plan."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size == 1:
+        return [[index] for index in range(len(sizes))]
+    window = window or batch_size * BUCKET_WINDOW_BATCHES
+    batches = []
+    for start in range(0, len(sizes), window):
+        indices = sorted(range(start, min(start + window, len(sizes))), key=lambda index: _size_key(sizes[index]))
+        batches.extend(indices[first:first + batch_size] for first in range(0, len(indices), batch_size))
+    return batches
+
+
+class ImageSource(NamedTuple):
+    """An image to predict: its ``name`` (a path, or a data set row's file name), how to ``load`` it as RGB and,
+    optionally, how to ``probe`` its ``(height, width)`` cheaply for batching (:func:`encoded_image_size`). Both
+    callables must be picklable for DataLoader workers (a ``partial`` of a top-level function)."""
+
+    name: str
+    load: Callable[[], Any]
+    probe: Callable[[], tuple[int, int] | None] | None = None
+
+
+class _PlannedBatches:
+    """Map-style data set for a DataLoader: item ``k`` is ``load(batches[k])``. Picklable (with a picklable
+    ``load``), so workers also start where processes are spawned rather than forked."""
+
+    def __init__(self, batches: Sequence[Sequence[int]], load: Callable[[Sequence[int]], Any]) -> None:
+        self.batches, self.load = [list(batch) for batch in batches], load
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, item: int) -> Any:
+        return self.load(self.batches[item])
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def load_batches(batches: Sequence[Sequence[int]], load: Callable[[Sequence[int]], Any], num_workers: int):
+    """``load(batch)`` of each batch, in order, computed ahead by ``num_workers`` DataLoader worker processes (0:
+    in this process, one at a time). ``load`` must be picklable (a top-level function or a ``partial`` of one)."""
+    from torch.utils.data import DataLoader
+
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(_PlannedBatches(batches, load), batch_size=None, shuffle=False, num_workers=num_workers,
+                      collate_fn=_as_is)
+
+
+@dataclass
+class LoadedBatch:
+    """One planned batch as a worker hands it over: the usable images (``(index, rgb image)``), the skipped ones
+    (``(index, reason)``) and the usable images' :func:`preprocess_images` (``None`` when preprocessing them
+    together failed: the predictor then retries them one by one)."""
+
+    images: list[tuple[int, Any]]
+    skipped: list[tuple[int, str]]
+    inputs: list[tuple[list[int], dict[str, Any]]] | None
+
+
+def _load_sources(sources: Sequence[ImageSource], processor, min_side: int, indices: Sequence[int]) -> LoadedBatch:
+    """Worker side of :func:`predict_images`: decodes the batch's images, checks the size rule, preprocesses."""
+    images, skipped = [], []
+    for index in indices:
+        try:
+            image = sources[index].load()
+            input_size(image.height, image.width, processor, min_side)
+        except (BadImageError, ValueError) as error:
+            skipped.append((index, error.reason if isinstance(error, BadImageError) else str(error)))
+            continue
+        images.append((index, image))
+    try:
+        inputs = preprocess_images(processor, min_side, [image for _, image in images]) if images else []
+    except (ValueError, RuntimeError):
+        inputs = None
+    return LoadedBatch(images, skipped, inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,88 +700,97 @@ def _unique_stems(names: Sequence[str]) -> list[str]:
     return stems
 
 
-# An image to predict: its name (a path, or a data set row's file name) and how to load it as RGB.
-ImageSource = tuple[str, Callable[[], Any]]
-
-
-def _usable_images(sources: Sequence[ImageSource], processor, min_side: int, writer: PredictionWriter,
-                   log: Callable[[str], None]) -> Iterator[tuple[int, Path, Any]]:
-    """``(index, name as a Path, rgb image)`` of each usable source; the others are reported to ``writer`` and
-    ``log``."""
-    for index, (name, load) in enumerate(sources):
-        try:
-            image = load()
-            input_size(image.height, image.width, processor, min_side)
-        except (BadImageError, ValueError) as error:
-            reason = error.reason if isinstance(error, BadImageError) else str(error)
-            writer.skip(name, reason)
-            log(f"skipped {name}: {reason}")
-            continue
-        yield index, Path(name), image
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 @dataclass
 class PredictReport:
-    """What a run wrote and what it skipped (``[{"path", "reason"}]``)."""
+    """What a run wrote and what it skipped (``[{"path", "reason"}]``), and how fast: ``seconds`` from the first
+    image read to the last result written, ``images_per_second`` the predicted images over that time."""
 
     task: str
     num_images: int
     written: list[Path] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / self.seconds if self.seconds > 0 else 0.0
 
 
-def predict_images(sources: Sequence[ImageSource], model, processor, output_dir: str | os.PathLike,
+def predict_images(sources: Sequence[ImageSource | tuple], model, processor, output_dir: str | os.PathLike,
                    task: str | None = None, threshold: float | None = None, batch_size: int = 1,
                    device: str = "cpu", bf16: bool = False, model_name: str | None = None,
-                   log: Callable[[str], None] = print) -> PredictReport:
+                   log: Callable[[str], None] = print, num_workers: int = 0) -> PredictReport:
     """Runs ``model`` on named images and writes the results to ``output_dir`` as each image finishes.
+
+    Images go in batches of ``batch_size``, similar sizes together (:func:`plan_batches`); ``num_workers``
+    DataLoader worker processes decode and preprocess the next batches while the model runs (0: all in this
+    process; see :func:`default_num_workers`). ``predictions.jsonl`` gets the images as they finish,
+    ``predictions.json`` in input order. The last ``log`` line gives the images per second.
 
     An image that cannot be loaded or used, or whose batch fails in the model or post-processing with a
     ``ValueError`` / ``RuntimeError`` (retried alone first), is reported through ``log`` and listed in the report's
     ``skipped``. ``task`` defaults to :func:`default_task`, ``threshold`` to ``DEFAULT_INSTANCE_THRESHOLD`` for
     instance / detection; ``model_name`` (for the report) to the folder or Hub id the model was loaded from."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task = task or default_task(processor)
     if threshold is None and task in ("instance", "detection"):
         threshold = DEFAULT_INSTANCE_THRESHOLD
+    sources = [ImageSource(*source) for source in sources]
     id2label = id2label_of(model.config)
     stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
     writer = PredictionWriter(output_dir, task, id2label, stuff)
-    predict = model_predict_fn(model, processor, [task], device, threshold, bf16=bf16)
-    stems = _unique_stems([name for name, _ in sources])
-    images = _usable_images(sources, processor, min_input_side(model), writer, log)
-    for batch in _chunks(images, batch_size):
-        for group in _runnable(batch, predict, writer, log):
-            for (index, path, image), result in group:
-                log(f"[{index + 1}/{len(sources)}] " + writer.add(index + 1, path, stems[index], image, result[task]))
+    predictor = model_predict_fn(model, processor, [task], device, threshold, bf16=bf16)
+    names = [source.name for source in sources]
+    stems = _unique_stems(names)
+    start = time.perf_counter()
+    sizes = [source.probe() if batch_size > 1 and source.probe is not None else None for source in sources]
+    load = partial(_load_sources, sources, processor, min_input_side(model))
+    for loaded in load_batches(plan_batches(sizes, batch_size), load, num_workers):
+        for index, reason in loaded.skipped:
+            writer.skip(names[index], reason, index + 1)
+            log(f"skipped {names[index]}: {reason}")
+        for index, image, result in _runnable(loaded.images, loaded.inputs, predictor, names, writer, log):
+            path = Path(names[index])
+            log(f"[{index + 1}/{len(sources)}] " + writer.add(index + 1, path, stems[index], image, result[task]))
+    seconds = time.perf_counter() - start
     model_name = getattr(model, "name_or_path", "") if model_name is None else model_name
     written = writer.close({"task": task, "model": str(model_name), "threshold": threshold})
-    return PredictReport(task, len(writer.images), written, writer.skipped)
+    report = PredictReport(task, len(writer.images), written, writer.skipped, seconds)
+    log(f"predicted {report.num_images} image(s) in {seconds:.1f} s: {report.images_per_second:.2f} images/s "
+        f"(batch size {batch_size}, {num_workers} loader worker(s))")
+    return report
 
 
 def predict_files(paths: Sequence[str | os.PathLike], model, processor, output_dir: str | os.PathLike,
                   **kwargs: Any) -> PredictReport:
     """:func:`predict_images` on image files (read with :func:`load_image`)."""
-    sources = [(str(path), partial(load_image, path)) for path in paths]
+    sources = [ImageSource(str(path), partial(load_image, path), partial(encoded_image_size, path)) for path in paths]
     return predict_images(sources, model, processor, output_dir, **kwargs)
 
 
-def _row_image(value: Any, name: str):
+def _row_image(images, index: int, name: str):
+    """The RGB image of row ``index`` of a one-column (``image``) data set."""
     from PIL import Image
 
+    value = images[index]["image"]
     if not isinstance(value, Image.Image):
         raise BadImageError(name, f"the 'image' column holds {type(value).__name__}, not a decoded image")
     return _to_rgb(value, Path(name))
+
+
+def _row_image_size(encoded, index: int) -> tuple[int, int] | None:
+    return encoded_image_size(encoded[index]["image"])
+
+
+def undecoded_images(dataset):
+    """The ``image`` column of a ``datasets`` data set without decoding (``{"bytes", "path"}`` per row), for
+    :func:`encoded_image_size`; ``None`` when the column is no ``datasets.Image`` (e.g. a list of rows)."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset) or not isinstance(dataset.features.get("image"), datasets.Image):
+        return None
+    return dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
 
 
 def predict_dataset(dataset, model, processor, output_dir: str | os.PathLike, **kwargs: Any) -> PredictReport:
@@ -616,28 +799,32 @@ def predict_dataset(dataset, model, processor, output_dir: str | os.PathLike, **
     if "image" not in dataset.column_names:
         raise ValueError(f"the data set has no 'image' column (columns {dataset.column_names})")
     images = dataset.select_columns(["image"])
+    encoded = undecoded_images(dataset)
     names = ([str(name) for name in dataset["file_name"]] if "file_name" in dataset.column_names
              else [f"row-{index}" for index in range(len(dataset))])
-
-    def load(index: int, name: str):
-        return _row_image(images[index]["image"], name)
-
-    sources = [(name, partial(load, index, name)) for index, name in enumerate(names)]
+    sources = [ImageSource(name, partial(_row_image, images, index, name),
+                           None if encoded is None else partial(_row_image_size, encoded, index))
+               for index, name in enumerate(names)]
     return predict_images(sources, model, processor, output_dir, **kwargs)
 
 
-def _runnable(batch, predict, writer: PredictionWriter, log) -> Iterator[list[tuple[tuple[int, Path, Any], dict]]]:
-    """Predictions for ``batch``; when the batch fails, each image alone, skipping the ones that still fail."""
-    try:
-        results = predict([image for _, _, image in batch])
-    except (ValueError, RuntimeError) as error:
-        if len(batch) > 1:
-            for item in batch:
-                yield from _runnable([item], predict, writer, log)
-            return
-        path = batch[0][1]
-        reason = f"failed in the model: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        writer.skip(path, reason)
-        log(f"skipped {path}: {reason}")
+def _runnable(images: Sequence[tuple[int, Any]], inputs, predictor, names: Sequence[str], writer: PredictionWriter,
+              log) -> Iterator[tuple[int, Any, dict]]:
+    """``(index, image, result)`` of each of ``images`` (``(index, image)``, preprocessed as ``inputs`` or not);
+    when the batch fails, each image alone, skipping the ones that still fail."""
+    if not images:
         return
-    yield list(zip(batch, results))
+    try:
+        results = predictor([image for _, image in images], inputs=inputs)
+    except (ValueError, RuntimeError) as error:
+        if len(images) > 1:
+            for item in images:
+                yield from _runnable([item], None, predictor, names, writer, log)
+            return
+        index = images[0][0]
+        reason = f"failed in the model: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        writer.skip(names[index], reason, index + 1)
+        log(f"skipped {names[index]}: {reason}")
+        return
+    for (index, image), result in zip(images, results):
+        yield index, image, result
