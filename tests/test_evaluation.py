@@ -381,3 +381,22 @@ def test_evaluate_with_the_ground_truth_as_predictions_scores_one(val):
     assert model.training
     for key in ("segm_AP", "bbox_AP", "PQ", "SQ", "RQ", "mIoU", "pACC"):
         assert metrics[key] == pytest.approx(1.0), key
+
+
+def test_evaluate_with_loader_workers_gives_the_same_metrics_and_images_per_second(capsys):
+    """Two DataLoader workers decoding and preprocessing ahead of the demo model change no metric; with `progress`
+    the images per second are reported at the end."""
+    from maskdino_hf.evaluation import evaluate
+    from maskdino_hf.predict import load_model_and_processor
+
+    data = generate_shapes_split(4, image_size=((96, 128), (96, 128)), seed=5, split="validation")
+    model, processor = load_model_and_processor(None, "cpu")
+    metrics = {workers: evaluate(model, processor, data, categories=SHAPES_CATEGORIES, batch_size=2,
+                                 num_workers=workers, progress=True) for workers in (0, 2)}
+    assert metrics[0]["segm_AP"] > 0.2 and metrics[0]["PQ"] > 0.3 and metrics[0]["mIoU"] > 0.3, metrics[0]
+    assert metrics[0].keys() == metrics[2].keys()
+    for key, value in metrics[0].items():
+        assert (math.isnan(value) and math.isnan(metrics[2][key])) or value == metrics[2][key], key
+    reported = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluated 4 image(s) in ")]
+    assert len(reported) == 2 and all(" images/s (batch size 2, 1 process(es)" in line for line in reported), reported
+    assert "0 loader worker(s)" in reported[0] and "2 loader worker(s)" in reported[1]

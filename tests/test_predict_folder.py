@@ -48,7 +48,7 @@ def test_folder_with_corrupt_and_elongated_images_keeps_the_good_results(model_d
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "maskdino_hf.cli", "predict", str(folder), "--model", str(model_dir), "--output-dir",
-         str(out), "--device", "cpu", "--batch-size", "2", "--threshold", "0"],
+         str(out), "--device", "cpu", "--batch-size", "2", "--num-workers", "1", "--threshold", "0"],
         capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 3, done.stderr[-3000:]
@@ -57,6 +57,7 @@ def test_folder_with_corrupt_and_elongated_images_keeps_the_good_results(model_d
     assert f"skipped {folder / 'b_corrupt.png'}: unreadable" in done.stdout
     assert f"skipped {folder / 'c_strip.png'}: too elongated (10000x50" in done.stdout
     assert "skipped 2 of 4 image(s)" in done.stderr
+    assert "predicted 2 image(s) in " in done.stdout and "images/s (batch size 2, 1 loader worker(s))" in done.stdout
     assert f"{folder / 'b_corrupt.png'}: unreadable" in done.stderr
     assert f"{folder / 'c_strip.png'}: too elongated" in done.stderr
     for name in ("a_good.png", "d_good.jpg"):
@@ -178,3 +179,105 @@ def test_predict_dataset_rows_like_files(model_dir, good_images, tmp_path):
     for image, source in zip(written["images"], (good_images[0], good_images[1])):
         assert (image["width"], image["height"]) == source.size
         assert (tmp_path / "out" / image["overlay"]).is_file()
+
+
+def test_plan_batches_pairs_similar_sizes():
+    """Portrait and landscape images alternate in the input; batched by size, no batch mixes them (no padding),
+    unknown sizes come first, every image is planned once and windows do not mix."""
+    from maskdino_hf.predict import plan_batches
+
+    portrait, landscape = (200, 100), (100, 200)
+    sizes = [portrait, landscape, portrait, None, landscape, (90, 190)]
+    plan = plan_batches(sizes, 2)
+    assert sorted(index for batch in plan for index in batch) == list(range(6))
+    assert plan[0] == [3, 0] and plan[1] == [2, 5] and plan[2] == [1, 4]  # unknown first, then by aspect and area
+    assert plan_batches(sizes, 1) == [[index] for index in range(6)]
+    alternating = [landscape, portrait, landscape, portrait]
+    assert plan_batches(alternating, 2) == [[1, 3], [0, 2]]
+    assert plan_batches(alternating, 2, window=2) == [[1, 0], [3, 2]]  # each window of two batched on its own
+
+    def padding(sizes, batches):
+        padded = sum(len(batch) * max(sizes[i][0] for i in batch) * max(sizes[i][1] for i in batch) for batch in batches)
+        return padded - sum(sizes[i][0] * sizes[i][1] for batch in batches for i in batch)
+
+    assert padding(alternating, [[0, 1], [2, 3]]) == 4 * 200 * 200 - 4 * 200 * 100  # in input order: half padding
+    assert padding(alternating, plan_batches(alternating, 2)) == 0
+
+
+def _mixed_folder(folder: Path, good_images: list[Image.Image]) -> list[Path]:
+    """Six good images of two shapes with a corrupt file and a float image among them (in the middle of batches)."""
+    folder.mkdir()
+    paths = []
+    for index, image in enumerate(good_images):
+        if index % 2:
+            image = image.transpose(Image.Transpose.ROTATE_90)
+        paths.append(folder / f"{2 * index:02d}_good.png")
+        image.save(paths[-1])
+        if index == 1:
+            paths.append(folder / "03_corrupt.png")
+            paths[-1].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+        if index == 3:
+            paths.append(folder / "07_float.tif")
+            Image.fromarray(np.zeros((40, 60), dtype=np.float32)).save(paths[-1])
+    return paths
+
+
+def test_workers_give_the_same_results_in_input_order(model_dir, tmp_path):
+    """With 2 DataLoader workers the run writes exactly what it writes without workers: the same results, in
+    input order in predictions.json, the bad files (in the middle of batches) skipped with their reason, and the
+    images per second as the last log line."""
+    model = MaskDINOForUniversalSegmentation.from_pretrained(model_dir).eval()
+    processor = MaskDINOImageProcessor.from_pretrained(model_dir)
+    images = list(generate_shapes_split(6, image_size=((90, 130), (140, 170)), seed=3, split="test")["image"])
+    paths = _mixed_folder(tmp_path / "images", images)
+    reports, logs = {}, {}
+    for workers in (0, 2):
+        logs[workers] = []
+        predict_files(paths, model, processor, tmp_path / f"out{workers}", task="panoptic", batch_size=3,
+                      num_workers=workers, log=logs[workers].append)
+        reports[workers] = json.loads((tmp_path / f"out{workers}" / "predictions.json").read_text())
+    assert reports[0] == reports[2]
+    report = reports[2]
+    good = [path for path in paths if path.stem.endswith("good")]
+    assert [image["path"] for image in report["images"]] == [str(path) for path in good]
+    assert [image["id"] for image in report["images"]] == [paths.index(path) + 1 for path in good]
+    assert [annotation["image_id"] for annotation in report["annotations"]] == [image["id"] for image in report["images"]]
+    assert sum(len(annotation["segments_info"]) for annotation in report["annotations"]) > 0
+    assert [Path(entry["path"]).name for entry in report["skipped"]] == ["03_corrupt.png", "07_float.tif"]
+    assert report["skipped"][0]["reason"].startswith("unreadable") and report["skipped"][1]["reason"].startswith("wrong mode")
+    lines = (tmp_path / "out2" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(paths)
+    for workers in (0, 2):
+        last = logs[workers][-1]
+        assert last.startswith(f"predicted {len(good)} image(s) in ") and "images/s" in last, last
+        assert f"{workers} loader worker(s)" in last
+        assert float(last.split(": ")[1].split(" images/s")[0]) > 0
+
+
+def test_workers_start_where_processes_are_spawned(model_dir, good_images, tmp_path):
+    """Where fork is unavailable (Windows, macOS default), workers are spawned: everything they get is picklable."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(good_images):
+        image.save(folder / f"{index}.png")
+    (folder / "2_corrupt.png").write_bytes(b"not an image")
+    script = tmp_path / "spawned.py"
+    script.write_text(
+        "import multiprocessing, sys\n"
+        "from pathlib import Path\n"
+        "if __name__ == '__main__':\n"
+        "    multiprocessing.set_start_method('spawn')\n"
+        "    from maskdino_hf import MaskDINOForUniversalSegmentation, MaskDINOImageProcessor\n"
+        "    from maskdino_hf.predict import predict_files\n"
+        "    model = MaskDINOForUniversalSegmentation.from_pretrained(sys.argv[1]).eval()\n"
+        "    processor = MaskDINOImageProcessor.from_pretrained(sys.argv[1])\n"
+        "    paths = sorted(Path(sys.argv[2]).iterdir())\n"
+        "    report = predict_files(paths, model, processor, sys.argv[3], batch_size=2, num_workers=1)\n"
+        "    print('DONE', report.num_images, len(report.skipped), multiprocessing.get_start_method())\n"
+    )
+    done = subprocess.run([sys.executable, str(script), str(model_dir), str(folder), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DONE 2 1 spawn" in done.stdout
+    assert "1 loader worker(s)" in done.stdout
