@@ -603,8 +603,8 @@ def plan_batches(sizes: Sequence[tuple[int, int] | None], batch_size: int,
                  window: int | None = None) -> list[list[int]]:
     """Batches of indices into ``sizes`` (each image's ``(height, width)``, ``None`` when unknown): within each
     window of ``window`` consecutive images (default ``batch_size * BUCKET_WINDOW_BATCHES``) the images are sorted by
-    aspect ratio, then area (:func:`_size_key`), and cut into batches, so that a batch is padded little. Batch size
-    1 keeps the input order. Deterministic, so every process of a sharded evaluation makes the same plan."""
+    aspect ratio, then area (:func:`_size_key`), and cut into batches, so that a batch is padded little; a batch
+    lists its images in input order. Batch size 1 keeps the input order. Deterministic, so every process of a sharded evaluation makes the same plan."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size == 1:
@@ -613,7 +613,7 @@ def plan_batches(sizes: Sequence[tuple[int, int] | None], batch_size: int,
     batches = []
     for start in range(0, len(sizes), window):
         indices = sorted(range(start, min(start + window, len(sizes))), key=lambda index: _size_key(sizes[index]))
-        batches.extend(indices[first:first + batch_size] for first in range(0, len(indices), batch_size))
+        batches.extend(sorted(indices[first:first + batch_size]) for first in range(0, len(indices), batch_size))
     return batches
 
 
