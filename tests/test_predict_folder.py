@@ -197,7 +197,8 @@ def test_plan_batches_pairs_similar_sizes():
     assert plan_batches(alternating, 2, window=2) == [[0, 1], [2, 3]]  # each window of two batched on its own
 
     def padding(sizes, batches):
-        padded = sum(len(batch) * max(sizes[i][0] for i in batch) * max(sizes[i][1] for i in batch) for batch in batches)
+        padded = sum(len(batch) * max(sizes[i][0] for i in batch) * max(sizes[i][1] for i in batch)
+                     for batch in batches)
         return padded - sum(sizes[i][0] * sizes[i][1] for batch in batches for i in batch)
 
     assert padding(alternating, [[0, 1], [2, 3]]) == 4 * 200 * 200 - 4 * 200 * 100  # input order: half padding
@@ -241,10 +242,12 @@ def test_workers_give_the_same_results_in_input_order(model_dir, tmp_path):
     good = [path for path in paths if path.stem.endswith("good")]
     assert [image["path"] for image in report["images"]] == [str(path) for path in good]
     assert [image["id"] for image in report["images"]] == [paths.index(path) + 1 for path in good]
-    assert [annotation["image_id"] for annotation in report["annotations"]] == [image["id"] for image in report["images"]]
+    ids = [image["id"] for image in report["images"]]
+    assert [annotation["image_id"] for annotation in report["annotations"]] == ids
     assert sum(len(annotation["segments_info"]) for annotation in report["annotations"]) > 0
     assert [Path(entry["path"]).name for entry in report["skipped"]] == ["03_corrupt.png", "07_float.tif"]
-    assert report["skipped"][0]["reason"].startswith("unreadable") and report["skipped"][1]["reason"].startswith("wrong mode")
+    assert report["skipped"][0]["reason"].startswith("unreadable")
+    assert report["skipped"][1]["reason"].startswith("wrong mode")
     lines = (tmp_path / "out2" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(paths)
     for workers in (0, 2):

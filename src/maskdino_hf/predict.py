@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -567,9 +567,9 @@ def default_num_workers(num_images: int) -> int:
 
 
 def encoded_image_size(image: Any) -> tuple[int, int] | None:
-    """``(height, width)`` of a file path, an undecoded ``datasets`` image (``{"bytes", "path"}``), a PIL image or an
-    (H, W[, C]) array, read from the header without decoding the pixels (EXIF orientation not applied); ``None`` when it cannot be
-    read. Only a batching hint (:func:`plan_batches`): the decoded image decides everything else."""
+    """``(height, width)`` of a file path, an undecoded ``datasets`` image (``{"bytes", "path"}``), a PIL image or
+    an (H, W[, C]) array, read from the header without decoding the pixels (EXIF orientation not applied); ``None``
+    when it cannot be read. Only a batching hint (:func:`plan_batches`): the decoded image decides everything else."""
     import io
 
     from PIL import Image
@@ -604,7 +604,8 @@ def plan_batches(sizes: Sequence[tuple[int, int] | None], batch_size: int,
     """Batches of indices into ``sizes`` (each image's ``(height, width)``, ``None`` when unknown): within each
     window of ``window`` consecutive images (default ``batch_size * BUCKET_WINDOW_BATCHES``) the images are sorted by
     aspect ratio, then area (:func:`_size_key`), and cut into batches, so that a batch is padded little; a batch
-    lists its images in input order. Batch size 1 keeps the input order. Deterministic, so every process of a sharded evaluation makes the same plan."""
+    lists its images in input order. Batch size 1 keeps the input order. Deterministic, so every process of a
+    sharded evaluation makes the same plan."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size == 1:
