@@ -2,6 +2,7 @@
 
   maskdino-hf predict [IMAGES ...] [--model DIR_OR_HUB_ID] [--task instance|panoptic|semantic|detection]
                       [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--bf16]
+                      [--compile]
   maskdino-hf evaluate --model DIR_OR_HUB_ID --data DIR [--task all|instance|panoptic|semantic|detection]
                        [--split validation] [--output REPORT.json]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
@@ -139,7 +140,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise CLIError(f"no IMAGES given and the demo model has no bundled images in {demo_model_dir() / 'images'}")
     _make_output_dir(args.output_dir)
     device = resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device, progress=args.progress)
+    model, processor = load_model_and_processor(args.model, device, progress=args.progress, compile=args.compile)
     report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
                            batch_size=args.batch_size, device=device, bf16=args.bf16)
     print(f"{report.num_images} image(s) ({report.task}): overlays and " + ", ".join(map(str, report.written))
@@ -277,6 +278,9 @@ def _add_predict(commands) -> None:
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
     predict.add_argument("--progress", action="store_true", help="show Transformers' model loading progress bars")
+    predict.add_argument("--compile", action="store_true",
+                         help="compile the model with torch.compile (Inductor; needs a C++ compiler on CPU): the "
+                         "first image of each new padded size pays the compilation, later ones run faster (see README)")
     predict.set_defaults(handler=_predict)
 
 
