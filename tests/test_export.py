@@ -1,5 +1,6 @@
 """The inference forward pass exports: `torch.export.export`, and ONNX through `maskdino_hf.export.export_onnx`
-(`torch.onnx.export(..., dynamo=True)`) run by ONNX Runtime (`MaskDINOOnnxModel`); both equal eager PyTorch to 1e-4.
+(`torch.onnx.export(..., dynamo=True)`, also `maskdino-hf export`) run by ONNX Runtime (`MaskDINOOnnxModel`); both equal
+eager PyTorch to 1e-4.
 
 A tiny randomly initialised model (Transformers' init keeps its activations O(1)) on one 128x160 image. The outputs
 are a ModelOutput with tuples, so `MaskDINOInferenceModule` wraps the model to return (class_queries_logits,
@@ -12,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation
-from maskdino_hf.export import OUTPUT_NAMES, MaskDINOInferenceModule
+from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli
+from maskdino_hf.export import OUTPUT_NAMES, MaskDINOInferenceModule, MaskDINOOnnxModel
 
 ATOL = 1e-4
 
@@ -59,13 +60,15 @@ def test_torch_export_matches_eager(model_and_inputs):
 
 
 def test_onnx_export_runs_in_onnxruntime_and_matches_eager(model_and_inputs, tmp_path):
+    """`maskdino-hf export` (`export_onnx`) of a saved model; `MaskDINOOnnxModel` runs the file in ONNX Runtime."""
     for package in ("onnx", "onnxruntime", "onnxscript"):
         pytest.importorskip(package, reason=f"ONNX export needs {package!r} (pip install 'maskdino-hf[export]')")
-    from maskdino_hf.export import MaskDINOOnnxModel, export_onnx
-
     model, (pixel_values, pixel_mask), expected = model_and_inputs
-    path = export_onnx(model.model, tmp_path / "onnx" / "maskdino.onnx", input_size=(128, 160))
-    assert path.is_file()
+    model.model.save_pretrained(tmp_path / "model")
+    MaskDINOImageProcessor(num_labels=5).save_pretrained(tmp_path / "model")
+    path = tmp_path / "onnx" / "maskdino.onnx"
+    argv = ["export", "--model", str(tmp_path / "model"), "--output", str(path), "--height", "128", "--width", "160"]
+    assert cli.main(argv) == 0
     runner = MaskDINOOnnxModel(path, providers=["CPUExecutionProvider"])
     outputs = runner(pixel_values, pixel_mask=pixel_mask)
     _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], expected)

@@ -7,6 +7,7 @@
                        [--split validation] [--output REPORT.json]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
   maskdino-hf convert --release NAME --output-dir DIR [--checkpoint model.pth] [--push-to-hub REPO_ID]
+  maskdino-hf export --output model.onnx --height H --width W [--model DIR_OR_HUB_ID] [--batch-size N]
   maskdino-hf releases
   maskdino-hf demo [--model DIR_OR_HUB_ID] [--host H] [--port P] [--share]
 
@@ -159,6 +160,20 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_SKIPPED
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model, _ = load_model_and_processor(args.model, "cpu")
+    try:
+        path = export_onnx(model, args.output, (args.height, args.width), batch_size=args.batch_size)
+    except ImportError as error:  # the export extra is missing: an input problem, said in one line
+        raise CLIError(str(error)) from None
+    print(f"wrote {path}: input {args.batch_size}x3x{args.height}x{args.width}; pad every batch to it with "
+          f"processor(images, pad_size={{'height': {args.height}, 'width': {args.width}}}) and run it with "
+          "maskdino_hf.export.MaskDINOOnnxModel")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +317,23 @@ def _add_evaluate(commands) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export", help="export a model to ONNX (run by ONNX Runtime; needs the export extra)",
+        description="Export the inference forward pass of a Mask DINO model to an ONNX file for one input size "
+        "(pip install -e \".[export]\"). Pad every batch to that size with the image processor's pad_size; "
+        "maskdino_hf.export.MaskDINOOnnxModel runs the file and returns outputs the processor's post-processing "
+        "takes.",
+    )
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only format so far)")
+    export.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled demo model)")
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--height", type=_positive_int, required=True, help="input height in pixels (padded size)")
+    export.add_argument("--width", type=_positive_int, required=True, help="input width in pixels (padded size)")
+    export.add_argument("--batch-size", type=_positive_int, default=1, help="images per run (default 1)")
+    export.set_defaults(handler=_export)
+
+
 def _add_releases_and_demo(commands) -> None:
     releases = commands.add_parser("releases", help="list the official checkpoints `convert --release` knows")
     releases.set_defaults(handler=_releases)
@@ -336,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_evaluate(commands)
     _add_convert(commands)
+    _add_export(commands)
     _add_releases_and_demo(commands)
     return parser
 
