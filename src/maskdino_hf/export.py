@@ -36,12 +36,13 @@ def compile_model(
 ) -> MaskDINOForUniversalSegmentation:
     """Compile `model` in place with `torch.compile` (Inductor, one graph: `fullgraph=True`) and return it.
 
-    Compilation happens on the first call (about a minute on 2 CPU cores; Inductor on CPU needs a C++ compiler) and
-    again for an input whose shape the compiled graph does not cover. `dynamic=None` (Torch's default, the best
-    choice for a folder of varying images): the first input size gets static kernels; the first other size
-    recompiles once with symbolic height and width, which then serves other sizes too (a few more compilations
-    when a size crosses one of the convolutions' layout thresholds). `dynamic=False`: one static compilation per
-    padded size (best when every input has the same size); `dynamic=True`: symbolic sizes from the first call.
+    Compilation happens on the first call (a minute or more on 2 CPU cores; Inductor on CPU needs a C++ compiler)
+    and again for an input whose shape the compiled graph does not cover. `dynamic=None` (Torch's default; use it
+    for images of varying sizes): the first size gets static kernels; at the first other size Torch recompiles with
+    symbolic height and width, and later sizes reuse that graph unless they cross one of the guards the trace adds
+    (at small sizes, the convolutions' layout thresholds). `dynamic=False`: one static compilation per padded size,
+    up to Torch's recompile limit (8; then it runs eager): best when every input has one size (the processor's
+    `pad_size`). `dynamic=True`: symbolic sizes from the first call.
     `mode`: `torch.compile`'s mode (e.g. "max-autotune" on a GPU)."""
     if not isinstance(model, MaskDINOForUniversalSegmentation):
         raise TypeError(f"model must be a MaskDINOForUniversalSegmentation, got {type(model).__name__}")
