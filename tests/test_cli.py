@@ -214,8 +214,9 @@ def test_predict_errors_are_one_clear_line(case, message, model_dir, image_paths
 
 def test_help(capsys):
     """`maskdino-hf --help` (in-process: the console script itself runs in the end-to-end evaluate test)."""
-    for argv, words in ((["--help"], ("predict", "evaluate", "convert", "releases", "demo")),
-                        (["predict", "--help"], ("--batch-size", "--progress")),
+    for argv, words in ((["--help"], ("predict", "evaluate", "convert", "export", "releases", "demo")),
+                        (["predict", "--help"], ("--batch-size", "--progress", "--compile")),
+                        (["export", "--help"], ("--output", "--height", "--width", "pad_size")),
                         (["evaluate", "--help"], ("--split", "--output")),
                         (["convert", "--help"], ("--release", "--config", "--push-to-hub", "--cache-dir")),
                         (["releases", "--help"], ("releases",)),
@@ -402,6 +403,8 @@ HEAVY_MODULES = ("torch", "transformers", "PIL.Image", "numpy", "datasets")
         (["evaluate", "--help"], 0),
         (["convert", "--help"], 0),
         (["demo", "--help"], 0),
+        (["export", "--help"], 0),
+        (["export", "--output", "x.onnx", "--height", "0", "--width", "160"], 2),
         (["predict", "--batch-size", "0"], 2),
         (["predict", "--threshold", "1.5"], 2),
         (["predict", "--task", "nonsense"], 2),

@@ -1,21 +1,22 @@
-"""The inference forward pass exports: `torch.export.export`, and ONNX through `torch.onnx.export(..., dynamo=True)`
-run by onnxruntime; both equal eager PyTorch to 1e-4.
+"""The inference forward pass exports: `torch.export.export`, and ONNX through `maskdino_hf.export.export_onnx`
+(`torch.onnx.export(..., dynamo=True)`, also `maskdino-hf export`) run by ONNX Runtime (`MaskDINOOnnxModel`); both equal
+eager PyTorch to 1e-4.
 
-A tiny randomly initialised model (Transformers' init keeps its activations O(1)) on one 128x160 image. The outputs are
-a ModelOutput with tuples, so the model is wrapped to return (class_queries_logits, masks_queries_logits,
-pred_boxes). ONNX needs `onnx`, `onnxruntime` and `onnxscript` (in the test extra).
+A tiny randomly initialised model (Transformers' init keeps its activations O(1)) on one 128x160 image. The outputs
+are a ModelOutput with tuples, so `MaskDINOInferenceModule` wraps the model to return (class_queries_logits,
+masks_queries_logits, pred_boxes). ONNX needs `onnx`, `onnxruntime` and `onnxscript` (the export extra, also in the
+test extra).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation
+from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli
+from maskdino_hf.export import OUTPUT_NAMES, MaskDINOInferenceModule, MaskDINOOnnxModel
 
 ATOL = 1e-4
-OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "pred_boxes")
 
 
 def _tiny_config() -> MaskDINOConfig:
@@ -30,26 +31,15 @@ def _tiny_config() -> MaskDINOConfig:
     )
 
 
-class ExportableMaskDINO(nn.Module):
-    """The forward pass with plain tensor outputs."""
-
-    def __init__(self, model: MaskDINOForUniversalSegmentation):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs = self.model(pixel_values)
-        return outputs.class_queries_logits, outputs.masks_queries_logits, outputs.pred_boxes
-
-
 @pytest.fixture(scope="module")
 def model_and_inputs():
     torch.manual_seed(0)
-    model = ExportableMaskDINO(MaskDINOForUniversalSegmentation(_tiny_config()).eval()).eval()
+    model = MaskDINOInferenceModule(MaskDINOForUniversalSegmentation(_tiny_config()).eval()).eval()
     pixel_values = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+    inputs = (pixel_values, torch.ones(1, 128, 160, dtype=torch.long))
     with torch.no_grad():
-        expected = model(pixel_values)
-    return model, pixel_values, expected
+        expected = model(*inputs)
+    return model, inputs, expected
 
 
 def _assert_close(outputs, expected) -> None:
@@ -62,21 +52,25 @@ def _assert_close(outputs, expected) -> None:
 
 
 def test_torch_export_matches_eager(model_and_inputs):
-    model, pixel_values, expected = model_and_inputs
-    exported = torch.export.export(model, (pixel_values,))
+    model, inputs, expected = model_and_inputs
+    exported = torch.export.export(model, inputs)
     with torch.no_grad():
-        outputs = exported.module()(pixel_values)
+        outputs = exported.module()(*inputs)
     _assert_close(outputs, expected)
 
 
 def test_onnx_export_runs_in_onnxruntime_and_matches_eager(model_and_inputs, tmp_path):
-    import onnx  # noqa: F401  (the test extra installs the ONNX stack; missing it is a failure, not a skip)
-    import onnxruntime
-    import onnxscript  # noqa: F401
-    model, pixel_values, expected = model_and_inputs
-    program = torch.onnx.export(model, (pixel_values,), dynamo=True, verbose=False)
-    path = tmp_path / "maskdino.onnx"
-    program.save(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: pixel_values.numpy()})
-    _assert_close([torch.from_numpy(output) for output in outputs], expected)
+    """`maskdino-hf export` (`export_onnx`) of a saved model; `MaskDINOOnnxModel` runs the file in ONNX Runtime."""
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package, reason=f"ONNX export needs {package!r} (pip install 'maskdino-hf[export]')")
+    model, (pixel_values, pixel_mask), expected = model_and_inputs
+    model.model.save_pretrained(tmp_path / "model")
+    MaskDINOImageProcessor(num_labels=5).save_pretrained(tmp_path / "model")
+    path = tmp_path / "onnx" / "maskdino.onnx"
+    argv = ["export", "--model", str(tmp_path / "model"), "--output", str(path), "--height", "128", "--width", "160"]
+    assert cli.main(argv) == 0
+    runner = MaskDINOOnnxModel(path, providers=["CPUExecutionProvider"])
+    outputs = runner(pixel_values, pixel_mask=pixel_mask)
+    _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], expected)
+    with pytest.raises(ValueError, match="pad_size"):
+        runner(torch.zeros(1, 3, 128, 192))

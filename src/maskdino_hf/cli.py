@@ -2,11 +2,12 @@
 
   maskdino-hf predict [IMAGES ...] [--model DIR_OR_HUB_ID] [--task instance|panoptic|semantic|detection]
                       [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--num-workers N]
-                      [--bf16]
+                      [--bf16] [--compile]
   maskdino-hf evaluate --model DIR_OR_HUB_ID --data DIR [--task all|instance|panoptic|semantic|detection]
                        [--split validation] [--output REPORT.json]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
   maskdino-hf convert --release NAME --output-dir DIR [--checkpoint model.pth] [--push-to-hub REPO_ID]
+  maskdino-hf export --output model.onnx --height H --width W [--model DIR_OR_HUB_ID] [--batch-size N]
   maskdino-hf releases
   maskdino-hf demo [--model DIR_OR_HUB_ID] [--host H] [--port P] [--share]
 
@@ -141,7 +142,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise CLIError(f"no IMAGES given and the demo model has no bundled images in {demo_model_dir() / 'images'}")
     _make_output_dir(args.output_dir)
     device = resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device, progress=args.progress)
+    model, processor = load_model_and_processor(args.model, device, progress=args.progress, compile=args.compile)
     num_workers = default_num_workers(len(paths)) if args.num_workers is None else args.num_workers
     report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
                            batch_size=args.batch_size, device=device, bf16=args.bf16, num_workers=num_workers)
@@ -159,6 +160,20 @@ def _predict(args: argparse.Namespace) -> int:
     for entry in report.skipped:
         print(f"  {entry['path']}: {entry['reason']}", file=sys.stderr)
     return EXIT_SKIPPED
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model, _ = load_model_and_processor(args.model, "cpu")
+    try:
+        path = export_onnx(model, args.output, (args.height, args.width), batch_size=args.batch_size)
+    except ImportError as error:  # the export extra is missing: an input problem, said in one line
+        raise CLIError(str(error)) from None
+    print(f"wrote {path}: input {args.batch_size}x3x{args.height}x{args.width}; pad every batch to it with "
+          f"processor(images, pad_size={{'height': {args.height}, 'width': {args.width}}}) and run it with "
+          "maskdino_hf.export.MaskDINOOnnxModel")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +300,9 @@ def _add_predict(commands) -> None:
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
     predict.add_argument("--progress", action="store_true", help="show Transformers' model loading progress bars")
+    predict.add_argument("--compile", action="store_true",
+                         help="compile the model with torch.compile (Inductor; needs a C++ compiler on CPU): the "
+                         "first image of each new padded size pays the compilation, later ones run faster (see README)")
     predict.set_defaults(handler=_predict)
 
 
@@ -304,6 +322,23 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--output", default=None, help="write the report JSON here")
     evaluate.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
     evaluate.set_defaults(handler=_evaluate)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export", help="export a model to ONNX (run by ONNX Runtime; needs the export extra)",
+        description="Export the inference forward pass of a Mask DINO model to an ONNX file for one input size "
+        "(pip install -e \".[export]\"). Pad every batch to that size with the image processor's pad_size; "
+        "maskdino_hf.export.MaskDINOOnnxModel runs the file and returns outputs the processor's post-processing "
+        "takes.",
+    )
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only format so far)")
+    export.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled demo model)")
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--height", type=_positive_int, required=True, help="input height in pixels (padded size)")
+    export.add_argument("--width", type=_positive_int, required=True, help="input width in pixels (padded size)")
+    export.add_argument("--batch-size", type=_positive_int, default=1, help="images per run (default 1)")
+    export.set_defaults(handler=_export)
 
 
 def _add_releases_and_demo(commands) -> None:
@@ -340,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_evaluate(commands)
     _add_convert(commands)
+    _add_export(commands)
     _add_releases_and_demo(commands)
     return parser
 

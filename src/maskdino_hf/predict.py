@@ -140,10 +140,14 @@ def _default_processor(config):
     return MaskDINOImageProcessor(num_labels=config.num_labels, stuff_labels=list(config.stuff_labels))
 
 
-def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu", progress: bool = False):
+def load_model_and_processor(
+    model: str | os.PathLike | None, device: str = "cpu", progress: bool = False, compile: bool = False
+):
     """``(model, image_processor)`` from a local folder or a Hub id (``None``: the bundled demo model), in eval
     mode on ``device``. Raises :class:`CLIError` with a one-line message when the model cannot be loaded.
-    ``progress``: show Transformers' loading progress bars (hidden by default; also ``MASKDINO_HF_PROGRESS=1``)."""
+    ``progress``: show Transformers' loading progress bars (hidden by default; also ``MASKDINO_HF_PROGRESS=1``).
+    ``compile``: compile the model in place with ``torch.compile`` (Inductor; see
+    :func:`maskdino_hf.export.compile_model`)."""
     import torch
     from transformers import AutoModelForUniversalSegmentation
 
@@ -174,6 +178,10 @@ def load_model_and_processor(model: str | os.PathLike | None, device: str = "cpu
               file=sys.stderr)
         processor = _default_processor(network.config)
     network.eval().to(torch.device(device))
+    if compile:
+        from .export import compile_model
+
+        compile_model(network)
     return network, processor
 
 

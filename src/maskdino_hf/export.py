@@ -1,0 +1,187 @@
+"""Compiled and exported inference: `torch.compile` (Inductor), and ONNX export run by ONNX Runtime.
+
+* `compile_model(model)` compiles the model in place with `torch.compile` (what `maskdino-hf predict --compile`
+  does); the model is then called as before.
+* `export_onnx(model, path, input_size)` writes the inference forward pass (pixel values and pixel mask in; final
+  class logits, mask logits and boxes out) as an ONNX model through `torch.onnx.export(..., dynamo=True)`, for one
+  input size: pad every batch to it with the processor's `pad_size`. `MaskDINOOnnxModel(path)` runs such a file
+  with `onnxruntime` and returns a `MaskDINOForUniversalSegmentationOutput`, so the image processor's
+  `post_process_*` methods take its outputs as they take the model's. Both need the `export` extra (`onnx`,
+  `onnxruntime`, `onnxscript`).
+
+Both equal eager PyTorch to 1e-4 (tests/test_deploy.py, tests/test_export.py); `benchmarks/deploy.py` times them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modeling_maskdino import MaskDINOForUniversalSegmentation, MaskDINOForUniversalSegmentationOutput
+
+INPUT_NAMES = ("pixel_values", "pixel_mask")
+OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "pred_boxes")
+
+__all__ = [
+    "INPUT_NAMES", "OUTPUT_NAMES", "MaskDINOInferenceModule", "MaskDINOOnnxModel", "compile_model", "export_onnx"
+]
+
+
+def compile_model(
+    model: MaskDINOForUniversalSegmentation, dynamic: bool | None = None, mode: str | None = None
+) -> MaskDINOForUniversalSegmentation:
+    """Compile `model` in place with `torch.compile` (Inductor, one graph: `fullgraph=True`) and return it.
+
+    Compilation happens on the first call (a minute or more on 2 CPU cores; Inductor on CPU needs a C++ compiler)
+    and again for an input whose shape the compiled graph does not cover. `dynamic=None` (Torch's default; use it
+    for images of varying sizes): the first size gets static kernels; at the first other size Torch recompiles with
+    symbolic height and width, and later sizes reuse that graph unless they cross one of the guards the trace adds
+    (at small sizes, the convolutions' layout thresholds). `dynamic=False`: one static compilation per padded size,
+    up to Torch's recompile limit (8; then it runs eager): best when every input has one size (the processor's
+    `pad_size`). `dynamic=True`: symbolic sizes from the first call.
+    `mode`: `torch.compile`'s mode (e.g. "max-autotune" on a GPU)."""
+    if not isinstance(model, MaskDINOForUniversalSegmentation):
+        raise TypeError(f"model must be a MaskDINOForUniversalSegmentation, got {type(model).__name__}")
+    model.compile(fullgraph=True, dynamic=dynamic, mode=mode)
+    return model
+
+
+def _require(package: str) -> None:
+    """Import `package` or raise an ImportError that names the extra to install."""
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError as error:
+        raise ImportError(
+            f"ONNX export and ONNX Runtime need {package!r}: pip install 'maskdino-hf[export]' "
+            "(onnx, onnxruntime, onnxscript)"
+        ) from error
+
+
+class MaskDINOInferenceModule(nn.Module):
+    """The inference forward pass with plain tensor inputs and outputs (what exporters trace): `(pixel_values,
+    pixel_mask)` -> `(class_queries_logits, masks_queries_logits, pred_boxes)`."""
+
+    def __init__(self, model: MaskDINOForUniversalSegmentation):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs = self.model(pixel_values, pixel_mask=pixel_mask)
+        return outputs.class_queries_logits, outputs.masks_queries_logits, outputs.pred_boxes
+
+
+def export_onnx(
+    model: MaskDINOForUniversalSegmentation,
+    path: str | os.PathLike,
+    input_size: tuple[int, int],
+    batch_size: int = 1,
+    opset_version: int | None = None,
+) -> Path:
+    """Export `model`'s inference forward pass to the ONNX file `path` (written with its folder) and return it.
+
+    The file takes `pixel_values` (batch_size, 3, height, width) float32 and `pixel_mask` (batch_size, height,
+    width) int64 (1 on real pixels) of exactly `input_size = (height, width)`: pad every batch to that size with
+    the image processor (`processor(images, pad_size={"height": height, "width": width})`); post-processing crops
+    the padding as usual. Outputs: `OUTPUT_NAMES`. The size is fixed because the forward pass computes its
+    multi-scale token layout from the input size, which the exporter records as constants. Weights are stored in
+    the file. Needs `onnx`, `onnxruntime` and `onnxscript` (the `export` extra).
+    """
+    if not isinstance(model, MaskDINOForUniversalSegmentation):
+        raise TypeError(f"model must be a MaskDINOForUniversalSegmentation, got {type(model).__name__}")
+    if len(input_size) != 2 or not all(isinstance(side, int) and side > 0 for side in input_size):
+        raise ValueError(f"input_size must be (height, width) in pixels, got {input_size!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must name an .onnx file, got {str(path)!r}")
+    for package in ("onnx", "onnxscript"):
+        _require(package)
+    parameter = next(model.parameters())
+    pixel_values = torch.randn(batch_size, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    inputs = (
+        pixel_values.to(device=parameter.device, dtype=parameter.dtype),
+        torch.ones(batch_size, *input_size, dtype=torch.long, device=parameter.device),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                MaskDINOInferenceModule(model), inputs, dynamo=True, input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES), opset_version=opset_version, verbose=False,
+            )
+    finally:
+        model.train(was_training)
+    program.save(str(path))
+    return path
+
+
+class MaskDINOOnnxModel:
+    """An exported Mask DINO run by ONNX Runtime; called like the model on the image processor's tensors.
+
+    `providers`: ONNX Runtime execution providers (default: CUDA when this onnxruntime has it, else CPU).
+    `intra_op_num_threads`: threads of one run (default: ONNX Runtime's choice, all cores)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        intra_op_num_threads: int | None = None,
+    ):
+        _require("onnxruntime")
+        import onnxruntime
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {str(path)!r} not found (write one with export_onnx)")
+        if providers is None:
+            available = onnxruntime.get_available_providers()
+            providers = [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
+        options = onnxruntime.SessionOptions()
+        if intra_op_num_threads is not None:
+            options.intra_op_num_threads = intra_op_num_threads
+        self.session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        names = tuple(output.name for output in self.session.get_outputs())
+        if names != OUTPUT_NAMES:
+            raise ValueError(f"{str(path)!r} has outputs {names}, not those of export_onnx {OUTPUT_NAMES}")
+        # An exporter drops an input the graph does not read.
+        self.input_names = [entry.name for entry in self.session.get_inputs()]
+        shape = self.session.get_inputs()[0].shape
+        self.batch_size, self.input_size = shape[0], (shape[2], shape[3])
+
+    def __call__(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
+    ) -> MaskDINOForUniversalSegmentationOutput:
+        """Outputs on the CPU (`class_queries_logits`, `masks_queries_logits`, `pred_boxes`); `pixel_mask`
+        defaults to all ones."""
+        if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {type(pixel_values)}")
+        expected = (self.batch_size, 3, *self.input_size)
+        if tuple(pixel_values.shape) != expected:
+            height, width = self.input_size
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: this ONNX model was exported for {expected}; pad "
+                f"batches of {self.batch_size} to it with processor(images, pad_size={{'height': {height}, "
+                f"'width': {width}}})"
+            )
+        if pixel_mask is None:
+            pixel_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long)
+        arrays = {
+            "pixel_values": pixel_values.detach().float().cpu().numpy(),
+            "pixel_mask": pixel_mask.detach().long().cpu().numpy(),
+        }
+        feeds = {name: arrays[name] for name in self.input_names}
+        outputs = self.session.run(list(OUTPUT_NAMES), feeds)
+        return MaskDINOForUniversalSegmentationOutput(
+            **{name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs)}
+        )
