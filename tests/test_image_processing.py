@@ -454,17 +454,17 @@ def test_instance_map_gives_each_pixel_its_first_covering_instance(count):
     assert torch.equal(MaskDINOImageProcessor._instance_map(masks), expected)
 
 
-@pytest.mark.parametrize("count", [1, 31, 32, 33, 300])
-def test_panoptic_owner_is_the_first_argmax_of_score_times_probability(count):
-    """The chunked running maximum gives `(scores * probs).argmax(0)`, ties (within and across chunks) included."""
-    from maskdino_hf.image_processing_maskdino import _first_argmax_of_products
+@pytest.mark.parametrize("count", [1, 2, 33, 300])
+def test_first_argmax_is_the_argmax_of_score_times_probability_with_ties(count):
+    """The running maximum gives `(scores * probs).argmax(0)` and `probs.argmax(0)`, first index among ties."""
+    from maskdino_hf.image_processing_maskdino import _first_argmax
 
     generator = torch.Generator().manual_seed(count)
     probs = (torch.rand(count, 17, 23, generator=generator) * 8).round() / 8  # coarse values: many ties
     scores = torch.rand(count, generator=generator)
-    probs[count // 2], scores[count // 2] = probs[0], scores[0]  # an exact copy of query 0 in a later chunk
-    expected = (scores.view(-1, 1, 1) * probs).argmax(0)
-    assert torch.equal(_first_argmax_of_products(scores, probs), expected)
+    probs[count // 2], scores[count // 2] = probs[0], scores[0]  # an exact copy of query 0 later on
+    assert torch.equal(_first_argmax(probs, scores), (scores.view(-1, 1, 1) * probs).argmax(0))
+    assert torch.equal(_first_argmax(probs), probs.argmax(0))
 
 
 def reference_panoptic_merge(mask_probs, scores, labels, mask_threshold, overlap, fuse):

@@ -244,18 +244,18 @@ def _same_aspect(size: tuple[int, int], resized: tuple[int, int]) -> bool:
 _QUERY_CHUNK = 32
 
 
-def _first_argmax_of_products(scores: torch.Tensor, mask_probs: torch.Tensor) -> torch.Tensor:
-    """`(scores[:, None, None] * mask_probs).argmax(0)` (first index among ties) without materialising the product:
-    a running maximum over the queries, a later query winning only where it is strictly larger (one elementwise
-    pass per query is several times faster on CPU than a max over the leading axis)."""
-    best = mask_probs[0] * scores[0]
+def _first_argmax(maps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`maps.argmax(0)`, or `(weights[:, None, None] * maps).argmax(0)` without materialising the product (first
+    index among ties): a running maximum over the leading axis, a later map winning only where it is strictly
+    larger (one elementwise pass per map is several times faster on CPU than a reduction over the leading axis)."""
+    best = maps[0].clone() if weights is None else maps[0] * weights[0]
     index = torch.zeros(best.shape, dtype=torch.int64, device=best.device)
     product, better = torch.empty_like(best), torch.empty(best.shape, dtype=torch.bool, device=best.device)
-    for query in range(1, mask_probs.shape[0]):
-        torch.mul(mask_probs[query], scores[query], out=product)
-        torch.gt(product, best, out=better)
-        index.masked_fill_(better, query)
-        torch.maximum(best, product, out=best)
+    for position in range(1, maps.shape[0]):
+        candidate = maps[position] if weights is None else torch.mul(maps[position], weights[position], out=product)
+        torch.gt(candidate, best, out=better)
+        index.masked_fill_(better, position)
+        torch.maximum(best, candidate, out=best)
     return index
 
 
@@ -1567,7 +1567,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         count = mask_probs.shape[0]
         if count == 0:
             return segmentation, []
-        owner = _first_argmax_of_products(scores, mask_probs)
+        owner = _first_argmax(mask_probs, scores)
         # The owner's own probability is confident at the pixel.
         in_segment = mask_probs.gather(0, owner[None])[0] >= mask_threshold
         owned_area = torch.bincount(owner.flatten(), minlength=count)
@@ -1643,14 +1643,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     class_probs = F.softmax(class_probs / self.panoptic_temperature, dim=-1)
             masks = outputs.masks_queries_logits[index]
             if before:
-                # Summed over query chunks, so that only a chunk of full-size probability maps exists at a time.
+                # Summed over query chunks, so that only a chunk of full-size probability maps exists at a time, in
+                # place (`addmm_`: no full-size temporary per chunk; the same sums as adding each chunk's product).
                 scores = None
                 for start in range(0, masks.shape[0], _QUERY_CHUNK):
                     mask_probs = self._upsample_crop_resize(
                         masks[start : start + _QUERY_CHUNK], padded_size, image_sizes[index], target_sizes[index]
                     ).sigmoid_()
-                    part = torch.einsum("qc,qhw->chw", class_probs[start : start + _QUERY_CHUNK], mask_probs)
-                    scores = part if scores is None else scores.add_(part)
+                    weights, maps = class_probs[start : start + _QUERY_CHUNK].T, mask_probs.reshape(len(mask_probs), -1)
+                    scores = weights @ maps if scores is None else scores.addmm_(weights, maps)
+                scores = scores.view(-1, *target_sizes[index])
             else:
                 mask_probs = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
                 scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
@@ -1658,7 +1660,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 scores = F.interpolate(
                     scores[None, :, :height, :width], size=target_sizes[index], mode="bilinear", align_corners=False
                 )[0]
-            segmentation = scores.argmax(0)
+            segmentation = _first_argmax(scores)
             if return_segmentation_scores:
                 results.append(
                     SemanticSegmentationPostProcessorOutput(
