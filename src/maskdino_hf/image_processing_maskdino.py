@@ -1387,6 +1387,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 outputs.masks_queries_logits[index][queries], padded_size, image_sizes[index], target_sizes[index]
             )
             binary = mask_logits > mask_logit_threshold
+            nonempty = None
             if not self.focus_on_box:
                 # Mean mask probability inside the binary mask, in float and in place on the resized logits (this
                 # method's own): logits at or below the threshold become -inf, whose sigmoid is 0; the signs of
@@ -1396,6 +1397,12 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 inside = probabilities.sum((1, 2))
                 area = probabilities.sign_().sum((1, 2))
                 scores = scores * (inside / (area + 1e-6))
+                # A mask with a positive area is not empty; one without is checked (a sigmoid may underflow to 0).
+                nonempty = area > 0
+                unsure = torch.nonzero(~nonempty).flatten()
+                nonempty[unsure] = binary[unsure].flatten(1).any(1)
+            if nonempty is None:
+                nonempty = binary.flatten(1).any(1)
             boxes = self._scaled_boxes(
                 outputs.pred_boxes[index], padded_size, image_sizes[index], target_sizes[index]
             )[queries]
@@ -1407,8 +1414,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "boxes": boxes[order],
                 "masks": binary[order],
             }
-            segment_rows = torch.nonzero(result["masks"].flatten(1).any(1)).flatten()
-            segment_masks = result["masks"][segment_rows]
+            segment_rows = torch.nonzero(nonempty[order]).flatten()
+            segment_masks = result["masks"] if len(segment_rows) == len(order) else result["masks"][segment_rows]
             result["segments_info"] = [
                 {"id": i, "label_id": label, "was_fused": False, "score": score}
                 for i, (label, score) in enumerate(
