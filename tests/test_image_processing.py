@@ -454,17 +454,17 @@ def test_instance_map_gives_each_pixel_its_first_covering_instance(count):
     assert torch.equal(MaskDINOImageProcessor._instance_map(masks), expected)
 
 
-@pytest.mark.parametrize("count", [1, 31, 32, 33, 300])
-def test_panoptic_owner_is_the_first_argmax_of_score_times_probability(count):
-    """The chunked running maximum gives `(scores * probs).argmax(0)`, ties (within and across chunks) included."""
-    from maskdino_hf.image_processing_maskdino import _first_argmax_of_products
+@pytest.mark.parametrize("count", [1, 2, 33, 300])
+def test_first_argmax_is_the_argmax_of_score_times_probability_with_ties(count):
+    """The running maximum gives `(scores * probs).argmax(0)` and `probs.argmax(0)`, first index among ties."""
+    from maskdino_hf.image_processing_maskdino import _first_argmax
 
     generator = torch.Generator().manual_seed(count)
     probs = (torch.rand(count, 17, 23, generator=generator) * 8).round() / 8  # coarse values: many ties
     scores = torch.rand(count, generator=generator)
-    probs[count // 2], scores[count // 2] = probs[0], scores[0]  # an exact copy of query 0 in a later chunk
-    expected = (scores.view(-1, 1, 1) * probs).argmax(0)
-    assert torch.equal(_first_argmax_of_products(scores, probs), expected)
+    probs[count // 2], scores[count // 2] = probs[0], scores[0]  # an exact copy of query 0 later on
+    assert torch.equal(_first_argmax(probs, scores), (scores.view(-1, 1, 1) * probs).argmax(0))
+    assert torch.equal(_first_argmax(probs), probs.argmax(0))
 
 
 def reference_panoptic_merge(mask_probs, scores, labels, mask_threshold, overlap, fuse):
@@ -518,6 +518,140 @@ def test_vectorised_panoptic_merge_equals_the_official_loop(overlap):
     assert ours[1] == reference[1]
     if overlap <= 0.5:
         assert len(reference[1]) > 3, "too few segments for a useful comparison"
+
+
+def reference_panoptic(processor, outputs, threshold, mask_threshold, overlap, fuse, target_sizes, image_sizes,
+                       num_labels=None):
+    """Panoptic inference written plainly: every kept query's mask resized alone (4x, crop, resize to the target
+    size), then the official merging loop above."""
+    results = []
+    padded = (4 * outputs.masks_queries_logits.shape[-2], 4 * outputs.masks_queries_logits.shape[-1])
+    for logits, masks, target, image in zip(
+        outputs.class_queries_logits, outputs.masks_queries_logits, target_sizes, image_sizes, strict=True
+    ):
+        if num_labels is not None and logits.shape[-1] == num_labels + 1:
+            scores, labels = logits.softmax(-1).max(-1)
+            keep = (labels != num_labels) & (scores > threshold)
+        else:
+            scores, labels = logits.sigmoid().max(-1)
+            keep = scores > threshold
+            if processor.panoptic_transform_eval:
+                scores, labels = torch.softmax(logits.sigmoid() / processor.panoptic_temperature, -1).max(-1)
+        resized = []
+        for mask in masks[keep]:
+            full = torch.nn.functional.interpolate(mask[None, None], size=padded, mode="bilinear", align_corners=False)
+            crop = full[..., : image[0], : image[1]]
+            resized.append(
+                torch.nn.functional.interpolate(crop, size=tuple(target), mode="bilinear", align_corners=False)[0, 0]
+            )
+        if not resized:
+            results.append((torch.zeros(tuple(target), dtype=torch.int32), []))
+            continue
+        results.append(
+            reference_panoptic_merge(
+                torch.stack(resized).sigmoid(), scores[keep], labels[keep], mask_threshold, overlap, fuse
+            )
+        )
+    return results
+
+
+def random_panoptic_outputs(kind: str, seed: int) -> SimpleNamespace:
+    """Random outputs of 2 images (queries x 8 classes, 16 x 24 mask logits) that stress the panoptic merging:
+    `smooth`: 300 queries of weak, smooth masks and close scores (what random weights give: nearly every query kept,
+    near-ties everywhere); `sharp`: saturated blobs (probabilities exactly 1 or 0), duplicated queries and scores
+    (exact ties of score x probability), few classes (stuff merging); `coarse`: logits on a 0.5 grid (ties after
+    resizing)."""
+    generator = torch.Generator().manual_seed(seed)
+    count = 300 if kind == "smooth" else 40
+    logits = torch.randn(2, count, 8, generator=generator) * (0.5 if kind == "smooth" else 3.0)
+    if kind == "smooth":
+        coarse = torch.randn(2 * count, 1, 4, 6, generator=generator)
+        masks = 0.5 * torch.nn.functional.interpolate(coarse, size=(16, 24), mode="bilinear", align_corners=False)
+    else:
+        ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")
+        centres = torch.rand(2 * count, 2, 1, 1, generator=generator) * torch.tensor([16.0, 24.0]).view(1, 2, 1, 1)
+        radii = 1 + torch.rand(2 * count, 1, 1, generator=generator) * 4
+        distance = ((ys - centres[:, 0]) ** 2 + (xs - centres[:, 1]) ** 2).sqrt()
+        masks = (40.0 if kind == "sharp" else 2.0) * (1 - distance / radii)
+        if kind == "coarse":
+            masks = (masks * 2).round() / 2
+    masks = masks.reshape(2, count, 16, 24)
+    # exact copies of queries (same logits and mask), some in the other half of the queries
+    logits[:, count // 2] = logits[:, 0]
+    masks[:, count // 2] = masks[:, 0]
+    logits[:, 7], masks[:, 7] = logits[:, 3], masks[:, 3]
+    return SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+
+
+PANOPTIC_PROPERTY_CASES = [
+    # kind, threshold, mask_threshold, overlap, label_ids_to_fuse, target_sizes, image_sizes, float64
+    ("smooth", 0.25, 0.5, 0.2, None, [(64, 96), (64, 96)], [(64, 96), (64, 96)], False),
+    ("smooth", 0.25, 0.5, 0.0, [1, 2], [(45, 67), (130, 150)], [(60, 90), (52, 60)], False),
+    ("smooth", 0.0, 0.6, 0.5, [0, 1, 2, 3, 4, 5, 6, 7], [(30, 41), (64, 96)], [(60, 90), (64, 96)], True),
+    ("sharp", 0.25, 0.5, 0.8, None, [(64, 96), (64, 96)], [(64, 96), (64, 96)], False),
+    ("sharp", 0.1, 0.99, 1.0, [4, 5], [(120, 180), (33, 50)], [(60, 90), (44, 66)], False),
+    ("sharp", 0.5, 1.0, 0.0, [4, 5], [(64, 96), (64, 96)], [(64, 96), (64, 96)], False),
+    ("sharp", 0.25, 0.0, 0.0, [], [(64, 96), (48, 72)], [(64, 96), (64, 96)], True),
+    ("coarse", 0.2, 0.5, 0.8, [2], [(64, 96), (50, 70)], [(64, 96), (50, 70)], False),
+    ("coarse", 0.2, 0.5, 0.3, [2, 3], [(100, 140), (64, 96)], [(63, 95), (64, 96)], False),
+    ("coarse", 1.0, 0.5, 0.8, None, [(64, 96), (64, 96)], [(64, 96), (64, 96)], False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PANOPTIC_PROPERTY_CASES)))
+def test_panoptic_equals_a_plain_per_query_implementation(case):
+    """The panoptic post-processing (only the queries that can own a pixel resized, vectorised merging) gives the
+    ids, segments and scores of the plain one on random outputs full of ties, stuff merging and threshold edges."""
+    kind, threshold, mask_threshold, overlap, fuse_ids, target_sizes, image_sizes, double = (
+        PANOPTIC_PROPERTY_CASES[case]
+    )
+    outputs = random_panoptic_outputs(kind, seed=case)
+    if double:
+        outputs = SimpleNamespace(**{key: value.double() for key, value in vars(outputs).items()})
+    processor = MaskDINOImageProcessor(num_labels=8, stuff_labels=[4, 5], panoptic_transform_eval=case % 2 == 0)
+    ours = processor.post_process_panoptic_segmentation(
+        outputs, threshold=threshold, mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap,
+        label_ids_to_fuse=fuse_ids, target_sizes=target_sizes, image_sizes=image_sizes,
+    )
+    fuse = {4, 5} if fuse_ids is None else set(fuse_ids)
+    expected = reference_panoptic(processor, outputs, threshold, mask_threshold, overlap, fuse, target_sizes, image_sizes)
+    for result, (segmentation, segments) in zip(ours, expected, strict=True):
+        assert torch.equal(result["segmentation"], segmentation)
+        assert [{**s, "score": None} for s in result["segments_info"]] == [{**s, "score": None} for s in segments]
+        assert [s["score"] for s in result["segments_info"]] == pytest.approx([s["score"] for s in segments], abs=1e-4)
+    if threshold < 1.0:
+        assert any(len(segments) > 1 for _, segments in expected), "the case must produce segments"
+    else:
+        assert all(not segments and not segmentation.any() for segmentation, segments in expected)
+
+
+def test_panoptic_of_a_softmax_classifier_equals_a_plain_per_query_implementation():
+    outputs = random_panoptic_outputs("sharp", seed=11)
+    outputs.class_queries_logits = torch.cat([outputs.class_queries_logits, torch.zeros(2, 40, 1)], dim=-1)
+    processor = MaskDINOImageProcessor(num_labels=8, stuff_labels=[4, 5])
+    sizes_ = {"target_sizes": [(64, 96), (40, 60)], "image_sizes": [(64, 96), (64, 96)]}
+    ours = processor.post_process_panoptic_segmentation(outputs, threshold=0.1, num_labels=8, **sizes_)
+    expected = reference_panoptic(processor, outputs, 0.1, 0.5, 0.8, {4, 5}, num_labels=8, **sizes_)
+    for result, (segmentation, segments) in zip(ours, expected, strict=True):
+        assert torch.equal(result["segmentation"], segmentation) and len(segments) > 1
+        assert [s["id"] for s in result["segments_info"]] == [s["id"] for s in segments]
+
+
+@pytest.mark.parametrize("kind", ["smooth", "sharp", "coarse"])
+def test_possible_owners_hold_every_winning_query_and_leave_others_out(kind):
+    """Every query that wins score x probability at some pixel, for crops and resizes up and down, is among the
+    possible owners; and the screen leaves queries out (otherwise it would buy nothing)."""
+    from maskdino_hf.image_processing_maskdino import _possible_owners
+
+    outputs = random_panoptic_outputs(kind, seed=3)
+    masks = outputs.masks_queries_logits[0]
+    scores = torch.rand(masks.shape[0], generator=torch.Generator().manual_seed(3))
+    possible = set(_possible_owners(scores, masks).tolist())
+    assert len(possible) < masks.shape[0]
+    for image, target in [((64, 96), (64, 96)), ((61, 89), (150, 200)), ((64, 96), (17, 23)), ((40, 50), (41, 49))]:
+        resized = MaskDINOImageProcessor._upsample_crop_resize(masks, (64, 96), image, target).sigmoid()
+        winners = set((scores.view(-1, 1, 1) * resized).argmax(0).unique().tolist())
+        assert winners <= possible
 
 
 @pytest.mark.parametrize("name", cases_with("SEMANTIC_ON"))

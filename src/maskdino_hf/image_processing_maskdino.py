@@ -244,19 +244,70 @@ def _same_aspect(size: tuple[int, int], resized: tuple[int, int]) -> bool:
 _QUERY_CHUNK = 32
 
 
-def _first_argmax_of_products(scores: torch.Tensor, mask_probs: torch.Tensor) -> torch.Tensor:
-    """`(scores[:, None, None] * mask_probs).argmax(0)` (first index among ties) without materialising the product:
-    a running maximum over query chunks, a later chunk winning only where it is strictly larger."""
-    best_value, best_index = None, None
-    for start in range(0, mask_probs.shape[0], _QUERY_CHUNK):
-        values, indices = (scores[start : start + _QUERY_CHUNK, None, None] * mask_probs[start : start + _QUERY_CHUNK]).max(0)
-        if best_value is None:
-            best_value, best_index = values, indices
-        else:
-            better = values > best_value
-            best_value = torch.where(better, values, best_value)
-            best_index = torch.where(better, indices + start, best_index)
-    return best_index
+def _first_argmax(maps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`maps.argmax(0)`, or `(weights[:, None, None] * maps).argmax(0)` without materialising the product (first
+    index among ties): a running maximum over the leading axis, a later map winning only where it is strictly
+    larger (one elementwise pass per map is several times faster on CPU than a reduction over the leading axis)."""
+    best = maps[0].clone() if weights is None else maps[0] * weights[0]
+    index = torch.zeros(best.shape, dtype=torch.int64, device=best.device)
+    product, better = torch.empty_like(best), torch.empty(best.shape, dtype=torch.bool, device=best.device)
+    for position in range(1, maps.shape[0]):
+        candidate = maps[position] if weights is None else torch.mul(maps[position], weights[position], out=product)
+        torch.gt(candidate, best, out=better)
+        index.masked_fill_(better, position)
+        torch.maximum(best, candidate, out=best)
+    return index
+
+
+def _window_extremes(maps: torch.Tensor, extreme) -> torch.Tensor:
+    """`extreme` (torch.maximum or torch.minimum) of each value's 3x3 neighbourhood in (N, h, w) maps, the border
+    replicated: shifted elementwise comparisons (`max_pool2d` with stride 1 is far slower on CPU)."""
+    result = maps.clone()
+    for dim in (-2, -1):
+        source = result.clone() if dim == -1 else maps
+        for target, shifted in ((result.narrow(dim, 1, maps.shape[dim] - 1), source.narrow(dim, 0, maps.shape[dim] - 1)),
+                                (result.narrow(dim, 0, maps.shape[dim] - 1), source.narrow(dim, 1, maps.shape[dim] - 1))):
+            extreme(target, shifted, out=target)
+    return result
+
+
+def _product_bounds(scores, highest, lowest, margin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on score x sigmoid(logit) for logits in [lowest, highest], widened by `margin` (logit rounding), a
+    relative 1e-5 (sigmoid rounding) and 1e-30 (denormal probabilities)."""
+    upper = highest.add(margin).sigmoid_().mul_(1 + 1e-5).add_(1e-30).mul_(scores)
+    lower = lowest.sub(margin).sigmoid_().mul_(1 - 1e-5).sub_(1e-30).mul_(scores)
+    return upper, lower
+
+
+def _possible_owners(scores: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the queries that can win `(scores * sigmoid(resized mask_logits)).argmax(0)` at some
+    pixel, for any crop and bilinear resize of the 4x upsampled (Q, h, w) logits; all queries if a logit is not
+    finite.
+
+    Bilinear resizing (the 4x upsampling, then any crop and resize) makes every value a convex combination of
+    logits within a 3x3 window of the low-resolution map, so a query whose highest possible score x probability on a
+    window is below another query's lowest one there owns no pixel anchored at it. Queries are first screened on
+    their extremes over the whole map, then on every window. The margins (relative 1e-4 of the largest logit
+    magnitude for the resizes' rounding, see `_product_bounds`) make the product of a query left out strictly
+    smaller at every pixel, so the argmax, first index among ties included, is the same over the possible owners as
+    over all queries.
+    """
+    count = mask_logits.shape[0]
+    flat = mask_logits.flatten(1)
+    highest, lowest = flat.amax(1), flat.amin(1)  # reductions: no full-size temporaries
+    if count <= 1 or not (highest.isfinite().all() and lowest.isfinite().all()):
+        return torch.arange(count, device=mask_logits.device)
+    margin = torch.maximum(highest.abs(), lowest.abs()).mul_(1e-4).add_(1e-4)
+    upper, lower = _product_bounds(scores, highest, lowest, margin)
+    possible = torch.nonzero(upper >= lower.amax()).flatten()
+    maps = mask_logits[possible]
+    upper, lower = _product_bounds(
+        scores[possible, None, None],
+        _window_extremes(maps, torch.maximum),
+        _window_extremes(maps, torch.minimum),
+        margin[possible, None, None],
+    )
+    return possible[upper.ge_(lower.amax(0)).flatten(1).any(1)]
 
 
 class MaskDINOImageProcessor(BaseImageProcessor):
@@ -1336,6 +1387,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 outputs.masks_queries_logits[index][queries], padded_size, image_sizes[index], target_sizes[index]
             )
             binary = mask_logits > mask_logit_threshold
+            nonempty = None
             if not self.focus_on_box:
                 # Mean mask probability inside the binary mask, in float and in place on the resized logits (this
                 # method's own): logits at or below the threshold become -inf, whose sigmoid is 0; the signs of
@@ -1345,6 +1397,12 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 inside = probabilities.sum((1, 2))
                 area = probabilities.sign_().sum((1, 2))
                 scores = scores * (inside / (area + 1e-6))
+                # A mask with a positive area is not empty; one without is checked (a sigmoid may underflow to 0).
+                nonempty = area > 0
+                unsure = torch.nonzero(~nonempty).flatten()
+                nonempty[unsure] = binary[unsure].flatten(1).any(1)
+            if nonempty is None:
+                nonempty = binary.flatten(1).any(1)
             boxes = self._scaled_boxes(
                 outputs.pred_boxes[index], padded_size, image_sizes[index], target_sizes[index]
             )[queries]
@@ -1356,8 +1414,8 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "boxes": boxes[order],
                 "masks": binary[order],
             }
-            segment_rows = torch.nonzero(result["masks"].flatten(1).any(1)).flatten()
-            segment_masks = result["masks"][segment_rows]
+            segment_rows = torch.nonzero(nonempty[order]).flatten()
+            segment_masks = result["masks"] if len(segment_rows) == len(order) else result["masks"][segment_rows]
             result["segments_info"] = [
                 {"id": i, "label_id": label, "was_fused": False, "score": score}
                 for i, (label, score) in enumerate(
@@ -1465,12 +1523,15 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 keep = scores > threshold
                 if self.panoptic_transform_eval:
                     scores, labels = F.softmax(logits.sigmoid() / self.panoptic_temperature, dim=-1).max(-1)
-            # Only the kept queries' masks are resized (row-wise, so the same values as resizing all of them).
+            # Only the kept queries that can own a pixel are resized (row-wise, so the same values as resizing all
+            # of them); the others would give no segment and no id.
+            scores, labels, masks = scores[keep], labels[keep], outputs.masks_queries_logits[index][keep]
+            owners = _possible_owners(scores, masks)
             mask_probs = self._upsample_crop_resize(
-                outputs.masks_queries_logits[index][keep], padded_size, image_sizes[index], target_sizes[index]
+                masks[owners], padded_size, image_sizes[index], target_sizes[index]
             ).sigmoid_()
             segmentation, segments = self._compute_segments(
-                mask_probs, scores[keep], labels[keep], mask_threshold, overlap, fuse, target_sizes[index]
+                mask_probs, scores[owners], labels[owners], mask_threshold, overlap, fuse, target_sizes[index]
             )
             results.append({"segmentation": segmentation, "segments_info": segments})
         return results
@@ -1513,17 +1574,24 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         count = mask_probs.shape[0]
         if count == 0:
             return segmentation, []
-        owner = _first_argmax_of_products(scores, mask_probs)
+        owner = _first_argmax(mask_probs, scores)
         # The owner's own probability is confident at the pixel.
         in_segment = mask_probs.gather(0, owner[None])[0] >= mask_threshold
         owned_area = torch.bincount(owner.flatten(), minlength=count)
-        segment_area = torch.bincount(owner[in_segment], minlength=count)
-        # Confident pixels per query, in place on `mask_probs` (not needed any more) and as a float sum (bool and
-        # integer sums are far slower on CPU): the sign of p - t is exact in floating point, so heaviside(p - t, 1)
-        # is exactly [p >= t], and float32 counts are exact below 2**24 pixels.
+        # float64 weights: exact counts, and far faster than indexing `owner` with the boolean map
+        segment_area = torch.bincount(owner.flatten(), weights=in_segment.flatten().double(), minlength=count)
+        # Confident pixels of the queries owning a pixel (no other can become a segment), in place on `mask_probs`
+        # (not needed any more) and as a float sum (bool and integer sums are far slower on CPU): the sign of p - t
+        # is exact in floating point, so heaviside(p - t, 1) is exactly [p >= t], and float32 counts are exact
+        # below 2**24 pixels.
+        owning = torch.nonzero(owned_area > 0).flatten()
+        if len(owning) < count:
+            mask_probs = mask_probs[owning]
         confident = mask_probs.sub_(mask_threshold).heaviside_(mask_probs.new_ones(()))
         exact = torch.float32 if confident[0].numel() < 2**24 else torch.float64
-        confident_area = confident.sum((1, 2), dtype=exact)  # over (H, W): no flattened copy of a cropped view
+        confident_area = torch.zeros(count, dtype=exact, device=owner.device)
+        # over (H, W): no flattened copy of a cropped view
+        confident_area[owning] = confident.sum((1, 2), dtype=exact)
         kept = (owned_area > 0) & (confident_area > 0) & (segment_area > 0)
         kept &= owned_area.double() / confident_area.double().clamp(min=1) >= overlap  # as the official int ratio
 
@@ -1582,14 +1650,16 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     class_probs = F.softmax(class_probs / self.panoptic_temperature, dim=-1)
             masks = outputs.masks_queries_logits[index]
             if before:
-                # Summed over query chunks, so that only a chunk of full-size probability maps exists at a time.
+                # Summed over query chunks, so that only a chunk of full-size probability maps exists at a time, in
+                # place (`addmm_`: no full-size temporary per chunk; the same sums as adding each chunk's product).
                 scores = None
                 for start in range(0, masks.shape[0], _QUERY_CHUNK):
                     mask_probs = self._upsample_crop_resize(
                         masks[start : start + _QUERY_CHUNK], padded_size, image_sizes[index], target_sizes[index]
                     ).sigmoid_()
-                    part = torch.einsum("qc,qhw->chw", class_probs[start : start + _QUERY_CHUNK], mask_probs)
-                    scores = part if scores is None else scores.add_(part)
+                    weights, maps = class_probs[start : start + _QUERY_CHUNK].T, mask_probs.reshape(len(mask_probs), -1)
+                    scores = weights @ maps if scores is None else scores.addmm_(weights, maps)
+                scores = scores.view(-1, *target_sizes[index])
             else:
                 mask_probs = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
                 scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
@@ -1597,7 +1667,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 scores = F.interpolate(
                     scores[None, :, :height, :width], size=target_sizes[index], mode="bilinear", align_corners=False
                 )[0]
-            segmentation = scores.argmax(0)
+            segmentation = _first_argmax(scores)
             if return_segmentation_scores:
                 results.append(
                     SemanticSegmentationPostProcessorOutput(
