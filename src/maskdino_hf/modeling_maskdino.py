@@ -510,6 +510,12 @@ def _check_targets(
             raise ValueError(f"{description}, got {shown.tolist()}")
 
 
+def activate_in_place(activation: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`activation(hidden_states)`, overwriting `hidden_states` when the activation is a ReLU (for inference: the
+    same values without allocating, and page-faulting, another large map)."""
+    return hidden_states.relu_() if isinstance(activation, nn.ReLU) else activation(hidden_states)
+
+
 class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over all levels followed by a feed-forward block (post-norm)."""
 
@@ -552,16 +558,21 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         )
         if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad):
             feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+            hidden_states = hidden_states + F.dropout(feed_forward, self.dropout, self.training)
         else:
-            # Inference: the feed-forward in token chunks, so the (tokens, encoder_ffn_dim) activation (150 MB per
-            # image at 800x1088) is never materialised whole; the chunks stay in the allocator's cache instead of
-            # being page-faulted in afresh every layer. Row-wise, so the same result.
-            feed_forward = torch.cat(
-                [self.fc2(self.activation(self.fc1(chunk))) for chunk in hidden_states.split(self.ffn_chunk_size, 1)],
-                1,
-            )
-        hidden_states = self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
-        return hidden_states, attention_weights
+            hidden_states = self.feed_forward_with_residual(hidden_states)
+        return self.final_layer_norm(hidden_states), attention_weights
+
+    def feed_forward_with_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states + fc2(activation(fc1(hidden_states)))` at inference, in chunks of tokens: the
+        (tokens, encoder_ffn_dim) activation (150 MB per image at 800x1088) is never materialised whole, each chunk's
+        activation is computed in place, and each chunk's sum with its residual is written straight into one
+        preallocated output (no concatenation). Row-wise, so the same values as the whole-tensor expression."""
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        output = torch.empty_like(rows)
+        for chunk, out in zip(rows.split(self.ffn_chunk_size), output.split(self.ffn_chunk_size)):
+            torch.add(chunk, self.fc2(activate_in_place(self.activation, self.fc1(chunk))), out=out)
+        return output.view_as(hidden_states)
 
 
 def fpn_feature_names(config: MaskDINOConfig) -> list[str]:
@@ -1184,8 +1195,7 @@ class MaskDINOConvNormLayer(nn.Module):
             hidden_states = convolution._conv_forward(hidden_states, weight, bias)
         else:
             hidden_states = self.normalization(convolution(hidden_states))
-        # In place at inference: the same values without allocating (and page-faulting) another map.
-        return hidden_states.relu_() if isinstance(self.activation, nn.ReLU) else self.activation(hidden_states)
+        return activate_in_place(self.activation, hidden_states)
 
 
 def freeze_batch_norms(module: nn.Module) -> None:
