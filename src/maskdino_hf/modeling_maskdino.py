@@ -36,6 +36,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (
     inverse_sigmoid,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
+from transformers.models.resnet.modeling_resnet import ResNetConvLayer, ResNetShortCut
 from transformers.utils import ModelOutput
 from transformers.backbone_utils import load_backbone
 
@@ -509,6 +510,12 @@ def _check_targets(
             raise ValueError(f"{description}, got {shown.tolist()}")
 
 
+def activate_in_place(activation: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`activation(hidden_states)`, overwriting `hidden_states` when the activation is a ReLU (for inference: the
+    same values without allocating, and page-faulting, another large map)."""
+    return hidden_states.relu_() if isinstance(activation, nn.ReLU) else activation(hidden_states)
+
+
 class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over all levels followed by a feed-forward block (post-norm)."""
 
@@ -551,16 +558,21 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         )
         if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad):
             feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+            hidden_states = hidden_states + F.dropout(feed_forward, self.dropout, self.training)
         else:
-            # Inference: the feed-forward in token chunks, so the (tokens, encoder_ffn_dim) activation (150 MB per
-            # image at 800x1088) is never materialised whole; the chunks stay in the allocator's cache instead of
-            # being page-faulted in afresh every layer. Row-wise, so the same result.
-            feed_forward = torch.cat(
-                [self.fc2(self.activation(self.fc1(chunk))) for chunk in hidden_states.split(self.ffn_chunk_size, 1)],
-                1,
-            )
-        hidden_states = self.final_layer_norm(hidden_states + F.dropout(feed_forward, self.dropout, self.training))
-        return hidden_states, attention_weights
+            hidden_states = self.feed_forward_with_residual(hidden_states)
+        return self.final_layer_norm(hidden_states), attention_weights
+
+    def feed_forward_with_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states + fc2(activation(fc1(hidden_states)))` at inference, in chunks of tokens: the
+        (tokens, encoder_ffn_dim) activation (150 MB per image at 800x1088) is never materialised whole, each chunk's
+        activation is computed in place, and each chunk's sum with its residual is written straight into one
+        preallocated output (no concatenation). Row-wise, so the same values as the whole-tensor expression."""
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        output = torch.empty_like(rows)
+        for chunk, out in zip(rows.split(self.ffn_chunk_size), output.split(self.ffn_chunk_size)):
+            torch.add(chunk, self.fc2(activate_in_place(self.activation, self.fc1(chunk))), out=out)
+        return output.view_as(hidden_states)
 
 
 def fpn_feature_names(config: MaskDINOConfig) -> list[str]:
@@ -1140,9 +1152,56 @@ class MaskDINOFrozenBatchNorm2d(DeformableDetrFrozenBatchNorm2d):
             hidden_states, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=1e-5
         )
 
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel affine map `x * scale + shift` this norm computes (shapes (channels,))."""
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+
+def is_channels_last(hidden_states: torch.Tensor) -> bool:
+    """Whether a 4-d map is laid out channels-last and not also channels-first (as maps of 1x1 pixels or 1 channel
+    are): the layout that selects the backbone's fast inference path."""
+    return hidden_states.is_contiguous(memory_format=torch.channels_last) and not hidden_states.is_contiguous()
+
+
+class MaskDINOConvNormLayer(nn.Module):
+    """A backbone convolution, its frozen batch norm and its activation, under the parameter names of Transformers'
+    ResNet layers (`convolution`, `normalization`), so state dicts are unchanged.
+
+    On channels-last maps with no gradient to compute (the fast inference path), the norm is folded into the
+    convolution: weight * scale and bias * scale + shift, recomputed from the current values at every call (one pass
+    over the weights instead of one over the activations, and nothing cached that could go stale after
+    `load_state_dict` or `.to()`). Folding only reorders float rounding, but the fixtures' random R50 amplifies that
+    to ~1e-3 by res5, so channels-first maps keep the official conv-then-norm arithmetic; gradients always do.
+    """
+
+    def __init__(
+        self, convolution: nn.Conv2d, normalization: MaskDINOFrozenBatchNorm2d, activation: nn.Module | None = None
+    ):
+        super().__init__()
+        self.convolution = convolution
+        self.normalization = normalization
+        self.activation = nn.Identity() if activation is None else activation
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        convolution = self.convolution
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or convolution.weight.requires_grad)
+        if needs_grad:
+            return self.activation(self.normalization(convolution(hidden_states)))
+        if is_channels_last(hidden_states):
+            scale, shift = self.normalization.scale_and_shift()
+            bias = shift if convolution.bias is None else torch.addcmul(shift, convolution.bias, scale)
+            weight = convolution.weight * scale.view(-1, 1, 1, 1)
+            hidden_states = convolution._conv_forward(hidden_states, weight, bias)
+        else:
+            hidden_states = self.normalization(convolution(hidden_states))
+        return activate_in_place(self.activation, hidden_states)
+
 
 def freeze_batch_norms(module: nn.Module) -> None:
-    """Replace every `nn.BatchNorm2d` below `module` with `MaskDINOFrozenBatchNorm2d`, keeping its values."""
+    """Replace every `nn.BatchNorm2d` below `module` with `MaskDINOFrozenBatchNorm2d`, keeping its values, and every
+    Transformers ResNet convolution + norm (+ activation) layer with `MaskDINOConvNormLayer`, which folds the norm on
+    the fast inference path."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = MaskDINOFrozenBatchNorm2d(child.num_features)
@@ -1150,8 +1209,11 @@ def freeze_batch_norms(module: nn.Module) -> None:
                 for buffer in ("weight", "bias", "running_mean", "running_var"):
                     getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
             setattr(module, name, frozen)
-        else:
-            freeze_batch_norms(child)
+            continue
+        freeze_batch_norms(child)
+        if isinstance(child, (ResNetConvLayer, ResNetShortCut)):
+            layer = MaskDINOConvNormLayer(child.convolution, child.normalization, getattr(child, "activation", None))
+            setattr(module, name, layer)
 
 
 class MaskDINOModel(MaskDINOPreTrainedModel):
@@ -1216,9 +1278,10 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
         )
         _check_pixel_inputs(pixel_values, pixel_mask, self.encoder_strides, self.config, self.dtype)
         if torch.is_autocast_enabled(pixel_values.device.type):
-            # Under autocast, channels-last convolutions (backbone, then the pixel decoder's convs on its channels-last
-            # maps) skip oneDNN's layout reorders: about 25% faster on CPU. Not in fp32, where the different summation
-            # order moves res4 by ~1e-4 from the official features (pass channels-last pixel_values to opt in).
+            # The fast path: channels-last convolutions skip oneDNN's layout reorders and the backbone's frozen batch
+            # norms are folded into its convolutions (`MaskDINOConvNormLayer`); every map stays channels-last from here
+            # to the pixel decoder. Taken in fp32 too when pixel_values come channels-last: not by default, because
+            # the different rounding moves the random-weight fixtures' res4 by ~1e-4 from the official features.
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         backbone_maps = self.backbone(pixel_values).feature_maps[-4:]
         features = dict(zip(BACKBONE_FEATURES, backbone_maps))
