@@ -23,7 +23,10 @@ def run(script: str, *args: str) -> str:
 
 
 @pytest.mark.parametrize("script, args, expected", [
-    ("inference.py", ["--quick", "--no-baseline"], ["ours fp32", "bf16/fp32", "r50        1    320x448"]),
+    ("inference.py", ["--quick", "--no-baseline"], [
+        "ours fp32", "bf16/fp32", "r50        1    320x448", "decoder + heads", "Definition of done",
+        "our fp32 forward / fp32 matmul floor", "our bf16 forward / fp32 forward", "worst-case panoptic post-processing",
+    ]),
     ("msda.py", ["--quick", "--repeats", "1"], ["encoder  forward", "speed-up"]),
     ("bf16_agreement.py", ["--images", "3"], ["held-out metrics", "segm_AP", "score >= 0.5", "bf16-rounded input"]),
     ("deploy.py", ["--models", "demo", "--variants", "eager", "--runs", "1"], ["| demo | cpu | 128x160 | eager |"]),

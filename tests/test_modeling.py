@@ -185,6 +185,23 @@ def _training_batch():
     return torch.randn(2, 3, 64, 96, generator=generator), masks, labels
 
 
+def test_query_selection_without_every_tokens_box_selects_the_same_queries_and_boxes():
+    model = _small_model().eval()
+    pixel_values = _training_batch()[0]
+    with torch.no_grad():
+        full = model.model(pixel_values)
+        selected = model.model(pixel_values, output_proposal_boxes=False)
+        segmentation = model(pixel_values)
+    assert full.enc_outputs_coord_logits.shape[:2] == full.enc_outputs_class.shape[:2]
+    assert selected.enc_outputs_coord_logits is None
+    assert torch.equal(selected.enc_topk_indices, full.enc_topk_indices)
+    torch.testing.assert_close(selected.enc_topk_boxes, full.enc_topk_boxes, rtol=0, atol=1e-6)
+    expected = torch.gather(full.enc_outputs_coord_logits, 1, full.enc_topk_indices[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(selected.enc_topk_boxes, expected.sigmoid(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(segmentation.pred_boxes, full.box_predictions[-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(segmentation.masks_queries_logits, full.mask_logits[-1], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("hidden_size, heads", [(32, 4), (40, 8), (48, 2)])
 def test_any_hidden_size_divisible_by_the_decoder_heads_runs_forward_and_training(hidden_size, heads):
     model = MaskDINOForUniversalSegmentation(tiny_config(hidden_size=hidden_size, decoder_attention_heads=heads))
