@@ -1349,9 +1349,9 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
 class MaskDINOForUniversalSegmentation(MaskDINOPreTrainedModel):
     """Mask DINO with its loss: instance, panoptic and semantic segmentation and detection from one model.
 
-    Compiled inference: `model.compile(fullgraph=True)` (or `maskdino_hf.export.compile_model(model)`; `torch.compile
-    (model)` works too) compiles the forward pass with Inductor, on CPU and GPU, as one graph. Keep `dynamic` at its
-    default (None) for images of varying sizes: one static compilation, then one with symbolic sizes at the first
+    Compiled inference: `model.compile(fullgraph=True)` (or `maskdino_hf.export.compile_model(model)`, or
+    `torch.compile(model)`) compiles the forward pass with Inductor, on CPU and GPU, as one graph. Keep `dynamic` at
+    its default (None) for images of varying sizes: one static compilation, then one with symbolic sizes at the first
     size change; `dynamic=False` when every input has one size. ONNX: `maskdino_hf.export.export_onnx`."""
 
     def __init__(self, config: MaskDINOConfig):
