@@ -614,7 +614,9 @@ def test_panoptic_equals_a_plain_per_query_implementation(case):
         label_ids_to_fuse=fuse_ids, target_sizes=target_sizes, image_sizes=image_sizes,
     )
     fuse = {4, 5} if fuse_ids is None else set(fuse_ids)
-    expected = reference_panoptic(processor, outputs, threshold, mask_threshold, overlap, fuse, target_sizes, image_sizes)
+    expected = reference_panoptic(
+        processor, outputs, threshold, mask_threshold, overlap, fuse, target_sizes, image_sizes
+    )
     for result, (segmentation, segments) in zip(ours, expected, strict=True):
         assert torch.equal(result["segmentation"], segmentation)
         assert [{**s, "score": None} for s in result["segments_info"]] == [{**s, "score": None} for s in segments]

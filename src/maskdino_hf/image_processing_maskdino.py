@@ -240,7 +240,7 @@ def _same_aspect(size: tuple[int, int], resized: tuple[int, int]) -> bool:
     return abs(new_height * width - new_width * height) <= slack
 
 
-# Queries whose full-size maps are materialised at once in panoptic and semantic post-processing (memory bound).
+# Queries whose full-size maps are materialised at once in semantic post-processing (memory bound).
 _QUERY_CHUNK = 32
 
 
@@ -264,9 +264,9 @@ def _window_extremes(maps: torch.Tensor, extreme) -> torch.Tensor:
     replicated: shifted elementwise comparisons (`max_pool2d` with stride 1 is far slower on CPU)."""
     result = maps.clone()
     for dim in (-2, -1):
-        source = result.clone() if dim == -1 else maps
-        for target, shifted in ((result.narrow(dim, 1, maps.shape[dim] - 1), source.narrow(dim, 0, maps.shape[dim] - 1)),
-                                (result.narrow(dim, 0, maps.shape[dim] - 1), source.narrow(dim, 1, maps.shape[dim] - 1))):
+        source, length = (result.clone() if dim == -1 else maps), maps.shape[dim] - 1
+        for target, shifted in ((result.narrow(dim, 1, length), source.narrow(dim, 0, length)),
+                                (result.narrow(dim, 0, length), source.narrow(dim, 1, length))):
             extreme(target, shifted, out=target)
     return result
 
