@@ -98,12 +98,13 @@ def test_fast_path_matches_reference_float32():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_steps_of_bags_equal_one_step(dtype, monkeypatch):
-    """The op runs in steps of `_CPU_CHUNK_BAGS` bags (image, query, head); steps that cut images and heads anywhere
+    """The op runs in steps of `_CPU_CHUNK_BAGS` (backward: `_CPU_BACKWARD_CHUNK_BAGS`) bags (image, query, head); steps that cut images and heads anywhere
     give the same output and gradients as one step, bit for bit (same arithmetic per bag, same sort order)."""
     value, shapes, _, starts, locations, weights = make_inputs(batch=3, dtype=dtype)
     results = []
     for chunk in (7, 1 << 20):
         monkeypatch.setattr(msda, "_CPU_CHUNK_BAGS", chunk)
+        monkeypatch.setattr(msda, "_CPU_BACKWARD_CHUNK_BAGS", chunk)
         leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
         output = multi_scale_deformable_attention_pytorch(leaves[0], shapes, starts, leaves[1], leaves[2])
         output.backward(torch.ones_like(output))

@@ -105,14 +105,16 @@ def multi_scale_deformable_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Bags (rows of the (batch * queries * heads, head_dim) output) per step: on CPU the step's intermediates stay in cache.
-_CPU_CHUNK_BAGS = 2048
+# The backward's step materialises three (bags x levels x points, head_dim) sums, hence fewer bags.
+_CPU_CHUNK_BAGS = 16384
+_CPU_BACKWARD_CHUNK_BAGS = 2048
 _ACCELERATOR_CHUNK_BAGS = 1 << 18
 
 
 class _LevelGeometry(NamedTuple):
     """Per-point constants of the levels, expanded to (levels * points,) so elementwise ops run over long rows."""
 
-    size: torch.Tensor  # (levels * points, 2) width, height (int64)
+    size: torch.Tensor  # (levels * points, 2) width, height (index dtype)
     half_size: torch.Tensor  # (levels * points, 2) size / 2 (compute dtype)
     start: torch.Tensor  # (levels * points,) first token of the level
     corner_shift: torch.Tensor  # (4, levels * points) row offset of each corner from the (y0, x0) one
@@ -133,12 +135,13 @@ def _level_geometry(
     num_points: int,
     num_heads: int,
     compute_dtype: torch.dtype,
+    index_dtype: torch.dtype,
     device: torch.device,
 ) -> _LevelGeometry:
     num_levels = value_spatial_shapes.shape[0]
 
     def per_point(level_values: torch.Tensor) -> torch.Tensor:  # (levels, ...) -> (levels * points, ...)
-        level_values = level_values.to(device=device, dtype=torch.int64)
+        level_values = level_values.to(device=device, dtype=index_dtype)
         return level_values.unsqueeze(1).expand(num_levels, num_points, *level_values.shape[1:]).flatten(0, 1)
 
     size = per_point(value_spatial_shapes.flip(-1))  # (width, height): x runs over the width
@@ -161,7 +164,7 @@ def _bilinear_corners(
         pixel = ((2 * locations[:, :, axis].to(geometry.half_size.dtype) - 1) + 1) * geometry.half_size[:, axis] - 0.5
         low = pixel.floor()
         high_weight = pixel - low
-        low = low.to(torch.int64)
+        low = low.to(size.dtype)
         inside_low = ((low >= 0) & (low < size)).to(pixel.dtype)
         inside_high = ((low >= -1) & (low < size - 1)).to(pixel.dtype)
         weights += [(1 - high_weight) * inside_low, high_weight * inside_high]
@@ -196,16 +199,17 @@ class _Problem(NamedTuple):
     num_heads: int
     num_value_tokens: int
 
-    def steps(self):
+    def steps(self, backward: bool = False):
         """(start, stop, corners) of each step of bags."""
         num_bags = self.attention.shape[0]
-        chunk = _CPU_CHUNK_BAGS if self.table.device.type == "cpu" else _ACCELERATOR_CHUNK_BAGS
+        chunk = _CPU_BACKWARD_CHUNK_BAGS if backward else _CPU_CHUNK_BAGS
+        chunk = chunk if self.table.device.type == "cpu" else _ACCELERATOR_CHUNK_BAGS
         for start in range(0, num_bags, chunk):
             stop = min(num_bags, start + chunk)
             yield start, stop, self.corners(start, stop)
 
     def corners(self, start: int, stop: int) -> _Corners:
-        bags = torch.arange(start, stop, device=self.table.device)
+        bags = torch.arange(start, stop, device=self.table.device, dtype=self.geometry.size.dtype)
         image = bags // (self.num_queries * self.num_heads)
         bag_offset = image * (self.num_value_tokens * self.num_heads) + bags % self.num_heads
         return _bilinear_corners(
@@ -217,12 +221,16 @@ def _problem(value, value_spatial_shapes, level_start_index, sampling_locations,
     batch_size, num_value_tokens, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     per_bag = num_levels * num_points
+    num_rows = batch_size * num_value_tokens * num_heads
+    # int32 halves the index traffic in eager mode (with a margin for out-of-map corners); traced graphs keep int64,
+    # which every backend accepts for gathers (ONNX requires it).
+    index_dtype = torch.int32 if num_rows < 2**30 and not torch.compiler.is_compiling() else torch.int64
     return _Problem(
-        table=value.to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim),
-        locations=sampling_locations.reshape(-1, per_bag, 2),
-        attention=attention_weights.to(compute_dtype).reshape(-1, per_bag),
+        table=value.detach().to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim),
+        locations=sampling_locations.detach().reshape(-1, per_bag, 2),
+        attention=attention_weights.detach().to(compute_dtype).reshape(-1, per_bag),
         geometry=_level_geometry(
-            value_spatial_shapes, level_start_index, num_points, num_heads, compute_dtype, value.device
+            value_spatial_shapes, level_start_index, num_points, num_heads, compute_dtype, index_dtype, value.device
         ),
         num_queries=num_queries,
         num_heads=num_heads,
@@ -267,7 +275,7 @@ def _scatter_add_rows(
     num_bags, head_dim = grad.shape
     grad_table = torch.zeros_like(problem.table)
     if levels is None:
-        for start, stop, corners in problem.steps():
+        for start, stop, corners in problem.steps(backward=True):
             contribution = weights[start:stop].unsqueeze(-1) * grad[start:stop].view(-1, 1, 1, head_dim)
             grad_table.index_add_(0, corners.rows.view(-1), contribution.view(-1, head_dim))
         return grad_table
@@ -289,7 +297,7 @@ def _scatter_add_rows(
     bags = torch.arange(num_bags, device=device)
     key_offset = (bags // (problem.num_queries * num_heads)) * (keys_per_image * num_heads) + bags % num_heads
     key = key * num_heads + key_offset.unsqueeze(1)
-    sorted_keys, order = key.view(-1).sort()
+    sorted_keys, order = key.view(-1).sort()  # int64: the keys of a batch may exceed int32
     bag_of_entry = order // per_bag
     offsets = torch.searchsorted(sorted_keys, torch.arange(batch_size * keys_per_image * num_heads, device=device))
     sorted_weights = weights.transpose(0, 1).reshape(4, -1).gather(1, order.expand(4, -1))
@@ -319,7 +327,7 @@ def _sample_backward(
     grad_attention = problem.table.new_empty(num_bags, per_bag) if need_points else None
     weights = problem.table.new_empty(num_bags, 4, per_bag) if need_table else None
     tokens = problem.attention.new_empty(num_bags, per_bag, dtype=torch.int64) if need_table else None
-    for start, stop, corners in problem.steps():
+    for start, stop, corners in problem.steps(backward=True):
         attention = problem.attention[start:stop]
         if need_table:
             weights[start:stop] = _corner_weights(corners, attention)
@@ -328,23 +336,23 @@ def _sample_backward(
             continue
         x_low, x_high, y_low, y_high = corners.weight
         inside_x_low, inside_x_high, inside_y_low, inside_y_high = corners.inside
-        rows = corners.rows.transpose(1, 2).reshape(-1, 4)  # bags of the 4 corners of one point
-        bag_grad = grad[start:stop].unsqueeze(-1)
-        for index, coefficients in enumerate((
-            _outer_corners((y_low, y_high), (x_low, x_high)),
-            _outer_corners((y_low, y_high), (-inside_x_low, inside_x_high)),
-            _outer_corners((-inside_y_low, inside_y_high), (x_low, x_high)),
+        steps = stop - start
+        coefficients = problem.table.new_empty(steps, 3, per_bag, 4)  # bags of the 4 corners of one point
+        for index, (y_sides, x_sides) in enumerate((
+            ((y_low, y_high), (x_low, x_high)),  # the bilinear sample
+            ((y_low, y_high), (-inside_x_low, inside_x_high)),  # its derivative in x
+            ((-inside_y_low, inside_y_high), (x_low, x_high)),  # in y
         )):
-            sampled = nn.functional.embedding_bag(
-                rows, problem.table, per_sample_weights=coefficients.transpose(1, 2).reshape(-1, 4), mode="sum"
-            )
-            dot = torch.bmm(sampled.view(stop - start, per_bag, head_dim), bag_grad).view(stop - start, per_bag)
-            if index == 0:
-                grad_attention[start:stop] = dot
-            else:
-                grad_locations[start:stop, :, index - 1] = dot
+            coefficients[:, index] = _outer_corners(y_sides, x_sides).transpose(1, 2)
+        rows = corners.rows.transpose(1, 2).unsqueeze(1).expand(steps, 3, per_bag, 4)
+        sampled = nn.functional.embedding_bag(
+            rows.reshape(-1, 4), problem.table, per_sample_weights=coefficients.view(-1, 4), mode="sum"
+        )
+        dots = torch.linalg.vecdot(sampled.view(steps, 3, per_bag, head_dim), grad[start:stop].view(steps, 1, 1, -1))
+        grad_attention[start:stop] = dots[:, 0]
         # d pixel / d location = size; the sample is scaled by the attention weight.
-        grad_locations[start:stop] *= attention.unsqueeze(-1) * (2 * problem.geometry.half_size)
+        torch.mul(dots[:, 1:].transpose(1, 2), attention.unsqueeze(-1) * (2 * problem.geometry.half_size),
+                  out=grad_locations[start:stop])
     grad_table = _scatter_add_rows(problem, weights, tokens, grad, levels) if need_table else None
     return grad_table, grad_locations, grad_attention
 
