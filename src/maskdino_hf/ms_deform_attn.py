@@ -226,9 +226,9 @@ def _problem(value, value_spatial_shapes, level_start_index, sampling_locations,
     # which every backend accepts for gathers (ONNX requires it).
     index_dtype = torch.int32 if num_rows < 2**30 and not torch.compiler.is_compiling() else torch.int64
     return _Problem(
-        table=value.detach().to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim),
-        locations=sampling_locations.detach().reshape(-1, per_bag, 2),
-        attention=attention_weights.detach().to(compute_dtype).reshape(-1, per_bag),
+        table=value.to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim),
+        locations=sampling_locations.reshape(-1, per_bag, 2),
+        attention=attention_weights.to(compute_dtype).reshape(-1, per_bag),
         geometry=_level_geometry(
             value_spatial_shapes, level_start_index, num_points, num_heads, compute_dtype, index_dtype, value.device
         ),
@@ -370,8 +370,9 @@ class _DeformableSampling(torch.autograd.Function):
         batch_size, _, num_heads, head_dim = value.shape
         num_queries = sampling_locations.shape[1]
         with torch.autocast(value.device.type, enabled=False):
-            problem = _problem(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                               _compute_dtype(value))
+            # Detached: embedding_bag then runs its forward-only kernel.
+            problem = _problem(value.detach(), value_spatial_shapes, level_start_index, sampling_locations.detach(),
+                               attention_weights.detach(), _compute_dtype(value))
             output = _sample(problem)
         ctx.save_for_backward(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return output.view(batch_size, num_queries, num_heads * head_dim).to(value.dtype)
@@ -386,8 +387,8 @@ class _DeformableSampling(torch.autograd.Function):
         if value_spatial_shapes.device.type == "cpu" and value.device.type == "cpu":
             levels = [(height, width) for height, width in value_spatial_shapes.tolist()]
         with torch.autocast(value.device.type, enabled=False):
-            problem = _problem(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                               compute_dtype)
+            problem = _problem(value.detach(), value_spatial_shapes, level_start_index, sampling_locations.detach(),
+                               attention_weights.detach(), compute_dtype)
             grad = grad_output.to(compute_dtype).reshape(-1, value.shape[-1]).contiguous()
             grad_table, grad_locations, grad_attention = _sample_backward(problem, grad, need_table, need_points,
                                                                           levels)
