@@ -317,3 +317,39 @@ def test_loader_on_cuda_uses_kernel_or_logs_fallback(caplog, monkeypatch):
 def test_module_constants():
     assert msda.DEFAULT_MSDA_REPO_ID == "kernels-community/deformable-detr"
     assert msda.FORCE_PYTORCH_ENV == "MASKDINO_FORCE_PYTORCH_MSDA"
+
+
+@pytest.mark.parametrize("coordinates", [2, 4])
+def test_layer_fused_projections_equal_the_parent_forward(coordinates):
+    """The layer's own forward (one matmul for sampling offsets and attention weights) equals Transformers' Deformable
+    DETR forward on the same module, outputs and gradients, and keeps the parent's state-dict keys."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrMultiscaleDeformableAttention,
+    )
+
+    torch.manual_seed(0)
+    layer = MaskDINOMultiscaleDeformableAttention(hidden_size=16, num_levels=2, num_heads=2, num_points=2).double()
+    for parameter in layer.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    assert sorted(layer.state_dict()) == sorted(
+        f"{name}.{kind}" for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+        for kind in ("weight", "bias")
+    )
+    _, shapes, shapes_list, starts, _, _ = make_inputs(levels=((6, 9), (3, 5)))
+    kwargs = dict(
+        hidden_states=torch.randn(2, 5, 16, dtype=torch.float64),
+        encoder_hidden_states=torch.randn(2, 6 * 9 + 3 * 5, 16, dtype=torch.float64),
+        position_embeddings=torch.randn(2, 5, 16, dtype=torch.float64),
+        reference_points=torch.rand(2, 5, 2, coordinates, dtype=torch.float64),
+        spatial_shapes=shapes,
+        spatial_shapes_list=shapes_list,
+        level_start_index=starts,
+    )
+    results = []
+    for forward in (layer.forward, DeformableDetrMultiscaleDeformableAttention.forward.__get__(layer)):
+        layer.zero_grad()
+        output, attention = forward(**kwargs)
+        output.square().sum().backward()
+        results.append((output, attention, *(parameter.grad.clone() for parameter in layer.parameters())))
+    for ours, parent in zip(*results):
+        torch.testing.assert_close(ours, parent, rtol=1e-10, atol=1e-12)

@@ -522,7 +522,9 @@ class MultiScaleDeformableAttention(nn.Module):
 
 
 class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAttention):
-    """Deformable DETR's MSDA layer (same parameters and math), built from sizes rather than a DETR config."""
+    """Deformable DETR's MSDA layer (same parameters, state-dict keys and math), built from sizes rather than a DETR
+    config. Its forward runs the two projections of the query (`sampling_offsets`, `attention_weights`) as one matmul
+    and hands `value_proj`'s output to the op as a view, without a copy."""
 
     def __init__(self, hidden_size: int, num_levels: int, num_heads: int, num_points: int):
         nn.Module.__init__(self)
@@ -539,6 +541,68 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
         self.value_proj = nn.Linear(hidden_size, hidden_size)
         self.output_proj = nn.Linear(hidden_size, hidden_size)
         self.disable_custom_kernels = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        position_embeddings: torch.Tensor | None = None,
+        reference_points: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
+        level_start_index: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parent's forward; returns the output (batch, queries, hidden) and the attention weights (batch,
+        queries, heads, levels, points). The fused query projection concatenates the two weights at every call
+        (cheap beside the matmul, and always in step with the parameters)."""
+        if position_embeddings is not None:
+            hidden_states = hidden_states + position_embeddings
+        batch_size, num_queries, _ = hidden_states.shape
+        sequence_length = encoder_hidden_states.shape[1]
+        if sum(height * width for height, width in spatial_shapes_list) != sequence_length:
+            raise ValueError(
+                f"spatial_shapes_list {list(spatial_shapes_list)} does not hold the {sequence_length} tokens of "
+                "encoder_hidden_states"
+            )
+        value = self.value_proj(encoder_hidden_states)
+        if attention_mask is not None:
+            value = value.masked_fill(~attention_mask[..., None], 0.0)
+        value = value.view(batch_size, sequence_length, self.n_heads, self.d_model // self.n_heads)
+        weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+        bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+        sampling_offsets, attention_weights = nn.functional.linear(hidden_states, weight, bias).split(
+            [self.sampling_offsets.out_features, self.attention_weights.out_features], -1
+        )
+        sampling_offsets = sampling_offsets.view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        attention_weights = nn.functional.softmax(
+            attention_weights.view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points), -1
+        ).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            offset_normalizer = spatial_shapes.flip(-1)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        output = self.attn(
+            value,
+            spatial_shapes,
+            spatial_shapes_list,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            self.im2col_step,
+        )
+        return self.output_proj(output), attention_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
