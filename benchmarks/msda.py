@@ -4,20 +4,26 @@ Encoder (pixel decoder, 6 layers): queries = all tokens of the 4 levels at strid
 (100x136, 50x68, 25x34, 13x17 = 18071 tokens); decoder (9 layers): 300 queries. 8 heads, head_dim 32, 4 levels,
 4 points.
 
-CPU (always): the straightforward implementation (one grid_sample per level) vs. the PyTorch fallback used by the
-model, forward (inference, no grad) and forward + backward, with the speed-up ratio.
+CPU (always): the straightforward implementation (one grid_sample per level, the reference) vs. the PyTorch fast
+path used by the model, forward (inference, no grad) and forward + backward (the fast path's written-out backward vs.
+grid_sample's autograd), with the speed-up ratio. `--before SRC` adds the fast path of another checkout (its
+`maskdino_hf/ms_deform_attn.py` under SRC, e.g. `/path/to/old/src`) timed in the same run.
 GPU (when CUDA is available): the compiled kernel (if it can be loaded: --kernel-path for a local kernel-builder build
 directory, else --repo-id from the Hub) vs. the fallback, forward and forward + backward, with the bytes-moved floor
 (minimum bytes each pass must read + write, divided by the measured device-to-device copy bandwidth) beside it.
 
     python benchmarks/msda.py                # full shapes, CPU with 2 threads (+ GPU if present)
     python benchmarks/msda.py --quick        # small shapes
+    python benchmarks/msda.py --before ../main/src   # also an earlier revision of the fast path
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -104,6 +110,22 @@ def fallback_impl(value, shapes, levels, starts, locations, weights):
     return multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights)
 
 
+def load_before(src: str):
+    """The fast path of the `ms_deform_attn.py` under `src`, loaded under another module name."""
+    path = Path(src) / "maskdino_hf" / "ms_deform_attn.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"--before {src}: no maskdino_hf/ms_deform_attn.py there ({path})")
+    spec = importlib.util.spec_from_file_location("msda_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["msda_before"] = module
+    spec.loader.exec_module(module)
+
+    def before_impl(value, shapes, levels, starts, locations, weights):
+        return module.multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights)
+
+    return before_impl
+
+
 def ms(seconds):
     return f"{seconds * 1e3:9.2f} ms"
 
@@ -116,6 +138,7 @@ def run_cpu(args, levels, regimes):
     )
     dtype = getattr(torch, args.dtype)
     print("(wall clock, best of --repeats; [process CPU time of all threads] in brackets)")
+    before = load_before(args.before) if args.before else None
     totals = {"forward": [0.0, 0.0, 0.0, 0.0], "forward+backward": [0.0, 0.0, 0.0, 0.0]}
     for name, queries, layers in regimes:
         inputs = make_inputs(args.batch, levels, queries, 8, 32, 4, dtype, device)
@@ -126,10 +149,17 @@ def run_cpu(args, levels, regimes):
             new_wall, new_cpu = timeit(make(fallback_impl, inputs, levels), device, args.repeats)
             for index, seconds in enumerate((ref_wall, new_wall, ref_cpu, new_cpu)):
                 totals[kind][index] += layers * seconds
-            print(
+            line = (
                 f"{name:8s} {kind:17s} straightforward {ms(ref_wall)} [{ms(ref_cpu)}]  fallback {ms(new_wall)} "
                 f"[{ms(new_cpu)}]  speed-up x{ref_wall / new_wall:5.2f} [x{ref_cpu / new_cpu:5.2f}]"
             )
+            if before is not None:
+                old_wall, old_cpu = timeit(make(before, inputs, levels), device, args.repeats)
+                line += (
+                    f"  before {ms(old_wall)} [{ms(old_cpu)}]  fallback vs before x{old_wall / new_wall:5.2f} "
+                    f"[x{old_cpu / new_cpu:5.2f}]"
+                )
+            print(line)
     for kind, (ref_wall, new_wall, ref_cpu, new_cpu) in totals.items():
         if ref_wall > 0:
             print(
@@ -210,6 +240,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-backward", dest="backward", action="store_false", help="CPU: forward only")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--before", default=None, help="src directory of another checkout: its fast path is timed too")
     parser.add_argument("--kernel-path", default=None, help="local kernel-builder build directory for the GPU run")
     parser.add_argument("--repo-id", default=DEFAULT_MSDA_REPO_ID, help="Hub kernel repository for the GPU run")
     args = parser.parse_args()

@@ -97,23 +97,23 @@ def test_fast_path_matches_reference_float32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_cpu_inference_path_equals_the_batched_path(dtype, monkeypatch):
-    """Without gradients on CPU the op runs image by image in query chunks: bit-identical to all at once in float32
-    and float64. With bfloat16 values it gathers the bfloat16 table directly (weights rounded to bfloat16, float32
-    accumulation inside `embedding_bag`): within two bfloat16 roundings of the float32-computed result."""
-    monkeypatch.setattr(msda, "_CPU_INFERENCE_QUERIES", 4)  # chunks of 4, 4, 3 of the 11 queries
+def test_steps_of_bags_equal_one_step(dtype, monkeypatch):
+    """The op runs in steps of `_CPU_CHUNK_BAGS` (backward: `_CPU_BACKWARD_CHUNK_BAGS`) bags (image, query, head); steps that cut images and heads anywhere
+    give the same output and gradients as one step, bit for bit (same arithmetic per bag, same sort order)."""
     value, shapes, _, starts, locations, weights = make_inputs(batch=3, dtype=dtype)
-    with torch.no_grad():
-        chunked = multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights)
-    with torch.enable_grad():  # gradients requested: the batched path
-        batched = multi_scale_deformable_attention_pytorch(value.requires_grad_(), shapes, starts, locations, weights)
-    assert chunked.dtype == batched.dtype == dtype
-    if dtype == torch.bfloat16:
-        assert_relative(chunked.float(), batched.detach().float(), 2 * 2**-8)
-    else:
-        assert torch.equal(chunked, batched.detach())
-    with torch.inference_mode():
-        assert torch.equal(multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights), chunked)
+    results = []
+    for chunk in (7, 1 << 20):
+        monkeypatch.setattr(msda, "_CPU_CHUNK_BAGS", chunk)
+        monkeypatch.setattr(msda, "_CPU_BACKWARD_CHUNK_BAGS", chunk)
+        leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        output = multi_scale_deformable_attention_pytorch(leaves[0], shapes, starts, leaves[1], leaves[2])
+        output.backward(torch.ones_like(output))
+        with torch.inference_mode():
+            inference = multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights)
+        assert output.dtype == inference.dtype == dtype and torch.equal(output.detach(), inference)
+        results.append((output.detach(), *(leaf.grad for leaf in leaves)))
+    for chunked, whole in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -317,3 +317,39 @@ def test_loader_on_cuda_uses_kernel_or_logs_fallback(caplog, monkeypatch):
 def test_module_constants():
     assert msda.DEFAULT_MSDA_REPO_ID == "kernels-community/deformable-detr"
     assert msda.FORCE_PYTORCH_ENV == "MASKDINO_FORCE_PYTORCH_MSDA"
+
+
+@pytest.mark.parametrize("coordinates", [2, 4])
+def test_layer_fused_projections_equal_the_parent_forward(coordinates):
+    """The layer's own forward (one matmul for sampling offsets and attention weights) equals Transformers' Deformable
+    DETR forward on the same module, outputs and gradients, and keeps the parent's state-dict keys."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrMultiscaleDeformableAttention,
+    )
+
+    torch.manual_seed(0)
+    layer = MaskDINOMultiscaleDeformableAttention(hidden_size=16, num_levels=2, num_heads=2, num_points=2).double()
+    for parameter in layer.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    assert sorted(layer.state_dict()) == sorted(
+        f"{name}.{kind}" for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+        for kind in ("weight", "bias")
+    )
+    _, shapes, shapes_list, starts, _, _ = make_inputs(levels=((6, 9), (3, 5)))
+    kwargs = dict(
+        hidden_states=torch.randn(2, 5, 16, dtype=torch.float64),
+        encoder_hidden_states=torch.randn(2, 6 * 9 + 3 * 5, 16, dtype=torch.float64),
+        position_embeddings=torch.randn(2, 5, 16, dtype=torch.float64),
+        reference_points=torch.rand(2, 5, 2, coordinates, dtype=torch.float64),
+        spatial_shapes=shapes,
+        spatial_shapes_list=shapes_list,
+        level_start_index=starts,
+    )
+    results = []
+    for forward in (layer.forward, DeformableDetrMultiscaleDeformableAttention.forward.__get__(layer)):
+        layer.zero_grad()
+        output, attention = forward(**kwargs)
+        output.square().sum().backward()
+        results.append((output, attention, *(parameter.grad.clone() for parameter in layer.parameters())))
+    for ours, parent in zip(*results):
+        torch.testing.assert_close(ours, parent, rtol=1e-10, atol=1e-12)

@@ -11,9 +11,12 @@ Three implementations of the op live here or are loaded from here:
 * `multi_scale_deformable_attention_pytorch`: the default forward. All heads and levels are handled at once: the four
   bilinear corners of every sampling point are turned into row indices of the flattened value tensor (using the
   per-level offsets of `level_start_index`) and a per-row weight (bilinear weight x attention weight x validity),
-  and one weighted row-sum (`embedding_bag`) produces the output. No Python loop over heads or levels, no host
-  synchronisation, works in bfloat16 and under `torch.compile`, equal to the reference. On CPU without gradients it
-  runs one image and a few thousand queries at a time (`_msda_cpu_inference`), which keeps its working set in cache.
+  and one weighted row-sum (`embedding_bag`) produces the output, in steps of `_CPU_CHUNK_BAGS` output rows on CPU
+  so the intermediates stay in cache. Its backward (`_DeformableSampling`) is written out: the location and
+  attention gradients from three weighted corner sums per point, the value gradient on CPU without a scatter (the
+  points sorted by row, `embedding_bag` over the upstream gradient). No Python loop over heads or levels, no host
+  synchronisation in the forward, works in bfloat16 and under `torch.compile` (which traces plain ops instead), equal
+  to the reference.
 * A compiled CUDA kernel (sources under `csrc/`, built with Hugging Face kernel-builder), swapped in on CUDA by
   `load_msda_kernel` through `kernels.kernelize`.
 
@@ -39,6 +42,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -98,139 +102,332 @@ def multi_scale_deformable_attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fast PyTorch path
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Elements of the (bags x corners x head_dim) intermediates the eager backward materialises per chunk.
-_CPU_CHUNK_ELEMENTS = 1 << 19
-_ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
-# Queries per step of the CPU inference path.
-_CPU_INFERENCE_QUERIES = 4096
+# Bags (rows of the (batch * queries * heads, head_dim) output) per step: on CPU the step's intermediates stay in cache.
+# The backward's step materialises three (bags x levels x points, head_dim) sums, hence fewer bags.
+_CPU_CHUNK_BAGS = 16384
+_CPU_BACKWARD_CHUNK_BAGS = 2048
+_ACCELERATOR_CHUNK_BAGS = 1 << 18
 
 
-def _stack_corners(pairs, combine, shape, dtype, device) -> torch.Tensor:
-    """torch.stack([combine(a, b) for a, b in pairs], dim=1), written in place when nothing needs autograd / tracing."""
-    if torch.compiler.is_compiling() or any(torch.is_tensor(t) and t.requires_grad for pair in pairs for t in pair):
-        return torch.stack([combine(a, b) for a, b in pairs], dim=1)
-    out = torch.empty(shape, dtype=dtype, device=device)  # saves the stack's extra copy (out= has no autograd)
-    for index, (a, b) in enumerate(pairs):
-        combine(a, b, out=out[:, index])
+class _LevelGeometry(NamedTuple):
+    """Per-point constants of the levels, expanded to (levels * points,) so elementwise ops run over long rows."""
+
+    size: torch.Tensor  # (levels * points, 2) width, height (index dtype)
+    half_size: torch.Tensor  # (levels * points, 2) size / 2 (compute dtype)
+    start: torch.Tensor  # (levels * points,) first token of the level
+    corner_shift: torch.Tensor  # (4, levels * points) row offset of each corner from the (y0, x0) one
+
+
+class _Corners(NamedTuple):
+    """The four bilinear corners of every sampling point of a step of bags (corners ordered y0x0, y0x1, y1x0, y1x1)."""
+
+    rows: torch.Tensor  # (bags, 4, levels * points) rows of value.view(batch * tokens * heads, head_dim)
+    token: torch.Tensor  # (bags, levels * points) token of the (y0, x0) corner (may lie outside the level)
+    weight: tuple[torch.Tensor, ...]  # x low, x high, y low, y high: (bags, levels * points), 0 outside the map
+    inside: tuple[torch.Tensor, ...]  # same order: 1 where that pixel is inside the map
+
+
+def _level_geometry(
+    value_spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    num_points: int,
+    num_heads: int,
+    compute_dtype: torch.dtype,
+    index_dtype: torch.dtype,
+    device: torch.device,
+) -> _LevelGeometry:
+    num_levels = value_spatial_shapes.shape[0]
+
+    def per_point(level_values: torch.Tensor) -> torch.Tensor:  # (levels, ...) -> (levels * points, ...)
+        level_values = level_values.to(device=device, dtype=index_dtype)
+        return level_values.unsqueeze(1).expand(num_levels, num_points, *level_values.shape[1:]).flatten(0, 1)
+
+    size = per_point(value_spatial_shapes.flip(-1))  # (width, height): x runs over the width
+    width = size[:, 0]
+    corner_shift = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1]) * num_heads
+    return _LevelGeometry(size, size.to(compute_dtype) / 2, per_point(level_start_index), corner_shift)
+
+
+def _bilinear_corners(
+    geometry: _LevelGeometry, locations: torch.Tensor, bag_offset: torch.Tensor, num_heads: int, num_rows: int
+) -> _Corners:
+    """Corners of `locations` (bags, levels * points, 2) in [0, 1]; `bag_offset` (bags,) is the row of token 0 of the
+    bag's image and head. A corner outside its level's map gets weight 0 (and some valid row): grid_sample's zero
+    padding. Pixel coordinates are computed exactly as grid_sample(align_corners=False) does on CPU, rounding
+    included (the location gradient jumps at pixel borders): grid = 2 * loc - 1, pixel = (grid + 1) * size / 2 - 0.5.
+    """
+    weights, insides, lows = [], [], []
+    for axis in range(2):  # x (over the width), then y; each on contiguous (bags, points) tensors
+        size = geometry.size[:, axis]
+        pixel = ((2 * locations[:, :, axis].to(geometry.half_size.dtype) - 1) + 1) * geometry.half_size[:, axis] - 0.5
+        low = pixel.floor()
+        high_weight = pixel - low
+        low = low.to(size.dtype)
+        inside_low = ((low >= 0) & (low < size)).to(pixel.dtype)
+        inside_high = ((low >= -1) & (low < size - 1)).to(pixel.dtype)
+        weights += [(1 - high_weight) * inside_low, high_weight * inside_high]
+        insides += [inside_low, inside_high]
+        lows.append(low)
+    token = lows[1] * geometry.size[:, 0] + lows[0] + geometry.start
+    row = token * num_heads + bag_offset.unsqueeze(1)
+    rows = (row.unsqueeze(1) + geometry.corner_shift).clamp_(0, num_rows - 1)
+    return _Corners(rows, token, tuple(weights), tuple(insides))
+
+
+def _outer_corners(y_sides: tuple[torch.Tensor, torch.Tensor], x_sides: tuple[torch.Tensor, torch.Tensor]):
+    """(bags, 4, points): y_sides[i] * x_sides[j] for the corners (y0, x0), (y0, x1), (y1, x0), (y1, x1), written
+    in place (no stack copy) when nothing is traced."""
+    pairs = [(y, x) for y in y_sides for x in x_sides]
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return torch.stack([y * x for y, x in pairs], dim=1)
+    out = y_sides[0].new_empty(y_sides[0].shape[0], 4, y_sides[0].shape[1])
+    for index, (y, x) in enumerate(pairs):
+        torch.mul(y, x, out=out[:, index])
     return out
 
 
-def _corner_rows_and_weights(
-    value_spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    num_value_tokens: int,
-    num_heads: int,
-    compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of value.view(batch * tokens * heads, head_dim) and weights of the 4 bilinear corners of every point.
+class _Problem(NamedTuple):
+    """One MSDA call in the flat layout of the fast path: bag = (image, query, head), point = (level, point)."""
 
-    Returns rows (int32, or int64 for huge inputs) and weights (compute_dtype), both (batch * queries * heads,
-    4 * levels * points): one bag per output row of (batch, queries, heads, head_dim), ordered (corner, level, point)
-    inside the bag. A corner outside its level's map gets weight 0 (and some valid row): grid_sample's zero padding.
+    table: torch.Tensor  # (batch * tokens * heads, head_dim) in the compute dtype
+    locations: torch.Tensor  # (bags, levels * points, 2)
+    attention: torch.Tensor  # (bags, levels * points)
+    geometry: _LevelGeometry
+    num_queries: int
+    num_heads: int
+    num_value_tokens: int
 
-    Everything is computed on (bags, levels * points) tensors with the per-level constants expanded to
-    (levels * points,), so every elementwise op runs over long contiguous rows (tiny broadcast inner dimensions are
-    several times slower on CPU).
-    """
-    batch_size, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    device = sampling_locations.device
-    num_bags = batch_size * num_queries * num_heads
+    def steps(self, backward: bool = False):
+        """(start, stop, corners) of each step of bags."""
+        num_bags = self.attention.shape[0]
+        chunk = _CPU_BACKWARD_CHUNK_BAGS if backward else _CPU_CHUNK_BAGS
+        chunk = chunk if self.table.device.type == "cpu" else _ACCELERATOR_CHUNK_BAGS
+        for start in range(0, num_bags, chunk):
+            stop = min(num_bags, start + chunk)
+            yield start, stop, self.corners(start, stop)
+
+    def corners(self, start: int, stop: int) -> _Corners:
+        bags = torch.arange(start, stop, device=self.table.device, dtype=self.geometry.size.dtype)
+        image = bags // (self.num_queries * self.num_heads)
+        bag_offset = image * (self.num_value_tokens * self.num_heads) + bags % self.num_heads
+        return _bilinear_corners(
+            self.geometry, self.locations[start:stop], bag_offset, self.num_heads, self.table.shape[0]
+        )
+
+
+def _problem(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights, compute_dtype):
+    batch_size, num_value_tokens, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     per_bag = num_levels * num_points
     num_rows = batch_size * num_value_tokens * num_heads
     # int32 halves the index traffic in eager mode (with a margin for out-of-map corners); traced graphs keep int64,
     # which every backend accepts for gathers (ONNX requires it).
     index_dtype = torch.int32 if num_rows < 2**30 and not torch.compiler.is_compiling() else torch.int64
-    shapes = value_spatial_shapes.to(device=device, dtype=torch.int64)
-
-    def per_point(level_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (levels,) -> (levels * points,)
-        return (
-            level_values.to(device=device, dtype=dtype)
-            .view(num_levels, 1)
-            .expand(num_levels, num_points)
-            .reshape(per_bag)
-        )
-
-    locations = sampling_locations.to(compute_dtype).reshape(num_bags, per_bag, 2)
-    axes = []
-    for axis, sizes in ((0, shapes[:, 1]), (1, shapes[:, 0])):  # x runs over the width, y over the height
-        size_index = per_point(sizes, index_dtype)
-        # Pixel coordinate exactly as grid_sample(align_corners=False) computes it on CPU:
-        # grid = 2 * loc - 1, pixel = (grid + 1) * size / 2 - 0.5.
-        grid = 2 * locations[:, :, axis] - 1
-        pixel = (grid + 1) * (per_point(sizes, compute_dtype) / 2) - 0.5
-        low = pixel.floor()
-        frac_high = pixel - low
-        frac_low = 1 - frac_high
-        low = low.to(index_dtype)
-        low_inside = ((low >= 0) & (low < size_index)).to(compute_dtype)
-        high_inside = ((low >= -1) & (low < size_index - 1)).to(compute_dtype)
-        axes.append((low, frac_low * low_inside, frac_high * high_inside))
-    (x_low, weight_x_low, weight_x_high), (y_low, weight_y_low, weight_y_high) = axes
-    attention = attention_weights.to(compute_dtype).reshape(num_bags, per_bag)
-    weight_y_low = weight_y_low * attention
-    weight_y_high = weight_y_high * attention
-
-    corner_weights = (
-        (weight_y_low, weight_x_low),
-        (weight_y_low, weight_x_high),
-        (weight_y_high, weight_x_low),
-        (weight_y_high, weight_x_high),
+    return _Problem(
+        table=value.to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim),
+        locations=sampling_locations.reshape(-1, per_bag, 2),
+        attention=attention_weights.to(compute_dtype).reshape(-1, per_bag),
+        geometry=_level_geometry(
+            value_spatial_shapes, level_start_index, num_points, num_heads, compute_dtype, index_dtype, value.device
+        ),
+        num_queries=num_queries,
+        num_heads=num_heads,
+        num_value_tokens=num_value_tokens,
     )
-    weights = _stack_corners(corner_weights, torch.mul, (num_bags, 4, per_bag), compute_dtype, device)
-
-    widths = per_point(shapes[:, 1], index_dtype)
-    token = y_low * widths + x_low + per_point(level_start_index, index_dtype)  # token of the (y0, x0) corner
-    batch_offset = torch.arange(batch_size, device=device, dtype=index_dtype) * (num_value_tokens * num_heads)
-    head_offset = torch.arange(num_heads, device=device, dtype=index_dtype)
-    bag_offset = batch_offset.view(batch_size, 1, 1, 1) + head_offset.view(1, 1, num_heads, 1)
-    row_low = (token.view(batch_size, num_queries, num_heads, per_bag) * num_heads + bag_offset).view(num_bags, per_bag)
-    row_step = widths * num_heads  # one image row down
-    corner_rows = ((row_low, 0), (row_low, num_heads), (row_low, row_step), (row_low, row_step + num_heads))
-    rows = _stack_corners(corner_rows, torch.add, (num_bags, 4, per_bag), index_dtype, device)
-    rows = rows.view(num_bags, 4 * per_bag).clamp_(0, num_rows - 1)
-    return rows, weights.view(num_bags, 4 * per_bag)
 
 
-class _WeightedRowSum(torch.autograd.Function):
-    """out[i] = sum_k weights[i, k] * table[rows[i, k]], with a backward that never materialises all gathered rows."""
+def _corner_weights(corners: _Corners, attention: torch.Tensor) -> torch.Tensor:
+    """(bags, 4, points) bilinear weight x attention weight of every corner."""
+    x_low, x_high, y_low, y_high = corners.weight
+    return _outer_corners((y_low * attention, y_high * attention), (x_low, x_high))
+
+
+def _sample(problem: _Problem) -> torch.Tensor:
+    """(bags, head_dim): per step of bags, the corners and one weighted row-sum (`embedding_bag`) over the table."""
+    num_bags = problem.attention.shape[0]
+    output = problem.table.new_empty(num_bags, problem.table.shape[1])
+    for start, stop, corners in problem.steps():
+        weights = _corner_weights(corners, problem.attention[start:stop])
+        output[start:stop] = nn.functional.embedding_bag(
+            corners.rows.view(stop - start, -1), problem.table, per_sample_weights=weights.view(stop - start, -1),
+            mode="sum",
+        )
+    return output
+
+
+def _scatter_add_rows(
+    problem: _Problem,
+    weights: torch.Tensor,
+    tokens: torch.Tensor,
+    grad: torch.Tensor,
+    levels: list[tuple[int, int]] | None,
+) -> torch.Tensor:
+    """grad_table[rows[i, c, p]] += weights[i, c, p] * grad[i] for all bags i, corners c and points p.
+
+    On CPU (`levels` known on the host) without a scatter: the points are sorted by the row of their (y0, x0) corner
+    (one sort for the four corners), one `embedding_bag` per corner sums the weighted rows of `grad` of every run of
+    equal rows, and the four sums are added to the table shifted by the corner's offset, level by level. Level l
+    owns the sort keys of its (y0, x0) tokens from one row and one pixel before its first token to its last; a point
+    whose corners all lie outside its map (all weights 0) is given a key of that range. Elsewhere (`levels` None)
+    `index_add_` per step, which accelerators do with atomics."""
+    num_bags, head_dim = grad.shape
+    grad_table = torch.zeros_like(problem.table)
+    if levels is None:
+        for start, stop, corners in problem.steps(backward=True):
+            contribution = weights[start:stop].unsqueeze(-1) * grad[start:stop].view(-1, 1, 1, head_dim)
+            grad_table.index_add_(0, corners.rows.view(-1), contribution.view(-1, head_dim))
+        return grad_table
+    device = tokens.device
+    num_heads, per_bag = problem.num_heads, tokens.shape[1]
+    batch_size = num_bags // (problem.num_queries * num_heads)
+    num_points = per_bag // len(levels)
+    key_sizes = [height * width + width + 1 for height, width in levels]
+    key_starts = [sum(key_sizes[:level]) for level in range(len(levels))]
+    token_starts = [sum(height * width for height, width in levels[:level]) for level in range(len(levels))]
+    keys_per_image = sum(key_sizes)
+
+    def per_point(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=device).repeat_interleave(num_points)
+
+    first = per_point(key_starts)
+    key = tokens + per_point([k - t + w + 1 for k, t, (_, w) in zip(key_starts, token_starts, levels)])
+    key = torch.minimum(torch.maximum(key, first), first + per_point(key_sizes) - 1)
+    bags = torch.arange(num_bags, device=device)
+    key_offset = (bags // (problem.num_queries * num_heads)) * (keys_per_image * num_heads) + bags % num_heads
+    key = key * num_heads + key_offset.unsqueeze(1)
+    sorted_keys, order = key.view(-1).sort()  # int64: the keys of a batch may exceed int32
+    bag_of_entry = order // per_bag
+    offsets = torch.searchsorted(sorted_keys, torch.arange(batch_size * keys_per_image * num_heads, device=device))
+    sorted_weights = weights.transpose(0, 1).reshape(4, -1).gather(1, order.expand(4, -1))
+    grad_tokens = grad_table.view(batch_size, problem.num_value_tokens, num_heads, head_dim)
+    for corner, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        summed = nn.functional.embedding_bag(
+            bag_of_entry, grad, offsets, mode="sum", per_sample_weights=sorted_weights[corner]
+        ).view(batch_size, keys_per_image, num_heads, head_dim)
+        for (height, width), token_start, key_start in zip(levels, token_starts, key_starts):
+            shift = key_start + width + 1 - dy * width - dx
+            grad_tokens[:, token_start : token_start + height * width] += summed[:, shift : shift + height * width]
+    return grad_table
+
+
+def _sample_backward(
+    problem: _Problem, grad: torch.Tensor, need_table: bool, need_points: bool, levels: list[tuple[int, int]] | None
+):
+    """Gradients of `_sample` for the upstream (bags, head_dim) `grad`: table, locations (bags, levels * points, 2)
+    and attention (bags, levels * points), each None when not needed.
+
+    Per step of bags, three weighted sums of each point's four corner rows (`embedding_bag`): the bilinear sample and
+    its derivatives in x and y, dotted with the bag's gradient (`bmm`). The first is the attention gradient, the
+    other two times the attention weight and the map size the location gradient."""
+    num_bags, per_bag = problem.attention.shape
+    head_dim = problem.table.shape[1]
+    grad_locations = problem.table.new_empty(num_bags, per_bag, 2) if need_points else None
+    grad_attention = problem.table.new_empty(num_bags, per_bag) if need_points else None
+    weights = problem.table.new_empty(num_bags, 4, per_bag) if need_table else None
+    tokens = problem.attention.new_empty(num_bags, per_bag, dtype=torch.int64) if need_table else None
+    for start, stop, corners in problem.steps(backward=True):
+        attention = problem.attention[start:stop]
+        if need_table:
+            weights[start:stop] = _corner_weights(corners, attention)
+            tokens[start:stop] = corners.token
+        if not need_points:
+            continue
+        x_low, x_high, y_low, y_high = corners.weight
+        inside_x_low, inside_x_high, inside_y_low, inside_y_high = corners.inside
+        steps = stop - start
+        coefficients = problem.table.new_empty(steps, 3, per_bag, 4)  # bags of the 4 corners of one point
+        for index, (y_sides, x_sides) in enumerate((
+            ((y_low, y_high), (x_low, x_high)),  # the bilinear sample
+            ((y_low, y_high), (-inside_x_low, inside_x_high)),  # its derivative in x
+            ((-inside_y_low, inside_y_high), (x_low, x_high)),  # in y
+        )):
+            coefficients[:, index] = _outer_corners(y_sides, x_sides).transpose(1, 2)
+        rows = corners.rows.transpose(1, 2).unsqueeze(1).expand(steps, 3, per_bag, 4)
+        sampled = nn.functional.embedding_bag(
+            rows.reshape(-1, 4), problem.table, per_sample_weights=coefficients.view(-1, 4), mode="sum"
+        )
+        dots = torch.linalg.vecdot(sampled.view(steps, 3, per_bag, head_dim), grad[start:stop].view(steps, 1, 1, -1))
+        grad_attention[start:stop] = dots[:, 0]
+        # d pixel / d location = size; the sample is scaled by the attention weight.
+        torch.mul(dots[:, 1:].transpose(1, 2), attention.unsqueeze(-1) * (2 * problem.geometry.half_size),
+                  out=grad_locations[start:stop])
+    grad_table = _scatter_add_rows(problem, weights, tokens, grad, levels) if need_table else None
+    return grad_table, grad_locations, grad_attention
+
+
+def _compute_dtype(value: torch.Tensor) -> torch.dtype:
+    return torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+
+
+class _DeformableSampling(torch.autograd.Function):
+    """The eager fast path: `_sample` forward, `_sample_backward` backward (no autograd graph of the corner
+    arithmetic, nothing of size bags x corners x head_dim kept). Computed in float32 for half inputs."""
 
     @staticmethod
-    def forward(rows: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    def forward(ctx, value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        batch_size, _, num_heads, head_dim = value.shape
+        num_queries = sampling_locations.shape[1]
+        with torch.autocast(value.device.type, enabled=False):
+            # Detached: embedding_bag then runs its forward-only kernel.
+            problem = _problem(value.detach(), value_spatial_shapes, level_start_index, sampling_locations.detach(),
+                               attention_weights.detach(), _compute_dtype(value))
+            output = _sample(problem)
+        ctx.save_for_backward(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return output.view(batch_size, num_queries, num_heads * head_dim).to(value.dtype)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        rows, table, weights = inputs
-        ctx.save_for_backward(rows, table, weights)
+    def backward(ctx, grad_output):
+        value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        need_table = ctx.needs_input_grad[0]
+        need_points = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        compute_dtype = _compute_dtype(value)
+        levels = None
+        if value_spatial_shapes.device.type == "cpu" and value.device.type == "cpu":
+            levels = [(height, width) for height, width in value_spatial_shapes.tolist()]
+        with torch.autocast(value.device.type, enabled=False):
+            problem = _problem(value.detach(), value_spatial_shapes, level_start_index, sampling_locations.detach(),
+                               attention_weights.detach(), compute_dtype)
+            grad = grad_output.to(compute_dtype).reshape(-1, value.shape[-1]).contiguous()
+            grad_table, grad_locations, grad_attention = _sample_backward(problem, grad, need_table, need_points,
+                                                                          levels)
+        if grad_table is not None:
+            grad_table = grad_table.view(value.shape).to(value.dtype)
+        if grad_locations is not None:
+            grad_locations = grad_locations.view(sampling_locations.shape).to(sampling_locations.dtype)
+            grad_attention = grad_attention.view(attention_weights.shape).to(attention_weights.dtype)
+        return grad_table, None, None, grad_locations, grad_attention
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        rows, table, weights = ctx.saved_tensors
-        need_table, need_weights = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_output = grad_output.contiguous()
-        num_bags, corners = rows.shape
-        dim = table.shape[1]
-        budget = _CPU_CHUNK_ELEMENTS if table.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
-        chunk = max(1, budget // max(1, corners * dim))
-        grad_table = torch.zeros_like(table) if need_table else None
-        grad_weights = torch.empty_like(weights) if need_weights else None
-        for start in range(0, num_bags, chunk):
-            stop = min(num_bags, start + chunk)
-            # int64: int32 indices take slow paths in index_add_ / index_select
-            rows_chunk = rows[start:stop].reshape(-1).long()
-            grad_chunk = grad_output[start:stop]
-            if need_weights:
-                gathered = table.index_select(0, rows_chunk).view(stop - start, corners, dim)
-                torch.bmm(gathered, grad_chunk.unsqueeze(-1), out=grad_weights[start:stop].unsqueeze(-1))
-            if need_table:
-                contribution = weights[start:stop].unsqueeze(-1) * grad_chunk.unsqueeze(1)
-                grad_table.index_add_(0, rows_chunk, contribution.view(-1, dim))
-        return None, grad_table, grad_weights
+
+def multi_scale_deformable_attention_pytorch(
+    value: torch.Tensor,
+    value_spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """MSDA for all heads and levels at once (see the module docstring); same inputs / output as the reference.
+
+    Only tensors are used for the level geometry (`value_spatial_shapes`, `level_start_index`), so nothing is read
+    back to the host in the forward. Half and bfloat16 inputs are computed in float32 and the output is cast back.
+    Inputs are checked by `_check_msda_inputs`.
+    """
+    _check_msda_inputs(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not torch.compiler.is_compiling():
+        return _DeformableSampling.apply(
+            value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    # Traced (torch.compile / export): the gather + weighted sum in plain ops, which the compiler fuses and
+    # differentiates itself.
+    batch_size, _, num_heads, head_dim = value.shape
+    problem = _problem(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                       _compute_dtype(value))
+    num_bags = problem.attention.shape[0]
+    corners = problem.corners(0, num_bags)
+    weights = _corner_weights(corners, problem.attention)
+    output = (problem.table[corners.rows.view(num_bags, -1)] * weights.view(num_bags, -1, 1)).sum(1)
+    return output.view(batch_size, -1, num_heads * head_dim).to(value.dtype)
 
 
 def _check_msda_inputs(
@@ -301,90 +498,6 @@ def _check_spatial_shapes_list(
         )
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
-
-
-def _msda_cpu_inference(
-    value: torch.Tensor,
-    value_spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    compute_dtype: torch.dtype,
-) -> torch.Tensor:
-    """CPU inference: one image and `_CPU_INFERENCE_QUERIES` queries at a time, with the same rows and weights as
-    all at once (in float32 and float64 the same result, bit for bit). The gathered table is then one image's (cache-sized at COCO resolution) and the corner arithmetic
-    runs on cache-sized intermediates. Measured on the R50 encoder at 800x1088, 2 threads: at batch 4 the op takes
-    0.56 s per layer instead of 0.98 s; at batch 1 about the same as all at once.
-
-    bfloat16 values (autocast) are gathered as they are, with the float32 corner weights rounded to bfloat16;
-    `embedding_bag` accumulates in float32, so the result is within two bfloat16 roundings of the float32-table one,
-    and the op is ~9% faster on the Swin-L encoder (5 levels). Positions and weights are always computed in float32."""
-    batch_size, num_value_tokens, num_heads, head_dim = value.shape
-    num_queries = sampling_locations.shape[1]
-    table_dtype = value.dtype if value.dtype == torch.bfloat16 else compute_dtype
-    table = value.to(table_dtype).reshape(batch_size, num_value_tokens * num_heads, head_dim)
-    output = value.new_empty(batch_size, num_queries, num_heads * head_dim)
-    for image in range(batch_size):
-        for start in range(0, num_queries, _CPU_INFERENCE_QUERIES):
-            stop = min(num_queries, start + _CPU_INFERENCE_QUERIES)
-            rows, weights = _corner_rows_and_weights(
-                value_spatial_shapes,
-                level_start_index,
-                sampling_locations[image : image + 1, start:stop],
-                attention_weights[image : image + 1, start:stop],
-                num_value_tokens,
-                num_heads,
-                compute_dtype,
-            )
-            sampled = nn.functional.embedding_bag(
-                rows, table[image], per_sample_weights=weights.to(table_dtype), mode="sum"
-            )
-            output[image, start:stop] = sampled.view(stop - start, num_heads * head_dim)
-    return output
-
-
-def multi_scale_deformable_attention_pytorch(
-    value: torch.Tensor,
-    value_spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """MSDA for all heads and levels at once (see the module docstring); same inputs / output as the reference.
-
-    Only tensors are used for the level geometry (`value_spatial_shapes`, `level_start_index`), so nothing is read
-    back to the host. Half and bfloat16 inputs are computed in float32 and the output is cast back. Inputs are
-    checked by `_check_msda_inputs`.
-    """
-    _check_msda_inputs(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    batch_size, num_value_tokens, num_heads, head_dim = value.shape
-    num_queries = sampling_locations.shape[1]
-    compute_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
-    if value.device.type == "cpu" and not torch.compiler.is_compiling() and not _needs_grad(
-        value, sampling_locations, attention_weights
-    ):
-        return _msda_cpu_inference(value, value_spatial_shapes, level_start_index, sampling_locations,
-                                   attention_weights, compute_dtype)
-    rows, weights = _corner_rows_and_weights(
-        value_spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-        num_value_tokens,
-        num_heads,
-        compute_dtype,
-    )
-    table = value.to(compute_dtype).reshape(batch_size * num_value_tokens * num_heads, head_dim)
-    if torch.compiler.is_compiling():
-        # Under torch.compile the gather + weighted sum is fused by the compiler (nothing is materialised).
-        output = (table[rows] * weights.unsqueeze(-1)).sum(1)
-    else:
-        output = _WeightedRowSum.apply(rows, table, weights)
-    return output.view(batch_size, num_queries, num_heads * head_dim).to(value.dtype)
-
-
 @use_kernel_forward_from_hub(MSDA_LAYER_NAME)
 class MultiScaleDeformableAttention(nn.Module):
     """The MSDA op; a hub kernel layer of the same name replaces `forward` (see `load_msda_kernel`)."""
@@ -409,7 +522,9 @@ class MultiScaleDeformableAttention(nn.Module):
 
 
 class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAttention):
-    """Deformable DETR's MSDA layer (same parameters and math), built from sizes rather than a DETR config."""
+    """Deformable DETR's MSDA layer (same parameters, state-dict keys and math), built from sizes rather than a DETR
+    config. Its forward runs the two projections of the query (`sampling_offsets`, `attention_weights`) as one matmul
+    and hands `value_proj`'s output to the op as a view, without a copy."""
 
     def __init__(self, hidden_size: int, num_levels: int, num_heads: int, num_points: int):
         nn.Module.__init__(self)
@@ -426,6 +541,68 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
         self.value_proj = nn.Linear(hidden_size, hidden_size)
         self.output_proj = nn.Linear(hidden_size, hidden_size)
         self.disable_custom_kernels = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        position_embeddings: torch.Tensor | None = None,
+        reference_points: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
+        level_start_index: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parent's forward; returns the output (batch, queries, hidden) and the attention weights (batch,
+        queries, heads, levels, points). The fused query projection concatenates the two weights at every call
+        (cheap beside the matmul, and always in step with the parameters)."""
+        if position_embeddings is not None:
+            hidden_states = hidden_states + position_embeddings
+        batch_size, num_queries, _ = hidden_states.shape
+        sequence_length = encoder_hidden_states.shape[1]
+        if sum(height * width for height, width in spatial_shapes_list) != sequence_length:
+            raise ValueError(
+                f"spatial_shapes_list {list(spatial_shapes_list)} does not hold the {sequence_length} tokens of "
+                "encoder_hidden_states"
+            )
+        value = self.value_proj(encoder_hidden_states)
+        if attention_mask is not None:
+            value = value.masked_fill(~attention_mask[..., None], 0.0)
+        value = value.view(batch_size, sequence_length, self.n_heads, self.d_model // self.n_heads)
+        weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+        bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+        sampling_offsets, attention_weights = nn.functional.linear(hidden_states, weight, bias).split(
+            [self.sampling_offsets.out_features, self.attention_weights.out_features], -1
+        )
+        sampling_offsets = sampling_offsets.view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        attention_weights = nn.functional.softmax(
+            attention_weights.view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points), -1
+        ).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            offset_normalizer = spatial_shapes.flip(-1)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        output = self.attn(
+            value,
+            spatial_shapes,
+            spatial_shapes_list,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            self.im2col_step,
+        )
+        return self.output_proj(output), attention_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
