@@ -19,7 +19,14 @@ from safetensors.torch import load_file
 from maskdino_hf.configuration_maskdino import MaskDINOConfig
 from transformers.utils import ModelOutput
 
-from maskdino_hf.loss_maskdino import LayerPredictions, MaskDINOHungarianMatcher, MaskDINOLoss, maskdino_weight_dict
+from maskdino_hf.loss_maskdino import (
+    LayerPredictions,
+    MaskDINOHungarianMatcher,
+    MaskDINOLoss,
+    maskdino_weight_dict,
+    pair_wise_sigmoid_cross_entropy_cost,
+    sample_target_masks,
+)
 from maskdino_hf.modeling_maskdino import MaskDINODenoisingOutput, MaskDINOModelOutput
 from maskdino_hf.random_source import MaskDINORandomSource, ReplayRandomSource
 
@@ -346,6 +353,36 @@ def test_semantic_ce_loss_weights_the_no_object_class():
     weights = torch.where(classes == fx.num_labels, 0.1, 1.0)
     per_query = F.cross_entropy(logits.transpose(1, 2), classes, reduction="none")
     torch.testing.assert_close(loss, (per_query * weights).sum() / weights.sum())
+
+
+# ------------------------------------------------------------------------------- fast paths of the loss
+def test_target_masks_sampled_in_place_equal_sampling_the_padded_stack_of_copies():
+    # the official way: one copied (zero-padded) mask per entry, sampled by grid_sample
+    generator = torch.Generator().manual_seed(0)
+    targets = [
+        {"masks": (torch.rand(3, 40, 48, generator=generator) > 0.5).float()},
+        {"masks": (torch.rand(2, 32, 40, generator=generator) > 0.5).float()},  # smaller: zero-padded
+        {"masks": torch.zeros(0, 40, 48)},
+    ]
+    # image 0: a matching (a target left out); image 1: denoising groups (every target three times)
+    target_indices = [torch.tensor([2, 0]), torch.tensor([0, 1, 0, 1, 0, 1]), torch.zeros(0, dtype=torch.int64)]
+    points = torch.rand(8, 50, 2, generator=generator)
+    copies = [F.pad(t["masks"], (0, 48 - t["masks"].shape[-1], 0, 40 - t["masks"].shape[-2])) for t in targets]
+    stack = torch.cat([masks[index] for masks, index in zip(copies, target_indices)])
+    expected = F.grid_sample(stack[:, None], 2 * points[:, :, None] - 1, align_corners=False)[:, 0, :, 0]
+    sampled = sample_target_masks(targets, points, target_indices)
+    assert sampled.shape == (8, 50) and sampled.max() > 0
+    torch.testing.assert_close(sampled, expected, atol=1e-6, rtol=0)
+
+
+def test_pair_wise_mask_cost_equals_mask2formers_pair_wise_cross_entropy():
+    from transformers.models.mask2former.modeling_mask2former import pair_wise_sigmoid_cross_entropy_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, 500, generator=generator) * 8
+    labels = (torch.rand(4, 500, generator=generator) > 0.5).float()
+    expected = pair_wise_sigmoid_cross_entropy_loss(logits, labels)
+    torch.testing.assert_close(pair_wise_sigmoid_cross_entropy_cost(logits, labels), expected, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ random source

@@ -31,7 +31,6 @@ from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 from transformers.models.mask2former.modeling_mask2former import (
     dice_loss,
     pair_wise_dice_loss,
-    pair_wise_sigmoid_cross_entropy_loss,
     sample_point,
     sigmoid_cross_entropy_loss,
 )
@@ -121,19 +120,49 @@ def maskdino_weight_dict(config: MaskDINOConfig) -> dict[str, float]:
     return weights
 
 
-def _concat_target_masks(
-    targets: list[dict[str, Tensor]], indices: Matching | None = None, device=None, dtype=torch.float32
-) -> Tensor:
-    """Target masks of all images (only the matched ones, in matching order, when `indices` is given), as one
-    (N, H, W) tensor of `dtype`; images with smaller masks are zero-padded bottom/right to the largest."""
-    masks = [t["masks"] for t in targets]
-    if indices is not None:
-        masks = [mask[tgt.to(mask.device)] for mask, (_, tgt) in zip(masks, indices)]
-    masks = [mask.to(device=device, dtype=dtype) for mask in masks]
-    height = max(mask.shape[-2] for mask in masks)
-    width = max(mask.shape[-1] for mask in masks)
-    masks = [F.pad(mask, (0, width - mask.shape[-1], 0, height - mask.shape[-2])) for mask in masks]
-    return torch.cat(masks)
+def pair_wise_sigmoid_cross_entropy_cost(inputs: Tensor, labels: Tensor) -> Tensor:
+    """Mean binary cross-entropy of every prediction (rows of `inputs`, logits (N, P)) against every target (rows of
+    `labels`, (M, P) in [0, 1]), (N, M). Mask2Former's `pair_wise_sigmoid_cross_entropy_loss` in one softplus and one
+    matmul: BCE(x, 1) = BCE(x, 0) - x, so the sum over points is softplus(x).sum() - x @ labels."""
+    return (F.softplus(inputs).sum(-1, keepdim=True) - inputs @ labels.T) / inputs.shape[-1]
+
+
+def sample_target_masks(targets: list[dict[str, Tensor]], points: Tensor, target_indices: list[Tensor]) -> Tensor:
+    """Target masks bilinearly sampled at normalised points, as `sample_point` on the official zero-padded stack of
+    the targets' masks would, without copying a mask per entry.
+
+    `target_indices[b]` names, for each of image b's entries, the target mask it reads (a target may be named many
+    times: the denoising groups repeat every target); `points` (sum of entries, P, 2) holds the entries' points,
+    image after image. Each image's masks are sampled once, with the points of all entries naming the same target
+    stacked side by side. Returns (sum of entries, P) float32 values.
+    """
+    height = max(target["masks"].shape[-2] for target in targets)
+    width = max(target["masks"].shape[-1] for target in targets)
+    num_points = points.shape[1]
+    values = []
+    for target, target_idx, image_points in zip(
+        targets, target_indices, points.split([len(index) for index in target_indices])
+    ):
+        if len(target_idx) == 0:
+            continue
+        masks = target["masks"].to(device=points.device, dtype=points.dtype)
+        if masks.shape[-2:] != (height, width):
+            masks = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+        target_idx = target_idx.cpu()
+        counts = torch.bincount(target_idx, minlength=len(masks))
+        # rank of each entry among the entries naming the same target (0, 1, ... in entry order)
+        order = torch.argsort(target_idx, stable=True)
+        first_of_target = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(target_idx)
+        rank[order] = torch.arange(len(target_idx)) - first_of_target[target_idx[order]]
+        target_idx, rank = target_idx.to(points.device), rank.to(points.device)
+        grid = image_points.new_zeros(len(masks), int(counts.max()), num_points, 2)
+        grid[target_idx, rank] = image_points
+        sampled = sample_point(masks[:, None], grid.flatten(1, 2), align_corners=False)[:, 0]
+        values.append(sampled.view(len(masks), -1, num_points)[target_idx, rank])
+    if not values:
+        return points.new_zeros(0, num_points)
+    return torch.cat(values)
 
 
 class MaskDINOHungarianMatcher(nn.Module):
@@ -159,23 +188,35 @@ class MaskDINOHungarianMatcher(nn.Module):
         if self.class_cost == 0 and self.mask_cost == 0 and self.dice_cost == 0:
             raise ValueError("cost_class_weight, cost_mask_weight and cost_dice_weight cannot all be 0")
 
+    def draw_points(
+        self, batch_size: int, device: torch.device, random_source: MaskDINORandomSource
+    ) -> Tensor:
+        """The mask points of one matching, (batch, train_num_points, 2): one `rand(1, P, 2)` per image, in image
+        order like the official per-image loop."""
+        points = [random_source.rand(1, self.config.train_num_points, 2, device=device) for _ in range(batch_size)]
+        return torch.cat(points).float()
+
     @torch.no_grad()
     def compute_costs(
         self,
         outputs: LayerPredictions,
         targets: list[dict[str, Tensor]],
         random_source: MaskDINORandomSource | None = None,
+        points: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted cost and its unweighted terms for the whole batch.
 
         Returns `(cost, terms)`: `cost` is (batch, num_queries, total_targets) with the targets of all images
         concatenated in order (only each image's own block is meaningful), `terms` maps `class`, `mask`, `dice`,
-        `bbox`, `giou` to tensors of the same shape. Draws one `rand(1, P, 2)` per image.
+        `bbox`, `giou` to tensors of the same shape. The mask points are `points` ((batch, P, 2), see `draw_points`)
+        or drawn from `random_source`.
         """
-        random_source = random_source if random_source is not None else MaskDINORandomSource()
         logits = outputs.class_logits.float()
         batch_size, num_queries = logits.shape[:2]
         device = logits.device
+        if points is None:
+            random_source = random_source if random_source is not None else MaskDINORandomSource()
+            points = self.draw_points(batch_size, device, random_source)
         pred_boxes = outputs.box_predictions.float().flatten(0, 1)
         pred_masks = outputs.mask_logits.float()
 
@@ -183,23 +224,17 @@ class MaskDINOHungarianMatcher(nn.Module):
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
         sizes = [len(t["labels"]) for t in targets]
 
-        # one point set per image, drawn in image order like the official per-image loop
-        points = torch.cat(
-            [random_source.rand(1, self.config.train_num_points, 2, device=device) for _ in range(batch_size)]
-        ).float()
         pred_points = sample_point(pred_masks, points, align_corners=False).flatten(0, 1)  # (B*Q, P)
-        if sum(sizes):
-            target_masks = _concat_target_masks(targets, device=device)
-            image_of_target = torch.repeat_interleave(
-                torch.arange(batch_size, device=device), torch.tensor(sizes, device=device)
-            )
-            target_points = sample_point(target_masks[:, None], points[image_of_target], align_corners=False)[:, 0]
-        else:
-            target_points = pred_points.new_zeros(0, self.config.train_num_points)
+        # every target of an image at the image's points
+        target_indices = [torch.arange(size) for size in sizes]
+        entry_points = points.repeat_interleave(torch.tensor(sizes, device=device), 0, output_size=sum(sizes))
+        target_points = sample_target_masks(targets, entry_points, target_indices)
 
         terms = {
-            "class": focal_class_cost(logits.flatten(0, 1), target_labels, self.config.focal_alpha, self.config.focal_gamma),
-            "mask": pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points),
+            "class": focal_class_cost(
+                logits.flatten(0, 1), target_labels, self.config.focal_alpha, self.config.focal_gamma
+            ),
+            "mask": pair_wise_sigmoid_cross_entropy_cost(pred_points, target_points),
             "dice": pair_wise_dice_loss(pred_points, target_points),
             "bbox": torch.cdist(pred_boxes, target_boxes, p=1),
             "giou": -generalized_box_iou_with_eps(
@@ -215,6 +250,32 @@ class MaskDINOHungarianMatcher(nn.Module):
         )
         shape = (batch_size, num_queries, -1)
         return cost.view(shape), {name: term.view(shape) for name, term in terms.items()}
+
+    @torch.no_grad()
+    def match_layers(
+        self, layers: list[LayerPredictions], targets: list[dict[str, Tensor]], points: list[Tensor]
+    ) -> list[Matching]:
+        """Match several prediction layers at once, `points[i]` being layer i's mask points (`draw_points`): the
+        costs of all layers are moved to the CPU in one transfer, then each (layer, image) is solved by
+        `scipy.optimize.linear_sum_assignment`."""
+        costs = [self.compute_costs(layer, targets, points=points_)[0] for layer, points_ in zip(layers, points)]
+        flat = torch.cat([cost.flatten() for cost in costs]).cpu()
+        costs = [block.view(cost.shape) for block, cost in zip(flat.split([cost.numel() for cost in costs]), costs)]
+        sizes = [len(t["labels"]) for t in targets]
+        matchings = []
+        for cost in costs:
+            indices = []
+            for image, block in enumerate(cost.split(sizes, -1)):
+                if block.shape[-1] == 0:
+                    empty = torch.zeros(0, dtype=torch.int64)
+                    indices.append((empty, empty.clone()))
+                    continue
+                pred_idx, tgt_idx = linear_sum_assignment(block[image].numpy())
+                indices.append(
+                    (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64))
+                )
+            matchings.append(indices)
+        return matchings
 
     @torch.no_grad()
     def per_image_costs(
@@ -248,20 +309,9 @@ class MaskDINOHungarianMatcher(nn.Module):
             Per image `(pred_idx, tgt_idx)`, int64 CPU tensors of length min(num_queries, n), `pred_idx` ascending
             (the official layout); empty for an image without targets.
         """
-        cost, _ = self.compute_costs(outputs, targets, random_source)
-        cost = cost.cpu()
-        sizes = [len(t["labels"]) for t in targets]
-        indices = []
-        for image, block in enumerate(cost.split(sizes, -1)):
-            if block.shape[-1] == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
-                continue
-            pred_idx, tgt_idx = linear_sum_assignment(block[image].numpy())
-            indices.append(
-                (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64))
-            )
-        return indices
+        random_source = random_source if random_source is not None else MaskDINORandomSource()
+        points = self.draw_points(outputs.class_logits.shape[0], outputs.class_logits.device, random_source)
+        return self.match_layers([outputs], targets, [points])[0]
 
 
 class MaskDINOLoss(nn.Module):
@@ -342,24 +392,36 @@ class MaskDINOLoss(nn.Module):
             num_masks = num_masks / torch.distributed.get_world_size()
         return num_masks.clamp(min=1)[0]
 
-    def sample_points_using_uncertainty(self, mask_logits: Tensor, random_source: MaskDINORandomSource) -> Tensor:
-        """PointRend point selection for (N, 1, h, w) mask logits: draw `num_points * oversample_ratio` candidates,
-        keep the `importance_sample_ratio * num_points` most uncertain ones (smallest |logit|), fill up with fresh
-        uniform points. Returns (N, num_points, 2) coordinates in [0, 1]. Two draws: `rand(N, 3P, 2)` then
-        `rand(N, P - int(0.75 P), 2)` (for the default ratios)."""
-        num_masks = mask_logits.shape[0]
+    def draw_point_candidates(
+        self, num_masks: int, device: torch.device, random_source: MaskDINORandomSource
+    ) -> tuple[Tensor, Tensor | None]:
+        """The random numbers of PointRend point selection for `num_masks` masks: `rand(N, 3P, 2)` candidates, then
+        `rand(N, P - int(0.75 P), 2)` uniform points (`None` when there are none; shown for the default ratios)."""
         num_points = self.config.train_num_points
         num_candidates = int(num_points * self.config.oversample_ratio)
-        num_uncertain = int(self.config.importance_sample_ratio * num_points)
-        num_random = num_points - num_uncertain
-        candidates = random_source.rand(num_masks, num_candidates, 2, device=mask_logits.device).float()
-        uncertainty = -sample_point(mask_logits, candidates, align_corners=False)[:, 0].abs()
-        top = torch.topk(uncertainty, k=num_uncertain, dim=1).indices
+        num_random = num_points - int(self.config.importance_sample_ratio * num_points)
+        candidates = random_source.rand(num_masks, num_candidates, 2, device=device).float()
+        extra = random_source.rand(num_masks, num_random, 2, device=device).float() if num_random > 0 else None
+        return candidates, extra
+
+    def sample_points_using_uncertainty(
+        self,
+        mask_logits: Tensor,
+        random_source: MaskDINORandomSource | None = None,
+        draws: tuple[Tensor, Tensor | None] | None = None,
+    ) -> Tensor:
+        """PointRend point selection for (N, 1, h, w) mask logits: of the candidates (`draws`, or drawn now by
+        `draw_point_candidates`), keep the `importance_sample_ratio * num_points` most uncertain ones (smallest
+        |logit|), then the uniform points. Returns (N, num_points, 2) coordinates in [0, 1]. The kept candidates are
+        in no particular order: the losses sum over points."""
+        candidates, extra = draws if draws is not None else self.draw_point_candidates(
+            mask_logits.shape[0], mask_logits.device, random_source
+        )
+        num_uncertain = int(self.config.importance_sample_ratio * self.config.train_num_points)
+        certainty = sample_point(mask_logits, candidates, align_corners=False)[:, 0].abs()
+        top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
         points = candidates.gather(1, top[..., None].expand(-1, -1, 2))
-        if num_random > 0:
-            extra = random_source.rand(num_masks, num_random, 2, device=mask_logits.device).float()
-            points = torch.cat([points, extra], dim=1)
-        return points
+        return points if extra is None else torch.cat([points, extra], dim=1)
 
     # ------------------------------------------------------------------------------------------ loss terms
     def loss_labels(
@@ -402,28 +464,34 @@ class MaskDINOLoss(nn.Module):
         return {"loss_bbox": l1.sum() / num_masks, "loss_giou": giou.sum() / num_masks}
 
     def loss_masks(
-        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None
+        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None, point_draws=None
     ) -> dict[str, Tensor]:
         """`loss_mask` (BCE) and `loss_dice` on `train_num_points` points per matched mask, chosen by uncertainty
-        (see `sample_points_using_uncertainty`); no upsampling, points are in normalised coordinates."""
+        (see `sample_points_using_uncertainty`, `point_draws` being its random numbers when drawn already); no
+        upsampling, points are in normalised coordinates."""
         pred_masks = outputs.mask_logits
         batch_idx, pred_idx = self._prediction_index(indices, pred_masks.device)
         source = pred_masks[batch_idx, pred_idx].float()[:, None]
         with torch.no_grad():
-            target = _concat_target_masks(targets, indices, device=source.device)[:, None]
-            points = self.sample_points_using_uncertainty(source, random_source)
-            point_labels = sample_point(target, points, align_corners=False)[:, 0]
+            points = self.sample_points_using_uncertainty(source, random_source, point_draws)
+            point_labels = sample_target_masks(targets, points, [tgt for _, tgt in indices])
         point_logits = sample_point(source, points, align_corners=False)[:, 0]
         return {
             "loss_mask": sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
             "loss_dice": dice_loss(point_logits, point_labels, num_masks),
         }
 
-    def _terms(self, kinds, outputs, targets, indices, num_masks, random_source) -> dict[str, Tensor]:
-        loss_functions = {"labels": self.loss_labels, "masks": self.loss_masks, "boxes": self.loss_boxes}
+    def _terms(
+        self, kinds, outputs, targets, indices, num_masks, random_source, point_draws=None
+    ) -> dict[str, Tensor]:
         terms = {}
         for kind in kinds:
-            terms.update(loss_functions[kind](outputs, targets, indices, num_masks, random_source))
+            if kind == "labels":
+                terms.update(self.loss_labels(outputs, targets, indices, num_masks))
+            elif kind == "masks":
+                terms.update(self.loss_masks(outputs, targets, indices, num_masks, random_source, point_draws))
+            else:
+                terms.update(self.loss_boxes(outputs, targets, indices, num_masks))
         return terms
 
     def _zero_denoising_terms(self, device) -> dict[str, Tensor]:
@@ -480,40 +548,49 @@ class MaskDINOLoss(nn.Module):
             dn_indices = self.denoising_indices(targets, denoising.num_groups, denoising.pad_size)
             dn_norm = num_masks * denoising.num_groups
 
-        terms: dict[str, Tensor] = {}
-        matchings: dict[str, Matching] = {}
-        all_kinds = ("labels", "masks", "boxes")
-
-        def matched_layer(layer_outputs, name, suffix):
-            indices = self.matcher(layer_outputs, targets, random_source)
-            matchings[name] = indices
-            layer_terms = self._terms(all_kinds, layer_outputs, targets, indices, num_masks, random_source)
-            terms.update({key + suffix: value for key, value in layer_terms.items()})
-
-        def denoising_layer(index, suffix):
+        def denoising_terms(index):
             if use_denoising:
-                layer_terms = self._terms(
-                    self.denoising_losses, dn_layers[index], targets, dn_indices, dn_norm, random_source
-                )
-            elif self.denoising != "no":
-                layer_terms = self._zero_denoising_terms(device)
-            else:
-                return
-            terms.update({key + suffix: value for key, value in layer_terms.items()})
+                layer = dn_layers[index]
+                return self._terms(self.denoising_losses, layer, targets, dn_indices, dn_norm, random_source)
+            return self._zero_denoising_terms(device)
 
+        # (name, suffix, predictions, denoising layer or None, denoising suffix), in the official order
         two_stage = outputs.enc_topk_logits is not None
-        matched_layer(layers[-1], "final", "")
-        denoising_layer(-1, "_dn")
+        jobs = [("final", "", layers[-1], -1, "_dn")]
         if self.deep_supervision:
             # without query selection the first auxiliary prediction gets no denoising loss (official behaviour)
             first_denoised = 0 if two_stage else 1
             for layer, aux_outputs in enumerate(layers[:-1]):
-                matched_layer(aux_outputs, f"aux{layer}", f"_{layer}")
-                if layer >= first_denoised:
-                    denoising_layer(layer, f"_dn_{layer}")
+                dn_index = layer if layer >= first_denoised else None
+                jobs.append((f"aux{layer}", f"_{layer}", aux_outputs, dn_index, f"_dn_{layer}"))
         if two_stage:
             interm = LayerPredictions(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
-            matched_layer(interm, "interm", "_interm")
+            jobs.append(("interm", "_interm", interm, None, ""))
+
+        # Every random draw, in the official order. The number of matched pairs is known before matching
+        # (min(queries, targets) per image), so the matcher points and PointRend candidates of all layers are drawn
+        # first and all layers are matched at once; the denoising terms need no matching and are computed here.
+        sizes = [len(t["labels"]) for t in targets]
+        batch_size = len(targets)
+        matcher_points, point_draws, layer_denoising_terms = [], [], []
+        for _, _, layer_outputs, dn_index, _ in jobs:
+            matcher_points.append(self.matcher.draw_points(batch_size, device, random_source))
+            num_matched = sum(min(layer_outputs.class_logits.shape[1], size) for size in sizes)
+            point_draws.append(self.draw_point_candidates(num_matched, device, random_source))
+            has_denoising = self.denoising != "no" and dn_index is not None
+            layer_denoising_terms.append(denoising_terms(dn_index) if has_denoising else {})
+        layer_matchings = self.matcher.match_layers([job[2] for job in jobs], targets, matcher_points)
+
+        terms: dict[str, Tensor] = {}
+        matchings: dict[str, Matching] = {}
+        all_kinds = ("labels", "masks", "boxes")
+        for (name, suffix, layer_outputs, _, dn_suffix), indices, draws, dn_terms in zip(
+            jobs, layer_matchings, point_draws, layer_denoising_terms
+        ):
+            matchings[name] = indices
+            layer_terms = self._terms(all_kinds, layer_outputs, targets, indices, num_masks, None, draws)
+            terms.update({key + suffix: value for key, value in layer_terms.items()})
+            terms.update({key + dn_suffix: value for key, value in dn_terms.items()})
         return terms, matchings
 
     def forward(

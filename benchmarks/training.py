@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Training-step benchmark of Mask DINO against Transformers' Mask2Former (ResNet-50), interleaved in one run.
+
+One step = forward with the loss + backward (no optimizer), in training mode, random weights, nothing downloaded:
+
+* ours: the released R50 instance model (``build_maskdino("r50")`` of ``benchmarks/inference.py``), its loss from
+  ``mask_labels`` / ``class_labels`` (denoising, matcher and PointRend points included);
+* baseline: ``Mask2FormerForUniversalSegmentation`` with a ResNet-50 backbone (``build_mask2former``), its loss from
+  the same ``mask_labels`` / ``class_labels``.
+
+Both get the same batch: ``--batch-size`` random images of ``size x size`` (512: the issue's setting; 1024: the
+size of the official LSJ crops) with ``--instances`` rectangular instances each. Per configuration (size, precision,
+gradient checkpointing) the two models take turns, one step at a time, so that background load hits both alike;
+the medians of ``--runs`` steps after ``--warmup`` steps, the peak memory of one step (CUDA: allocator peak; CPU:
+process RSS high-water mark, and its increase over the level before the step; measured on the last warm-up step)
+and the ratio ours / baseline are printed. Mask2Former does not support gradient checkpointing in Transformers: with ``--checkpointing on`` our
+checkpointed step is compared with its plain step (marked ``*``).
+
+    python benchmarks/training.py                                    # 512x512, fp32, no checkpointing
+    python benchmarks/training.py --sizes 512 1024 --precisions fp32 bf16 --checkpointing off on
+    python benchmarks/training.py --quick                            # 256x256, 1 run: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _inference_benchmark():
+    """`benchmarks/inference.py` as a module: its model builders and memory meters are the ones used here."""
+    spec = importlib.util.spec_from_file_location("maskdino_inference_benchmark", ROOT / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _inference_benchmark()
+
+
+def make_batch(batch_size: int, size: int, instances: int, num_labels: int, device: torch.device, seed: int = 0):
+    """Random normalised pixels and `instances` random rectangles per image (masks, labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
+    mask_labels, class_labels = [], []
+    for _ in range(batch_size):
+        masks = torch.zeros(instances, size, size)
+        for index in range(instances):
+            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            height, width = torch.randint(size // 16, size // 2, (2,), generator=generator).tolist()
+            masks[index, top : top + height, left : left + width] = 1
+        mask_labels.append(masks.to(device))
+        class_labels.append(torch.randint(0, num_labels, (instances,), generator=generator).to(device))
+    return pixel_values.to(device), mask_labels, class_labels
+
+
+def training_step(model, pixel_values, mask_labels, class_labels, device: torch.device, bf16: bool):
+    """A function running one forward with loss and backward; gradients are dropped afterwards."""
+
+    def step():
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = model(pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool, device: torch.device) -> dict:
+    steps = {}
+    for name, model in models.items():
+        supported = model.supports_gradient_checkpointing
+        if checkpointing and supported:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
+            model.gradient_checkpointing_disable()
+        batch = make_batch(args.batch_size, size, args.instances, model.config.num_labels, device)
+        steps[name] = (training_step(model, *batch, device, bf16), checkpointing and not supported)
+    times = {name: [] for name in steps}
+    memory = {}
+    for warmup in range(max(args.warmup, 1)):
+        for name, (step, _) in steps.items():
+            if warmup == max(args.warmup, 1) - 1:  # the last warm-up step (or an extra one) gives the memory peak
+                memory[name] = bench.peak_memory(step, device)
+            else:
+                step()
+    for _ in range(args.runs):
+        for name, (step, _) in steps.items():
+            times[name].append(bench.timed(step, device))
+    return {
+        name: {"time": statistics.median(times[name]), "memory": memory[name], "plain": plain}
+        for name, (_, plain) in steps.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="square crop sizes (1024: LSJ crops)")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
+    parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off"])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--instances", type=int, default=5, help="instances per image")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-baseline", action="store_true", help="skip Mask2Former")
+    parser.add_argument("--quick", action="store_true", help="256x256, 1 run, no warm-up: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.runs, args.warmup = [256], 1, 0
+    for name in ("batch_size", "instances", "runs", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    bad_sizes = [size for size in args.sizes if size < 64 or size % 32]
+    if bad_sizes:
+        parser.error(f"--sizes must be multiples of 32 of at least 64, got {bad_sizes}")
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    ours, _ = bench.build_maskdino("r50", device)
+    models = {"ours": ours.train()}
+    if not args.no_baseline:
+        models["mask2former"] = bench.build_mask2former(device).train()
+
+    print(f"training step (forward + loss + backward), batch {args.batch_size}, {args.instances} instances per image, "
+          f"device {device}" + (f", {args.threads} threads" if device.type == "cpu" else ""))
+    print(bench.load_info())
+    memory_kind = "CUDA allocator peak" if device.type == "cuda" else "process RSS peak (+ increase during the step)"
+    print(f"medians of {args.runs} steps after {args.warmup} warm-up steps; memory: {memory_kind}, GiB")
+    header = f"{'size':>9}  {'precision':9}  {'ckpt':4}  {'ours s':>8}  {'ours GiB':>14}"
+    if not args.no_baseline:
+        header += f"  {'M2F s':>8}  {'M2F GiB':>14}  {'ours/M2F':>8}"
+    print(header)
+    for size in args.sizes:
+        for precision in args.precisions:
+            for checkpointing in args.checkpointing:
+                result = bench_config(args, models, size, precision == "bf16", checkpointing == "on", device)
+                line = f"{f'{size}x{size}':>9}  {precision:9}  {checkpointing:4}"
+                for name in models:
+                    peak, increase = result[name]["memory"]
+                    mark = "*" if result[name]["plain"] else " "
+                    line += f"  {result[name]['time']:>7.2f}{mark}  {peak:>6.2f} (+{increase:5.2f})"
+                if not args.no_baseline:
+                    line += f"  {result['ours']['time'] / result['mask2former']['time']:>8.2f}"
+                print(line, flush=True)
+    if not args.no_baseline and "on" in args.checkpointing:
+        print("* Mask2Former has no gradient checkpointing in Transformers: its plain step is shown")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
