@@ -117,7 +117,7 @@ def export_onnx(
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                MaskDINOInferenceModule(model), inputs, dynamo=True, input_names=list(INPUT_NAMES),
+                MaskDINOInferenceModule(model).eval(), inputs, dynamo=True, input_names=list(INPUT_NAMES),
                 output_names=list(OUTPUT_NAMES), opset_version=opset_version, verbose=False,
             )
     finally:
