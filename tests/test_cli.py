@@ -239,26 +239,31 @@ def test_predict_default_demo_model(tmp_path):
 
 def test_predict_bf16_keeps_the_float32_instances(tmp_path):
     """`--bf16` (autocast) on the bundled demo: the same confident instances (default threshold 0.5) as float32,
-    boxes within a pixel."""
+    boxes within a pixel. An instance scoring within 0.05 of the threshold in one precision may cross it in the
+    other (bf16 moves scores by about 1e-2), so only instances clear of the threshold must be in both."""
     reports = {}
     for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
         argv = ["predict", "--task", "instance", "--output-dir", str(tmp_path / name), "--device", "cpu", *extra]
         assert cli.main(argv) == 0
         reports[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+
     def by_image(report):
         grouped = {}
         for item in report["annotations"]:  # COCO results: image_id, category_id, bbox (xywh), score, segmentation
-            grouped.setdefault(item["image_id"], []).append((item["category_id"], item["bbox"]))
-        return {image: sorted(items) for image, items in grouped.items()}
+            grouped.setdefault(item["image_id"], []).append((item["category_id"], item["bbox"], item["score"]))
+        return grouped
+
+    def contains(items, label, box):
+        return any(other == label and np.allclose(other_box, box, atol=1.0) for other, other_box, _ in items)
 
     reference, ours = by_image(reports["fp32"]), by_image(reports["bf16"])
-    assert sorted(ours) == sorted(reference)
     found = 0
-    for image, expected in reference.items():
-        assert [label for label, _ in ours[image]] == [label for label, _ in expected], image
-        for (_, box), (_, expected_box) in zip(ours[image], expected):
-            assert np.allclose(box, expected_box, atol=1.0), (image, box, expected_box)
-        found += len(expected)
+    for first, second in ((reference, ours), (ours, reference)):
+        for image, items in first.items():
+            for label, box, score in items:
+                if score >= 0.55:
+                    assert contains(second.get(image, []), label, box), (image, label, box, score)
+                    found += first is reference
     assert found >= 4
 
 
