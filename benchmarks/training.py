@@ -132,7 +132,7 @@ def main() -> None:
     ours, _ = bench.build_maskdino("r50", device)
     models = {"ours": ours.train()}
     if not args.no_baseline:
-        models["mask2former"] = bench.build_mask2former(device).train()
+        models["mask2former"] = bench.build_mask2former(device)[0].train()
 
     print(f"training step (forward + loss + backward), batch {args.batch_size}, {args.instances} instances per image, "
           f"device {device}" + (f", {args.threads} threads" if device.type == "cpu" else ""))
