@@ -28,7 +28,6 @@ import contextlib
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
