@@ -581,11 +581,7 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
             attention_weights.view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points), -1
         ).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            offset_normalizer = spatial_shapes.flip(-1)
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-            )
+            sampling_locations = self._locations_from_points(reference_points, sampling_offsets, spatial_shapes)
         elif reference_points.shape[-1] == 4:
             sampling_locations = (
                 reference_points[:, :, None, :, None, :2]
@@ -603,6 +599,20 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
             self.im2col_step,
         )
         return self.output_proj(output), attention_weights
+
+    def _locations_from_points(
+        self, reference_points: torch.Tensor, sampling_offsets: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """`reference + offset / (width, height)` of each level, the same operations on the same operands as the
+        six-dimensional broadcast, but over (levels x points x 2)-long contiguous rows: CPU broadcasting with a
+        2-long inner dimension is about 5x slower, which was 0.1-0.15 s of an 800x1088 forward."""
+        batch_size, num_queries = sampling_offsets.shape[:2]
+        row = self.n_levels * self.n_points * 2
+        offset_normalizer = spatial_shapes.flip(-1)[:, None, :].expand(self.n_levels, self.n_points, 2).reshape(row)
+        reference = reference_points[:, :, :, None, :].expand(batch_size, num_queries, self.n_levels, self.n_points, 2)
+        reference = reference.reshape(batch_size, num_queries, 1, row)
+        offsets = sampling_offsets.reshape(batch_size, num_queries, self.n_heads, row)
+        return (reference + offsets / offset_normalizer).view(sampling_offsets.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
