@@ -4,7 +4,7 @@
                       [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--num-workers N]
                       [--bf16] [--compile]
   maskdino-hf evaluate --model DIR_OR_HUB_ID --data DIR [--task all|instance|panoptic|semantic|detection]
-                       [--split validation] [--output REPORT.json]
+                       [--split validation] [--output REPORT.json] [--max-images N] [--compile]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
   maskdino-hf convert --release NAME --output-dir DIR [--checkpoint model.pth] [--push-to-hub REPO_ID]
   maskdino-hf export --output model.onnx --height H --width W [--model DIR_OR_HUB_ID] [--batch-size N]
@@ -200,7 +200,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     tasks = tasks_for_dataset(args.task, dataset.column_names)
     state = process_state()  # under `accelerate launch` every process evaluates its share on its own device
     device = str(state.device) if state.num_processes > 1 else resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device)
+    model, processor = load_model_and_processor(args.model, device, compile=args.compile)
     num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
     num_workers = default_num_workers(num_images) if args.num_workers is None else args.num_workers
     metrics = evaluate(model, processor, dataset, tasks, categories=categories, batch_size=args.batch_size,
@@ -300,10 +300,14 @@ def _add_predict(commands) -> None:
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
     predict.add_argument("--progress", action="store_true", help="show Transformers' model loading progress bars")
-    predict.add_argument("--compile", action="store_true",
-                         help="compile the model with torch.compile (Inductor; needs a C++ compiler on CPU): the "
-                         "first image of each new padded size pays the compilation, later ones run faster (see README)")
+    _add_compile_option(predict)
     predict.set_defaults(handler=_predict)
+
+
+def _add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (Inductor; needs a C++ compiler on CPU): the "
+                        "first batch of each new padded size pays the compilation, later ones run faster (see README)")
 
 
 def _add_evaluate(commands) -> None:
@@ -321,6 +325,7 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--split", default="validation", help="split of a DatasetDict / sub-folder (validation)")
     evaluate.add_argument("--output", default=None, help="write the report JSON here")
     evaluate.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
+    _add_compile_option(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
 
