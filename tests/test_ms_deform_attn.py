@@ -353,3 +353,20 @@ def test_layer_fused_projections_equal_the_parent_forward(coordinates):
         results.append((output, attention, *(parameter.grad.clone() for parameter in layer.parameters())))
     for ours, parent in zip(*results):
         torch.testing.assert_close(ours, parent, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_sampling_locations_are_bit_identical_to_the_broadcast_formula(dtype):
+    """`reference + offset / (width, height)` over contiguous rows gives exactly the six-dimensional broadcast's
+    values (same operations on the same operands), for float32 and bfloat16 offsets (autocast) and offsets that are
+    a view of the fused projection's output."""
+    torch.manual_seed(0)
+    layer = MaskDINOMultiscaleDeformableAttention(hidden_size=32, num_levels=3, num_heads=4, num_points=2)
+    shapes = torch.tensor([[10, 13], [5, 7], [3, 4]])
+    reference = torch.rand(2, 11, 3, 2)
+    fused = torch.randn(2, 11, 4 * 3 * 2 * 2 + 4 * 3 * 2).to(dtype) * 5
+    offsets = fused[..., : 4 * 3 * 2 * 2].view(2, 11, 4, 3, 2, 2)  # a strided view, as in the forward
+    expected = reference[:, :, None, :, None, :] + offsets / shapes.flip(-1)[None, None, None, :, None, :]
+    result = layer._locations_from_points(reference, offsets, shapes)
+    assert result.dtype == expected.dtype and result.shape == expected.shape
+    assert torch.equal(result, expected)
