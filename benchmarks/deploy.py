@@ -5,7 +5,7 @@ Models:
 * ``r50``: the released R50 instance model (hid-2048 FFN, 300 queries; random weights, nothing downloaded), built by
   ``benchmarks/inference.py``'s ``build_maskdino("r50")``, at ``--height`` x ``--width`` (default 512x704: a short
   run; ``--height 800 --width 1088`` is the size of ``benchmarks/inference.py``).
-* ``demo``: the bundled demo model on its first bundled image, as the processor pads it (128x160).
+* ``demo``: the bundled demo model on its first bundled image, as the processor pads it (160x192).
 
 Per model and device: the one-off costs (Inductor's compilation on the first call; the ONNX export and session
 creation), then ``--runs`` timed forward passes of each variant, interleaved (eager, compiled, ONNX Runtime, eager,

@@ -2,8 +2,9 @@
 predict --compile`, `maskdino-hf evaluate --compile`) equals eager PyTorch to 1e-4.
 
 The bundled demo model (the smallest trained model: every part of the forward pass, real activations) on its bundled
-images, which the processor pads to one size (128x160), so the suite compiles one graph: the first test compiles
-it, the command-line test in the same process reuses Inductor's cache of compiled graphs. The ONNX Runtime path is
+images, which the processor pads to 160x192 (three of them) and 160x224: the first size compiles static kernels, the
+first other one compiles once more with symbolic sizes, and the command-line tests in the same process reuse
+Inductor's cache of compiled graphs. The ONNX Runtime path is
 tested in tests/test_export.py.
 """
 
