@@ -238,9 +238,13 @@ def test_predict_default_demo_model(tmp_path):
 
 
 def test_predict_bf16_keeps_the_float32_instances(tmp_path):
-    """`--bf16` (autocast) on the bundled demo: the same confident instances (default threshold 0.5) as float32,
-    boxes within a pixel. An instance scoring within 0.05 of the threshold in one precision may cross it in the
-    other (bf16 moves scores by about 1e-2), so only instances clear of the threshold must be in both."""
+    """`--bf16` (autocast) on the bundled demo: the same confident instances (default threshold 0.5) as float32: same
+    class, masks with IoU >= 0.9. An instance scoring within 0.05 of the threshold in one precision may cross it in
+    the other (bf16 moves scores by about 1e-2), so only instances clear of the threshold must be in both. Masks, not
+    boxes: bf16 rounding moves the demo model's box-head outputs by up to 2.5 px of a 125 px image (about 2%), while
+    its masks stay put."""
+    from pycocotools import mask as mask_utils
+
     reports = {}
     for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
         argv = ["predict", "--task", "instance", "--output-dir", str(tmp_path / name), "--device", "cpu", *extra]
@@ -250,19 +254,21 @@ def test_predict_bf16_keeps_the_float32_instances(tmp_path):
     def by_image(report):
         grouped = {}
         for item in report["annotations"]:  # COCO results: image_id, category_id, bbox (xywh), score, segmentation
-            grouped.setdefault(item["image_id"], []).append((item["category_id"], item["bbox"], item["score"]))
+            grouped.setdefault(item["image_id"], []).append((item["category_id"], item["segmentation"], item["score"]))
         return grouped
 
-    def contains(items, label, box):
-        return any(other == label and np.allclose(other_box, box, atol=1.0) for other, other_box, _ in items)
+    def contains(items, label, rle):
+        return any(
+            other == label and mask_utils.iou([other_rle], [rle], [0])[0, 0] >= 0.9 for other, other_rle, _ in items
+        )
 
     reference, ours = by_image(reports["fp32"]), by_image(reports["bf16"])
     found = 0
     for first, second in ((reference, ours), (ours, reference)):
         for image, items in first.items():
-            for label, box, score in items:
+            for label, rle, score in items:
                 if score >= 0.55:
-                    assert contains(second.get(image, []), label, box), (image, label, box, score)
+                    assert contains(second.get(image, []), label, rle), (image, label, score)
                     found += first is reference
     assert found >= 4
 
