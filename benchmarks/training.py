@@ -80,9 +80,9 @@ def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool,
     for name, model in models.items():
         supported = model.supports_gradient_checkpointing
         if checkpointing and supported:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif model.is_activation_checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         batch = make_batch(args.batch_size, size, args.instances, model.config.num_labels, device)
         steps[name] = (training_step(model, *batch, device, bf16), checkpointing and not supported)
     times = {name: [] for name in steps}
