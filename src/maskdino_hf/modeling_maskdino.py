@@ -973,14 +973,7 @@ class MaskDINODecoder(nn.Module):
             anchors = torch.cat([denoising.reference_points.to(anchors.dtype), anchors], dim=1)
             attn_mask = denoising.self_attn_mask
 
-        class_logits, mask_logits, boxes = [], [], []
         predict_all_masks = self.training or output_auxiliary_masks
-        if config.initial_pred:
-            logits, masks = self.prediction_heads(content, mask_features, predict_all_masks)
-            class_logits.append(logits)
-            mask_logits.append(masks)
-            boxes.append(anchors.sigmoid())
-
         hidden_states = content
         reference_points = anchors.sigmoid()
         references = [reference_points]
@@ -1014,24 +1007,34 @@ class MaskDINODecoder(nn.Module):
             reference_points = refined.detach()
             references.append(refined)
 
-        # The heads read the returned stacked states (denoising queries split off), so gradients reach them.
+        # The heads read the returned stacked states (denoising queries split off), so gradients reach them. They run
+        # on the denoising and the matching queries apart: slicing their outputs afterwards would cost every mask's
+        # backward a zero-filled full-size gradient per part.
         intermediate_hidden_states = torch.stack(normed_states, 1)
         pad = denoising.pad_size if denoising is not None else 0
         if denoising is not None:
             denoising_states, intermediate_hidden_states = intermediate_hidden_states.split(
                 [pad, intermediate_hidden_states.shape[2] - pad], 2
             )
-            layer_states = [
-                torch.cat([denoising_states[:, i], intermediate_hidden_states[:, i]], 1) for i in range(len(self.layers))
-            ]
+            parts = [(denoising_states, slice(None, pad)), (intermediate_hidden_states, slice(pad, None))]
         else:
-            layer_states = intermediate_hidden_states.unbind(1)
-        for index, normed in enumerate(layer_states):
-            last = index == len(self.layers) - 1
-            logits, masks = self.prediction_heads(normed, mask_features, predict_all_masks or last)
-            class_logits.append(logits)
-            mask_logits.append(masks)
-            boxes.append((self.bbox_embed(normed) + reference_logits[index]).sigmoid())
+            parts = [(intermediate_hidden_states, slice(None))]
+        heads = []
+        for states, queries in parts:
+            part_logits, part_masks, part_boxes = [], [], []
+            if config.initial_pred:
+                logits, masks = self.prediction_heads(content[:, queries], mask_features, predict_all_masks)
+                part_logits.append(logits)
+                part_masks.append(masks)
+                part_boxes.append(anchors[:, queries].sigmoid())
+            for index in range(len(self.layers)):
+                last = index == len(self.layers) - 1
+                logits, masks = self.prediction_heads(states[:, index], mask_features, predict_all_masks or last)
+                part_logits.append(logits)
+                part_masks.append(masks)
+                part_boxes.append((self.bbox_embed(states[:, index]) + reference_logits[index][:, queries]).sigmoid())
+            heads.append((part_logits, part_masks, part_boxes))
+        class_logits, mask_logits, boxes = heads[-1]
 
         if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
             # The initial queries are the selected tokens: their masks are the query-selection masks.
@@ -1040,15 +1043,11 @@ class MaskDINODecoder(nn.Module):
             class_logits[-1] = class_logits[-1] + 0.0 * self.label_enc.weight.sum()
 
         if denoising is not None:
-            # Denoising queries come first: split them off every prediction.
-            def split(predictions: list) -> tuple[tuple, tuple]:
-                pairs = [(None, None) if value is None else (value[:, :pad], value[:, pad:]) for value in predictions]
-                return tuple(first for first, _ in pairs), tuple(rest for _, rest in pairs)
-
-            (dn_logits, class_logits), (dn_masks, mask_logits) = split(class_logits), split(mask_logits)
-            (dn_boxes, boxes), (_, references) = split(boxes), split(references)
+            # Denoising queries come first in the decoder; their predictions are reported apart.
+            dn_logits, dn_masks, dn_boxes = heads[0]
+            references = [value[:, pad:] for value in references]
             denoising = MaskDINODenoisingOutput(
-                **denoising, class_logits=dn_logits, mask_logits=dn_masks, box_predictions=dn_boxes
+                **denoising, class_logits=tuple(dn_logits), mask_logits=tuple(dn_masks), box_predictions=tuple(dn_boxes)
             )
         return MaskDINODecoderOutput(
             intermediate_hidden_states=intermediate_hidden_states,
