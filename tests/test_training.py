@@ -108,3 +108,34 @@ def test_gradients_reach_every_trainable_parameter():
         if parameter.requires_grad and (parameter.grad is None or not torch.isfinite(parameter.grad).all()):
             frozen.append(name)
     assert not frozen, f"no gradient for {frozen[:10]}"
+
+
+def test_loss_from_mask_embeddings_equals_loss_from_full_masks():
+    """The loss forms only the supervised queries' masks, from their mask embeddings and the per-pixel embedding; its
+    terms and every parameter's gradient are those of indexing the full mask logits (the official way)."""
+    case = "instance_r50_mask2box"
+    model, _ = convert_checkpoint(checkpoint_path(case), case_dir(case) / "config.yaml")
+    model.train()
+    pixel_values, masks, labels, boxes = _batch(case)
+    targets = model._build_targets(pixel_values, masks, labels, boxes)
+    results = []
+    for factored in (True, False):
+        model.zero_grad()
+        source = ReplayRandomSource(_draws(case))
+        outputs = model.model(pixel_values, targets=targets, random_source=source)
+        assert outputs.mask_embeddings is not None and outputs.denoising_outputs.mask_embeddings is not None
+        if not factored:
+            outputs.mask_embeddings = outputs.enc_topk_mask_embeddings = None
+            outputs.denoising_outputs.mask_embeddings = None
+        loss, terms = model.criterion(outputs, targets, source)
+        loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((terms, gradients))
+    (terms, gradients), (full_terms, full_gradients) = results
+    assert set(terms) == set(full_terms)
+    for name, value in full_terms.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert set(gradients) == set(full_gradients)
+    for name, value in full_gradients.items():
+        scale = value.abs().max().item()
+        torch.testing.assert_close(gradients[name], value, rtol=1e-3, atol=1e-4 * scale + 1e-9, msg=name)

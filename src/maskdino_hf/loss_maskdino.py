@@ -12,7 +12,7 @@ loss, or softmax cross-entropy for the semantic models), box (L1 + GIoU on norma
   object `j` of its image, so no matching is needed; their losses are normalised by `num_masks * groups`.
 
 What Transformers already has and is the same math is imported: the focal loss of the DETR family, the dice / point
-BCE losses and their pairwise forms and `sample_point` from Mask2Former, `center_to_corners_format`. What is Mask
+BCE losses and their pairwise forms from Mask2Former, `center_to_corners_format`. What is Mask
 DINO's own lives here: the GIoU with an epsilon in both denominators, the focal *matching* cost, the hybrid matcher
 with one random point set per image, PointRend importance sampling that takes its random numbers from a
 [`~random_source.MaskDINORandomSource`], the denoising terms and the decoupled box loss of panoptic models
@@ -31,7 +31,6 @@ from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 from transformers.models.mask2former.modeling_mask2former import (
     dice_loss,
     pair_wise_dice_loss,
-    sample_point,
     sigmoid_cross_entropy_loss,
 )
 from transformers.utils import is_accelerate_available, is_scipy_available, logging
@@ -55,11 +54,35 @@ Matching = list[tuple[Tensor, Tensor]]
 class LayerPredictions(NamedTuple):
     """One prediction layer, under the model output's field names: class logits (batch, queries, C), mask logits
     (batch, queries, h, w) (any resolution: they are sampled at normalised coordinates) and sigmoid cxcywh boxes
-    (batch, queries, 4) normalised to the padded input."""
+    (batch, queries, 4) normalised to the padded input.
+
+    Optionally the two factors of the mask logits, the mask embeddings (batch, queries, c) and the per-pixel embedding
+    (batch, c, h, w): with them the mask terms form the masks of the supervised queries alone (`supervised_masks`), so
+    the backward pass never runs through the full-size masks of the other queries.
+    """
 
     class_logits: Tensor
     mask_logits: Tensor | None
     box_predictions: Tensor
+    mask_embeddings: Tensor | None = None
+    mask_features: Tensor | None = None
+
+    def supervised_masks(self, batch_idx: Tensor, pred_idx: Tensor) -> Tensor:
+        """Mask logits of the predictions `(batch_idx, pred_idx)` (image by image, as `_prediction_index` orders
+        them), (N, 1, h, w) float32."""
+        if self.mask_embeddings is None or self.mask_features is None:
+            return self.mask_logits[batch_idx, pred_idx].float()[:, None]
+        counts = torch.bincount(batch_idx, minlength=len(self.mask_features)).tolist()
+        masks = [
+            torch.einsum("qc,chw->qhw", embeddings[queries], features)
+            for embeddings, features, queries, count in zip(
+                self.mask_embeddings, self.mask_features, pred_idx.split(counts), counts
+            )
+            if count
+        ]
+        if not masks:
+            return self.mask_features.new_zeros(0, 1, *self.mask_features.shape[-2:]).float()
+        return torch.cat(masks).float()[:, None]
 
 COST_TERMS = ("class", "mask", "dice", "bbox", "giou")
 BASE_LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
@@ -127,8 +150,17 @@ def pair_wise_sigmoid_cross_entropy_cost(inputs: Tensor, labels: Tensor) -> Tens
     return (F.softplus(inputs).sum(-1, keepdim=True) - inputs @ labels.T) / inputs.shape[-1]
 
 
+def point_sample(values: Tensor, points: Tensor) -> Tensor:
+    """Bilinear samples of (N, C, H, W) `values` at (N, P, 2) normalised (x, y) points in [0, 1], zero outside:
+    (N, C, P). Mask2Former's `sample_point` with `align_corners=False`, with the same arithmetic (`2 * p - 1`) but one
+    temporary for the grid instead of two: the point sets (3 x 12544 candidates per supervised mask) are the largest
+    tensors of the loss, and on the CPU a fresh one costs more in page faults than the sampling itself."""
+    grid = points.mul(2.0).sub_(1.0).unsqueeze(2)
+    return F.grid_sample(values, grid, align_corners=False).squeeze(3)
+
+
 def sample_target_masks(targets: list[dict[str, Tensor]], points: Tensor, target_indices: list[Tensor]) -> Tensor:
-    """Target masks bilinearly sampled at normalised points, as `sample_point` on the official zero-padded stack of
+    """Target masks bilinearly sampled at normalised points, as `point_sample` on the official zero-padded stack of
     the targets' masks would, without copying a mask per entry.
 
     `target_indices[b]` names, for each of image b's entries, the target mask it reads (a target may be named many
@@ -158,7 +190,7 @@ def sample_target_masks(targets: list[dict[str, Tensor]], points: Tensor, target
         target_idx, rank = target_idx.to(points.device), rank.to(points.device)
         grid = image_points.new_zeros(len(masks), int(counts.max()), num_points, 2)
         grid[target_idx, rank] = image_points
-        sampled = sample_point(masks[:, None], grid.flatten(1, 2), align_corners=False)[:, 0]
+        sampled = point_sample(masks[:, None], grid.flatten(1, 2))[:, 0]
         values.append(sampled.view(len(masks), -1, num_points)[target_idx, rank])
     if not values:
         return points.new_zeros(0, num_points)
@@ -224,7 +256,7 @@ class MaskDINOHungarianMatcher(nn.Module):
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
         sizes = [len(t["labels"]) for t in targets]
 
-        pred_points = sample_point(pred_masks, points, align_corners=False).flatten(0, 1)  # (B*Q, P)
+        pred_points = point_sample(pred_masks, points).flatten(0, 1)  # (B*Q, P)
         # every target of an image at the image's points
         target_indices = [torch.arange(size) for size in sizes]
         entry_points = points.repeat_interleave(torch.tensor(sizes, device=device), 0, output_size=sum(sizes))
@@ -418,7 +450,7 @@ class MaskDINOLoss(nn.Module):
             mask_logits.shape[0], mask_logits.device, random_source
         )
         num_uncertain = int(self.config.importance_sample_ratio * self.config.train_num_points)
-        certainty = sample_point(mask_logits, candidates, align_corners=False)[:, 0].abs()
+        certainty = point_sample(mask_logits, candidates)[:, 0].abs_()
         top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
         points = candidates.gather(1, top[..., None].expand(-1, -1, 2))
         return points if extra is None else torch.cat([points, extra], dim=1)
@@ -469,13 +501,12 @@ class MaskDINOLoss(nn.Module):
         """`loss_mask` (BCE) and `loss_dice` on `train_num_points` points per matched mask, chosen by uncertainty
         (see `sample_points_using_uncertainty`, `point_draws` being its random numbers when drawn already); no
         upsampling, points are in normalised coordinates."""
-        pred_masks = outputs.mask_logits
-        batch_idx, pred_idx = self._prediction_index(indices, pred_masks.device)
-        source = pred_masks[batch_idx, pred_idx].float()[:, None]
+        batch_idx, pred_idx = self._prediction_index(indices, outputs.class_logits.device)
+        source = outputs.supervised_masks(batch_idx, pred_idx)
         with torch.no_grad():
             points = self.sample_points_using_uncertainty(source, random_source, point_draws)
             point_labels = sample_target_masks(targets, points, [tgt for _, tgt in indices])
-        point_logits = sample_point(source, points, align_corners=False)[:, 0]
+        point_logits = point_sample(source, points)[:, 0]
         return {
             "loss_mask": sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
             "loss_dice": dice_loss(point_logits, point_labels, num_masks),
@@ -533,17 +564,22 @@ class MaskDINOLoss(nn.Module):
             raise ValueError(f"every target needs 'labels', 'boxes' and 'masks'; missing {sorted(set(missing))}")
         num_masks = self._num_masks(targets, device)
 
+        mask_features = outputs.mask_features
+        embeddings = outputs.mask_embeddings or (None,) * len(outputs.class_logits)
         layers = [
-            LayerPredictions(*layer)
-            for layer in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions)
+            LayerPredictions(*layer, mask_features)
+            for layer in zip(outputs.class_logits, outputs.mask_logits, outputs.box_predictions, embeddings)
         ]
         denoising = outputs.denoising_outputs
         use_denoising = self.denoising != "no" and denoising is not None
         dn_layers = dn_indices = dn_norm = None
         if use_denoising:
+            dn_embeddings = denoising.mask_embeddings or (None,) * len(denoising.class_logits)
             dn_layers = [
-                LayerPredictions(*layer)
-                for layer in zip(denoising.class_logits, denoising.mask_logits, denoising.box_predictions)
+                LayerPredictions(*layer, mask_features)
+                for layer in zip(
+                    denoising.class_logits, denoising.mask_logits, denoising.box_predictions, dn_embeddings
+                )
             ]
             dn_indices = self.denoising_indices(targets, denoising.num_groups, denoising.pad_size)
             dn_norm = num_masks * denoising.num_groups
@@ -564,7 +600,13 @@ class MaskDINOLoss(nn.Module):
                 dn_index = layer if layer >= first_denoised else None
                 jobs.append((f"aux{layer}", f"_{layer}", aux_outputs, dn_index, f"_dn_{layer}"))
         if two_stage:
-            interm = LayerPredictions(outputs.enc_topk_logits, outputs.enc_topk_masks, outputs.enc_topk_boxes)
+            interm = LayerPredictions(
+                outputs.enc_topk_logits,
+                outputs.enc_topk_masks,
+                outputs.enc_topk_boxes,
+                outputs.enc_topk_mask_embeddings,
+                mask_features,
+            )
             jobs.append(("interm", "_interm", interm, None, ""))
 
         # Every random draw, in the official order. The number of matched pairs is known before matching

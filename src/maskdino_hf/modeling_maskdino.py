@@ -59,6 +59,8 @@ class MaskDINOQuerySelectionOutput(ModelOutput):
     enc_topk_logits (`torch.Tensor` of shape (batch, Q, C)): class logits of the selected proposals.
     enc_topk_boxes (`torch.Tensor` of shape (batch, Q, 4)): their boxes (sigmoid cxcywh).
     enc_topk_masks (`torch.Tensor` of shape (batch, Q, h, w)): their mask logits.
+    enc_topk_mask_embeddings (`torch.Tensor` of shape (batch, Q, mask_feature_size)): their mask embeddings, the
+        factor of `enc_topk_masks` beside the per-pixel embedding; `None` at inference without auxiliary masks.
     enc_topk_hidden_states (`torch.Tensor` of shape (batch, Q, hidden)): their encoder states, the content queries.
     enc_topk_coord_logits (`torch.Tensor` of shape (batch, Q, 4)): their boxes in logit space, the anchors.
     """
@@ -69,6 +71,7 @@ class MaskDINOQuerySelectionOutput(ModelOutput):
     enc_topk_logits: torch.Tensor | None = None
     enc_topk_boxes: torch.Tensor | None = None
     enc_topk_masks: torch.Tensor | None = None
+    enc_topk_mask_embeddings: torch.Tensor | None = None
     enc_topk_hidden_states: torch.Tensor | None = None
     enc_topk_coord_logits: torch.Tensor | None = None
 
@@ -91,8 +94,9 @@ class MaskDINODenoisingOutput(ModelOutput):
     batch_indices (`torch.Tensor` of shape (T,)): image of each target.
     query_indices (`torch.Tensor` of shape (num_groups * T,)): the denoising query of each of them.
     num_groups (`int`): the number of groups (the official `scalar`). pad_size (`int`): denoising queries per image.
-    class_logits / mask_logits / box_predictions (`tuple[torch.Tensor]`): the denoising queries' predictions of
-        every prediction layer, (batch, pad_size, ...), aligned with the model output's fields of the same names.
+    class_logits / mask_logits / mask_embeddings / box_predictions (`tuple[torch.Tensor]`): the denoising queries'
+        predictions of every prediction layer, (batch, pad_size, ...), aligned with the model output's fields of the
+        same names.
     """
 
     queries: torch.Tensor | None = None
@@ -107,6 +111,7 @@ class MaskDINODenoisingOutput(ModelOutput):
     pad_size: int | None = None
     class_logits: tuple[torch.Tensor, ...] | None = None
     mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    mask_embeddings: tuple[torch.Tensor, ...] | None = None
     box_predictions: tuple[torch.Tensor, ...] | None = None
 
 
@@ -122,6 +127,7 @@ class MaskDINODecoderOutput(ModelOutput):
     init_reference_points: torch.Tensor | None = None
     class_logits: tuple[torch.Tensor, ...] | None = None
     mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    mask_embeddings: tuple[torch.Tensor, ...] | None = None
     box_predictions: tuple[torch.Tensor, ...] | None = None
     query_selection: MaskDINOQuerySelectionOutput | None = None
     denoising_outputs: MaskDINODenoisingOutput | None = None
@@ -148,6 +154,8 @@ class MaskDINOModelOutput(ModelOutput):
     enc_topk_logits (`torch.Tensor` of shape (batch, Q, C)): class logits of the selected proposals.
     enc_topk_boxes (`torch.Tensor` of shape (batch, Q, 4)): their boxes (sigmoid cxcywh, padded-input frame).
     enc_topk_masks (`torch.Tensor` of shape (batch, Q, h, w)): their mask logits.
+    enc_topk_mask_embeddings (`torch.Tensor` of shape (batch, Q, mask_feature_size)): their mask embeddings (see
+        `mask_embeddings`).
     init_reference_points (`torch.Tensor` of shape (batch, Q, 4)): initial anchors in logit space (after
         mask-enhanced box initialisation when enabled).
     intermediate_hidden_states (`torch.Tensor` of shape (batch, L, Q, hidden)): normed output of every layer.
@@ -156,6 +164,9 @@ class MaskDINOModelOutput(ModelOutput):
     class_logits (`tuple[torch.Tensor]`): L + 1 (with `initial_pred`) tensors (batch, Q, C), initial prediction first.
     mask_logits (`tuple[torch.Tensor | None]`): the same layers' mask logits (batch, Q, h, w); `None` for the
         intermediate layers at inference unless `output_auxiliary_masks=True`.
+    mask_embeddings (`tuple[torch.Tensor]`, *optional*): the same layers' mask embeddings (batch, Q,
+        mask_feature_size), whose product with `mask_features` is `mask_logits`. Returned with the auxiliary masks
+        (training, or `output_auxiliary_masks=True`): the loss forms the masks of the matched queries alone from them.
     box_predictions (`tuple[torch.Tensor]`): the same layers' boxes (batch, Q, 4), sigmoid cxcywh.
     denoising_outputs (`MaskDINODenoisingOutput`, *optional*): the denoising queries, their predictions per layer
         and how they map to the ground truth (training with targets only).
@@ -182,11 +193,13 @@ class MaskDINOModelOutput(ModelOutput):
     enc_topk_logits: torch.Tensor | None = None
     enc_topk_boxes: torch.Tensor | None = None
     enc_topk_masks: torch.Tensor | None = None
+    enc_topk_mask_embeddings: torch.Tensor | None = None
     init_reference_points: torch.Tensor | None = None
     intermediate_hidden_states: torch.Tensor | None = None
     intermediate_reference_points: torch.Tensor | None = None
     class_logits: tuple[torch.Tensor, ...] | None = None
     mask_logits: tuple[torch.Tensor | None, ...] | None = None
+    mask_embeddings: tuple[torch.Tensor, ...] | None = None
     box_predictions: tuple[torch.Tensor, ...] | None = None
     denoising_outputs: MaskDINODenoisingOutput | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -812,12 +825,13 @@ class MaskDINODecoder(nn.Module):
 
     def prediction_heads(
         self, hidden_states: torch.Tensor, mask_features: torch.Tensor, predict_masks: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Class logits and mask logits (query embedding · per-pixel embedding) of decoder states."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Class logits, mask logits and mask embeddings of decoder states: the mask logits are the product of the
+        query's mask embedding and the per-pixel embedding."""
         normed = self.layer_norm(hidden_states)
         class_logits = self.classify(normed)
         if not predict_masks:
-            return class_logits, None
+            return class_logits, None, None
         mask_embeddings = self.mask_embed(normed)
         if torch.is_autocast_enabled(mask_features.device.type):
             # Under autocast: a low-precision product returned in float32. Rounding a logit never flips its sign, so
@@ -829,7 +843,7 @@ class MaskDINODecoder(nn.Module):
             mask_logits = mask_logits.view(batch_size, -1, height, width)
         else:
             mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
-        return class_logits, mask_logits
+        return class_logits, mask_logits, mask_embeddings
 
     def query_selection(
         self,
@@ -855,7 +869,7 @@ class MaskDINODecoder(nn.Module):
             selected_coords = torch.gather(coord_logits, 1, coord_index)
         else:
             selected_coords = self.bbox_embed(selected_memory) + torch.gather(proposals, 1, coord_index)
-        topk_logits, topk_masks = self.prediction_heads(selected_memory, mask_features)
+        topk_logits, topk_masks, topk_embeddings = self.prediction_heads(selected_memory, mask_features)
         return MaskDINOQuerySelectionOutput(
             enc_outputs_class=class_logits,
             enc_outputs_coord_logits=coord_logits,
@@ -863,6 +877,7 @@ class MaskDINODecoder(nn.Module):
             enc_topk_logits=topk_logits,
             enc_topk_boxes=selected_coords.sigmoid(),
             enc_topk_masks=topk_masks,
+            enc_topk_mask_embeddings=topk_embeddings,
             enc_topk_hidden_states=selected_memory,
             enc_topk_coord_logits=selected_coords,
         )
@@ -1021,20 +1036,26 @@ class MaskDINODecoder(nn.Module):
             parts = [(intermediate_hidden_states, slice(None))]
         heads = []
         for states, queries in parts:
-            part_logits, part_masks, part_boxes = [], [], []
+            part_logits, part_masks, part_embeddings, part_boxes = [], [], [], []
             if config.initial_pred:
-                logits, masks = self.prediction_heads(content[:, queries], mask_features, predict_all_masks)
+                logits, masks, embeddings = self.prediction_heads(
+                    content[:, queries], mask_features, predict_all_masks
+                )
                 part_logits.append(logits)
                 part_masks.append(masks)
+                part_embeddings.append(embeddings)
                 part_boxes.append(anchors[:, queries].sigmoid())
             for index in range(len(self.layers)):
                 last = index == len(self.layers) - 1
-                logits, masks = self.prediction_heads(states[:, index], mask_features, predict_all_masks or last)
+                logits, masks, embeddings = self.prediction_heads(
+                    states[:, index], mask_features, predict_all_masks or last
+                )
                 part_logits.append(logits)
                 part_masks.append(masks)
+                part_embeddings.append(embeddings)
                 part_boxes.append((self.bbox_embed(states[:, index]) + reference_logits[index][:, queries]).sigmoid())
-            heads.append((part_logits, part_masks, part_boxes))
-        class_logits, mask_logits, boxes = heads[-1]
+            heads.append((part_logits, part_masks, part_embeddings, part_boxes))
+        class_logits, mask_logits, mask_embeddings, boxes = heads[-1]
 
         if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
             # The initial queries are the selected tokens: their masks are the query-selection masks.
@@ -1044,10 +1065,14 @@ class MaskDINODecoder(nn.Module):
 
         if denoising is not None:
             # Denoising queries come first in the decoder; their predictions are reported apart.
-            dn_logits, dn_masks, dn_boxes = heads[0]
+            dn_logits, dn_masks, dn_embeddings, dn_boxes = heads[0]
             references = [value[:, pad:] for value in references]
             denoising = MaskDINODenoisingOutput(
-                **denoising, class_logits=tuple(dn_logits), mask_logits=tuple(dn_masks), box_predictions=tuple(dn_boxes)
+                **denoising,
+                class_logits=tuple(dn_logits),
+                mask_logits=tuple(dn_masks),
+                mask_embeddings=tuple(dn_embeddings),
+                box_predictions=tuple(dn_boxes),
             )
         return MaskDINODecoderOutput(
             intermediate_hidden_states=intermediate_hidden_states,
@@ -1055,6 +1080,7 @@ class MaskDINODecoder(nn.Module):
             init_reference_points=init_reference,
             class_logits=tuple(class_logits),
             mask_logits=tuple(mask_logits),
+            mask_embeddings=tuple(mask_embeddings) if predict_all_masks else None,
             box_predictions=tuple(boxes),
             query_selection=selection,
             denoising_outputs=denoising,
@@ -1329,11 +1355,13 @@ class MaskDINOModel(MaskDINOPreTrainedModel):
             enc_topk_logits=selection.enc_topk_logits,
             enc_topk_boxes=selection.enc_topk_boxes,
             enc_topk_masks=selection.enc_topk_masks,
+            enc_topk_mask_embeddings=selection.enc_topk_mask_embeddings if decoded.mask_embeddings else None,
             init_reference_points=decoded.init_reference_points,
             intermediate_hidden_states=decoded.intermediate_hidden_states,
             intermediate_reference_points=decoded.intermediate_reference_points,
             class_logits=decoded.class_logits,
             mask_logits=decoded.mask_logits,
+            mask_embeddings=decoded.mask_embeddings,
             box_predictions=decoded.box_predictions,
             denoising_outputs=decoded.denoising_outputs,
             encoder_hidden_states=encoder_states,
