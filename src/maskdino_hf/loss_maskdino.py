@@ -67,12 +67,11 @@ class LayerPredictions(NamedTuple):
     mask_embeddings: Tensor | None = None
     mask_features: Tensor | None = None
 
-    def supervised_masks(self, batch_idx: Tensor, pred_idx: Tensor) -> Tensor:
-        """Mask logits of the predictions `(batch_idx, pred_idx)` (image by image, as `_prediction_index` orders
-        them), (N, 1, h, w) float32."""
+    def supervised_masks(self, batch_idx: Tensor, pred_idx: Tensor, counts: list[int]) -> Tensor:
+        """Mask logits of the predictions `(batch_idx, pred_idx)`, image after image as `_prediction_index` orders
+        them, `counts[b]` of them in image b: (N, 1, h, w) float32."""
         if self.mask_embeddings is None or self.mask_features is None:
             return self.mask_logits[batch_idx, pred_idx].float()[:, None]
-        counts = torch.bincount(batch_idx, minlength=len(self.mask_features)).tolist()
         masks = [
             torch.einsum("qc,chw->qhw", embeddings[queries], features)
             for embeddings, features, queries, count in zip(
@@ -502,7 +501,7 @@ class MaskDINOLoss(nn.Module):
         (see `sample_points_using_uncertainty`, `point_draws` being its random numbers when drawn already); no
         upsampling, points are in normalised coordinates."""
         batch_idx, pred_idx = self._prediction_index(indices, outputs.class_logits.device)
-        source = outputs.supervised_masks(batch_idx, pred_idx)
+        source = outputs.supervised_masks(batch_idx, pred_idx, [len(pred) for pred, _ in indices])
         with torch.no_grad():
             points = self.sample_points_using_uncertainty(source, random_source, point_draws)
             point_labels = sample_target_masks(targets, points, [tgt for _, tgt in indices])

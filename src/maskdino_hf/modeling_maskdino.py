@@ -60,7 +60,7 @@ class MaskDINOQuerySelectionOutput(ModelOutput):
     enc_topk_boxes (`torch.Tensor` of shape (batch, Q, 4)): their boxes (sigmoid cxcywh).
     enc_topk_masks (`torch.Tensor` of shape (batch, Q, h, w)): their mask logits.
     enc_topk_mask_embeddings (`torch.Tensor` of shape (batch, Q, mask_feature_size)): their mask embeddings, the
-        factor of `enc_topk_masks` beside the per-pixel embedding; `None` at inference without auxiliary masks.
+        factor of `enc_topk_masks` beside the per-pixel embedding.
     enc_topk_hidden_states (`torch.Tensor` of shape (batch, Q, hidden)): their encoder states, the content queries.
     enc_topk_coord_logits (`torch.Tensor` of shape (batch, Q, 4)): their boxes in logit space, the anchors.
     """
