@@ -84,6 +84,11 @@ class LayerPredictions(NamedTuple):
         return torch.cat(masks).float()[:, None]
 
 COST_TERMS = ("class", "mask", "dice", "bbox", "giou")
+# Queries per block of the matcher's mask terms (`MaskDINOHungarianMatcher.compute_costs`) and masks per block of
+# PointRend's uncertainty sampling (`MaskDINOLoss.sample_points_using_uncertainty`): small enough that the blocks'
+# temporaries are reused from the allocator's free lists instead of faulted in afresh.
+MATCHER_QUERY_BLOCK = 32
+UNCERTAINTY_MASK_BLOCK = 16
 BASE_LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 
 
@@ -255,18 +260,26 @@ class MaskDINOHungarianMatcher(nn.Module):
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
         sizes = [len(t["labels"]) for t in targets]
 
-        pred_points = point_sample(pred_masks, points).flatten(0, 1)  # (B*Q, P)
         # every target of an image at the image's points
         target_indices = [torch.arange(size) for size in sizes]
         entry_points = points.repeat_interleave(torch.tensor(sizes, device=device), 0, output_size=sum(sizes))
         target_points = sample_target_masks(targets, entry_points, target_indices)
+        # The mask terms block by block of queries: the point logits of all queries and their sigmoid and softplus
+        # would be the matcher's largest temporaries (30 MB each for 2 x 300 queries), fresh memory at every layer.
+        mask_terms = {"mask": [], "dice": []}
+        for block in pred_masks.split(MATCHER_QUERY_BLOCK, dim=1):
+            block_points = point_sample(block, points).flatten(0, 1)  # (B*q, P)
+            block_shape = (batch_size, block.shape[1], -1)
+            bce = pair_wise_sigmoid_cross_entropy_cost(block_points, target_points)
+            mask_terms["mask"].append(bce.view(block_shape))
+            mask_terms["dice"].append(pair_wise_dice_loss(block_points, target_points).view(block_shape))
 
         terms = {
             "class": focal_class_cost(
                 logits.flatten(0, 1), target_labels, self.config.focal_alpha, self.config.focal_gamma
             ),
-            "mask": pair_wise_sigmoid_cross_entropy_cost(pred_points, target_points),
-            "dice": pair_wise_dice_loss(pred_points, target_points),
+            "mask": torch.cat(mask_terms["mask"], 1).flatten(0, 1),
+            "dice": torch.cat(mask_terms["dice"], 1).flatten(0, 1),
             "bbox": torch.cdist(pred_boxes, target_boxes, p=1),
             "giou": -generalized_box_iou_with_eps(
                 center_to_corners_format(pred_boxes)[:, None], center_to_corners_format(target_boxes)[None]
@@ -449,10 +462,18 @@ class MaskDINOLoss(nn.Module):
             mask_logits.shape[0], mask_logits.device, random_source
         )
         num_uncertain = int(self.config.importance_sample_ratio * self.config.train_num_points)
-        certainty = point_sample(mask_logits, candidates)[:, 0].abs_()
-        top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
-        points = candidates.gather(1, top[..., None].expand(-1, -1, 2))
-        return points if extra is None else torch.cat([points, extra], dim=1)
+        num_extra = 0 if extra is None else extra.shape[1]
+        points = candidates.new_empty(len(candidates), num_uncertain + num_extra, 2)
+        if extra is not None:
+            points[:, num_uncertain:] = extra
+        # Block by block of masks: the candidates' grid and logits for all masks at once (60 and 30 MB for the 200
+        # denoising masks of a layer) would be fresh memory at every layer.
+        for start in range(0, len(candidates), UNCERTAINTY_MASK_BLOCK):
+            block = slice(start, start + UNCERTAINTY_MASK_BLOCK)
+            certainty = point_sample(mask_logits[block], candidates[block])[:, 0].abs_()
+            top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
+            points[block, :num_uncertain] = candidates[block].gather(1, top[..., None].expand(-1, -1, 2))
+        return points
 
     # ------------------------------------------------------------------------------------------ loss terms
     def loss_labels(
