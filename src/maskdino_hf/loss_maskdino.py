@@ -266,20 +266,20 @@ class MaskDINOHungarianMatcher(nn.Module):
         target_points = sample_target_masks(targets, entry_points, target_indices)
         # The mask terms block by block of queries: the point logits of all queries and their sigmoid and softplus
         # would be the matcher's largest temporaries (30 MB each for 2 x 300 queries), fresh memory at every layer.
-        mask_terms = {"mask": [], "dice": []}
+        block_costs = []  # (2, B, q, targets) each: BCE and dice
         for block in pred_masks.split(MATCHER_QUERY_BLOCK, dim=1):
             block_points = point_sample(block, points).flatten(0, 1)  # (B*q, P)
-            block_shape = (batch_size, block.shape[1], -1)
-            bce = pair_wise_sigmoid_cross_entropy_cost(block_points, target_points)
-            mask_terms["mask"].append(bce.view(block_shape))
-            mask_terms["dice"].append(pair_wise_dice_loss(block_points, target_points).view(block_shape))
+            costs = [pair_wise_sigmoid_cross_entropy_cost(block_points, target_points),
+                     pair_wise_dice_loss(block_points, target_points)]
+            block_costs.append(torch.stack(costs).view(2, batch_size, block.shape[1], -1))
+        mask_cost, dice_cost = torch.cat(block_costs, 2).flatten(1, 2)
 
         terms = {
             "class": focal_class_cost(
                 logits.flatten(0, 1), target_labels, self.config.focal_alpha, self.config.focal_gamma
             ),
-            "mask": torch.cat(mask_terms["mask"], 1).flatten(0, 1),
-            "dice": torch.cat(mask_terms["dice"], 1).flatten(0, 1),
+            "mask": mask_cost,
+            "dice": dice_cost,
             "bbox": torch.cdist(pred_boxes, target_boxes, p=1),
             "giou": -generalized_box_iou_with_eps(
                 center_to_corners_format(pred_boxes)[:, None], center_to_corners_format(target_boxes)[None]

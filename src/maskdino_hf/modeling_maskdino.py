@@ -1034,27 +1034,18 @@ class MaskDINODecoder(nn.Module):
             parts = [(denoising_states, slice(None, pad)), (intermediate_hidden_states, slice(pad, None))]
         else:
             parts = [(intermediate_hidden_states, slice(None))]
-        heads = []
+        heads = []  # per part: class logits, mask logits, mask embeddings and boxes, each a list over layers
         for states, queries in parts:
-            part_logits, part_masks, part_embeddings, part_boxes = [], [], [], []
+            layers = []
             if config.initial_pred:
-                logits, masks, embeddings = self.prediction_heads(
-                    content[:, queries], mask_features, predict_all_masks
-                )
-                part_logits.append(logits)
-                part_masks.append(masks)
-                part_embeddings.append(embeddings)
-                part_boxes.append(anchors[:, queries].sigmoid())
+                initial = self.prediction_heads(content[:, queries], mask_features, predict_all_masks)
+                layers.append((*initial, anchors[:, queries].sigmoid()))
             for index in range(len(self.layers)):
                 last = index == len(self.layers) - 1
-                logits, masks, embeddings = self.prediction_heads(
-                    states[:, index], mask_features, predict_all_masks or last
-                )
-                part_logits.append(logits)
-                part_masks.append(masks)
-                part_embeddings.append(embeddings)
-                part_boxes.append((self.bbox_embed(states[:, index]) + reference_logits[index][:, queries]).sigmoid())
-            heads.append((part_logits, part_masks, part_embeddings, part_boxes))
+                layer = self.prediction_heads(states[:, index], mask_features, predict_all_masks or last)
+                layer_boxes = (self.bbox_embed(states[:, index]) + reference_logits[index][:, queries]).sigmoid()
+                layers.append((*layer, layer_boxes))
+            heads.append([list(field) for field in zip(*layers)])
         class_logits, mask_logits, mask_embeddings, boxes = heads[-1]
 
         if config.initial_pred and config.two_stage and not config.learn_tgt and not predict_all_masks:
