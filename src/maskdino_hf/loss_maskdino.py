@@ -84,9 +84,10 @@ class LayerPredictions(NamedTuple):
         return torch.cat(masks).float()[:, None]
 
 COST_TERMS = ("class", "mask", "dice", "bbox", "giou")
-# Queries per block of the matcher's mask terms (`MaskDINOHungarianMatcher.compute_costs`) and masks per block of
-# PointRend's uncertainty sampling (`MaskDINOLoss.sample_points_using_uncertainty`): small enough that the blocks'
-# temporaries are reused from the allocator's free lists instead of faulted in afresh.
+# On the CPU: queries per block of the matcher's mask terms (`MaskDINOHungarianMatcher.compute_costs`) and masks per
+# block of PointRend's uncertainty sampling (`MaskDINOLoss.sample_points_using_uncertainty`), small enough that the
+# blocks' temporaries are reused from the allocator's free lists instead of faulted in afresh. Accelerators, whose
+# allocators cache, take one block.
 MATCHER_QUERY_BLOCK = 32
 UNCERTAINTY_MASK_BLOCK = 16
 BASE_LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
@@ -267,7 +268,8 @@ class MaskDINOHungarianMatcher(nn.Module):
         # The mask terms block by block of queries: the point logits of all queries and their sigmoid and softplus
         # would be the matcher's largest temporaries (30 MB each for 2 x 300 queries), fresh memory at every layer.
         block_costs = []  # (2, B, q, targets) each: BCE and dice
-        for block in pred_masks.split(MATCHER_QUERY_BLOCK, dim=1):
+        query_block = MATCHER_QUERY_BLOCK if device.type == "cpu" else num_queries
+        for block in pred_masks.split(query_block, dim=1):
             block_points = point_sample(block, points).flatten(0, 1)  # (B*q, P)
             costs = [pair_wise_sigmoid_cross_entropy_cost(block_points, target_points),
                      pair_wise_dice_loss(block_points, target_points)]
@@ -468,8 +470,9 @@ class MaskDINOLoss(nn.Module):
             points[:, num_uncertain:] = extra
         # Block by block of masks: the candidates' grid and logits for all masks at once (60 and 30 MB for the 200
         # denoising masks of a layer) would be fresh memory at every layer.
-        for start in range(0, len(candidates), UNCERTAINTY_MASK_BLOCK):
-            block = slice(start, start + UNCERTAINTY_MASK_BLOCK)
+        mask_block = UNCERTAINTY_MASK_BLOCK if candidates.device.type == "cpu" else max(len(candidates), 1)
+        for start in range(0, len(candidates), mask_block):
+            block = slice(start, start + mask_block)
             certainty = point_sample(mask_logits[block], candidates[block])[:, 0].abs_()
             top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
             points[block, :num_uncertain] = candidates[block].gather(1, top[..., None].expand(-1, -1, 2))
