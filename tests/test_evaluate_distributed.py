@@ -45,6 +45,8 @@ def _worker(data: str, output: str) -> None:
     Path(output, f"rank{state.process_index}.json").write_text(
         json.dumps({"metrics": metrics, "images": seen, "num_processes": state.num_processes})
     )
+    state.wait_for_everyone()
+    state.destroy_process_group()  # as a script under `accelerate launch` ends (Accelerator.end_training)
 
 
 def _free_port() -> str:

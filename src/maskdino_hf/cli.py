@@ -192,13 +192,26 @@ def _json_safe(value: Any) -> Any:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, format_metrics_table, load_eval_dataset, process_state, tasks_for_dataset
+    from .evaluation import process_state
+
+    state = process_state()  # under `accelerate launch` every process evaluates its share on its own device
+    try:
+        status = _evaluate_share(args, state)
+        state.wait_for_everyone()
+        return status
+    finally:
+        # Gloo's threads outliving the interpreter abort the process at exit: close the group while it lives.
+        state.destroy_process_group()
+
+
+def _evaluate_share(args: argparse.Namespace, state: Any) -> int:
+    """``maskdino-hf evaluate`` in one of the processes of ``state``; the main one prints and writes the report."""
+    from .evaluation import evaluate, format_metrics_table, load_eval_dataset, tasks_for_dataset
 
     dataset, categories = load_eval_dataset(args.data, args.split)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: the {args.split!r} split is empty")
     tasks = tasks_for_dataset(args.task, dataset.column_names)
-    state = process_state()  # under `accelerate launch` every process evaluates its share on its own device
     device = str(state.device) if state.num_processes > 1 else resolve_device(args.device)
     model, processor = load_model_and_processor(args.model, device, compile=args.compile)
     num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
