@@ -7,6 +7,9 @@ Models:
   run; ``--height 800 --width 1088`` is the size of ``benchmarks/inference.py``).
 * ``demo``: the bundled demo model on its first bundled image, as the processor pads it (160x192).
 
+Variants: eager PyTorch, ``compile`` (Inductor), ``onnx`` (ONNX Runtime on a file exported for the input's size) and
+``onnx-any`` (ONNX Runtime on a file exported for any size: ``export_onnx`` without ``input_size``).
+
 Per model and device: the one-off costs (Inductor's compilation on the first call; the ONNX export and session
 creation), then ``--runs`` timed forward passes of each variant, interleaved (eager, compiled, ONNX Runtime, eager,
 ...) so that background load affects all alike; medians and speed-ups over eager are printed, with each variant's
@@ -35,7 +38,7 @@ from inference import build_maskdino, load_info, timed  # noqa: E402
 
 from maskdino_hf.export import OUTPUT_NAMES, MaskDINOOnnxModel, compile_model, export_onnx  # noqa: E402
 
-VARIANTS = ("eager", "compile", "onnx")
+VARIANTS = ("eager", "compile", "onnx", "onnx-any")
 
 
 def demo_inputs():
@@ -82,21 +85,25 @@ def bench(args, name: str, model, pixel_values, pixel_mask, device: torch.device
             compiled()
             setup["compile"] = time.perf_counter() - start
             runners["compile"] = compiled
-    if "onnx" in args.variants:
+    # "onnx": exported for this input size; "onnx-any": exported for any size (dynamic height and width).
+    for variant, export_size in (("onnx", tuple(pixel_values.shape[-2:])), ("onnx-any", None)):
+        if variant not in args.variants:
+            continue
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         import onnxruntime
 
         if set(providers) <= set(onnxruntime.get_available_providers()):
             start = time.perf_counter()
-            path = export_onnx(model, work_dir / f"{name}-{device.type}.onnx", input_size=tuple(pixel_values.shape[-2:]))
-            session = MaskDINOOnnxModel(path, providers=providers,
+            path = export_onnx(model, work_dir / f"{name}-{device.type}-{variant}.onnx", input_size=export_size)
+            # No spinning: ONNX Runtime's threads would otherwise spin on after each run and slow the next variant.
+            session = MaskDINOOnnxModel(path, providers=providers, spin=False,
                                         intra_op_num_threads=args.threads if device.type == "cpu" else None)
-            setup["onnx"] = time.perf_counter() - start
+            setup[variant] = time.perf_counter() - start
 
-            def onnx():
+            def onnx(session=session):
                 return session(pixel_values, pixel_mask=pixel_mask)
 
-            runners["onnx"] = onnx
+            runners[variant] = onnx
     errors, times = {}, {variant: [] for variant in runners}
     with torch.inference_mode():
         for variant, run in runners.items():

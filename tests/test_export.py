@@ -51,12 +51,38 @@ def _assert_close(outputs, expected) -> None:
         assert error <= ATOL, f"{name}: max abs error {error:.3g} > {ATOL}"
 
 
+def _inputs(height: int, width: int, padded_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image batch of one, its last `padded_rows` rows marked as padding."""
+    pixel_values = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(height * width))
+    pixel_mask = torch.ones(1, height, width, dtype=torch.long)
+    pixel_mask[:, height - padded_rows:] = 0
+    return pixel_values, pixel_mask
+
+
+# Unequal sides, sides that are not multiples of 32, a padded batch, and more encoder tokens than the traced size's
+# 426 by more than the encoder's inference chunk of 2048 (3871).
+OTHER_SIZES = ((96, 224, 0), (150, 97, 40), (448, 416, 64))
+
+
 def test_torch_export_matches_eager(model_and_inputs):
     model, inputs, expected = model_and_inputs
     exported = torch.export.export(model, inputs)
     with torch.no_grad():
         outputs = exported.module()(*inputs)
     _assert_close(outputs, expected)
+
+
+def test_torch_export_with_dynamic_sizes_matches_eager_at_every_size(model_and_inputs):
+    """One export with symbolic height and width runs every size as eager does: nothing computed from the input size
+    (level shapes, reference points, token counts) is recorded as a constant of the traced size."""
+    model, inputs, _ = model_and_inputs
+    height, width = torch.export.Dim("height", min=65, max=4096), torch.export.Dim("width", min=65, max=4096)
+    exported = torch.export.export(model, inputs, dynamic_shapes={
+        "pixel_values": {2: height, 3: width}, "pixel_mask": {1: height, 2: width}})
+    for size in OTHER_SIZES:
+        other = _inputs(*size)
+        with torch.no_grad():
+            _assert_close(exported.module()(*other), model(*other))
 
 
 def test_onnx_export_runs_in_onnxruntime_and_matches_eager(model_and_inputs, tmp_path):
@@ -74,3 +100,35 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_eager(model_and_inputs, tmp
     _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], expected)
     with pytest.raises(ValueError, match="pad_size"):
         runner(torch.zeros(1, 3, 128, 192))
+
+
+def test_onnx_export_for_any_size_runs_every_size_in_onnxruntime(model_and_inputs, tmp_path):
+    """`maskdino-hf export` without --height/--width: one file for any input size, equal to eager at each; sizes and
+    batches it cannot take are refused with the reason."""
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package, reason=f"ONNX export needs {package!r} (pip install 'maskdino-hf[export]')")
+    model, inputs, expected = model_and_inputs
+    model.model.save_pretrained(tmp_path / "model")
+    MaskDINOImageProcessor(num_labels=5).save_pretrained(tmp_path / "model")
+    path = tmp_path / "any-size.onnx"
+    assert cli.main(["export", "--model", str(tmp_path / "model"), "--output", str(path)]) == 0
+    runner = MaskDINOOnnxModel(path, providers=["CPUExecutionProvider"])
+    assert runner.input_size is None and runner.batch_size == 1
+    outputs = runner(*inputs)
+    _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], expected)
+    for size in OTHER_SIZES:
+        other = _inputs(*size)
+        outputs = runner(*other)
+        with torch.no_grad():
+            _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], model(*other))
+    with pytest.raises(ValueError, match="from 65 to 8192 px"):
+        runner(torch.zeros(1, 3, 64, 160))
+    with pytest.raises(ValueError, match="batches of 1"):
+        runner(torch.zeros(2, 3, 128, 160))
+    with pytest.raises(ValueError, match="pixel_mask must have shape"):
+        runner(inputs[0], pixel_mask=torch.ones(1, 128, 128, dtype=torch.long))
+
+
+def test_export_cli_refuses_one_side_alone(tmp_path, capsys):
+    assert cli.main(["export", "--output", str(tmp_path / "m.onnx"), "--height", "128"]) == 2
+    assert "both --height and --width" in capsys.readouterr().err

@@ -7,7 +7,7 @@
                        [--split validation] [--output REPORT.json] [--max-images N] [--compile]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
   maskdino-hf convert --release NAME --output-dir DIR [--checkpoint model.pth] [--push-to-hub REPO_ID]
-  maskdino-hf export --output model.onnx --height H --width W [--model DIR_OR_HUB_ID] [--batch-size N]
+  maskdino-hf export --output model.onnx [--height H --width W] [--model DIR_OR_HUB_ID] [--batch-size N]
   maskdino-hf releases
   maskdino-hf demo [--model DIR_OR_HUB_ID] [--host H] [--port P] [--share]
 
@@ -163,16 +163,24 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import dynamic_size_range, export_onnx
 
+    if (args.height is None) != (args.width is None):
+        raise CLIError("give both --height and --width (one input size), or neither (any size)")
+    size = None if args.height is None else (args.height, args.width)
     model, _ = load_model_and_processor(args.model, "cpu")
     try:
-        path = export_onnx(model, args.output, (args.height, args.width), batch_size=args.batch_size)
+        path = export_onnx(model, args.output, size, batch_size=args.batch_size)
     except ImportError as error:  # the export extra is missing: an input problem, said in one line
         raise CLIError(str(error)) from None
-    print(f"wrote {path}: input {args.batch_size}x3x{args.height}x{args.width}; pad every batch to it with "
-          f"processor(images, pad_size={{'height': {args.height}, 'width': {args.width}}}) and run it with "
-          "maskdino_hf.export.MaskDINOOnnxModel")
+    if size is None:
+        low, high = dynamic_size_range(model)
+        print(f"wrote {path}: input {args.batch_size}x3xHxW, H and W from {low} to {high} px (the image processor's "
+              "own padding); run it with maskdino_hf.export.MaskDINOOnnxModel")
+    else:
+        print(f"wrote {path}: input {args.batch_size}x3x{args.height}x{args.width}; pad every batch to it with "
+              f"processor(images, pad_size={{'height': {args.height}, 'width': {args.width}}}) and run it with "
+              "maskdino_hf.export.MaskDINOOnnxModel")
     return 0
 
 
@@ -345,16 +353,19 @@ def _add_evaluate(commands) -> None:
 def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="export a model to ONNX (run by ONNX Runtime; needs the export extra)",
-        description="Export the inference forward pass of a Mask DINO model to an ONNX file for one input size "
-        "(pip install -e \".[export]\"). Pad every batch to that size with the image processor's pad_size; "
+        description="Export the inference forward pass of a Mask DINO model to an ONNX file (pip install -e "
+        "\".[export]\"): for any input size by default, or, with --height and --width, for that size only (pad every "
+        "batch to it with the image processor's pad_size; a smaller graph). "
         "maskdino_hf.export.MaskDINOOnnxModel runs the file and returns outputs the processor's post-processing "
         "takes.",
     )
     export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only format so far)")
     export.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled demo model)")
     export.add_argument("--output", required=True, help="the .onnx file to write")
-    export.add_argument("--height", type=_positive_int, required=True, help="input height in pixels (padded size)")
-    export.add_argument("--width", type=_positive_int, required=True, help="input width in pixels (padded size)")
+    export.add_argument("--height", type=_positive_int, default=None,
+                        help="the one input height in pixels (padded size; default: any size)")
+    export.add_argument("--width", type=_positive_int, default=None,
+                        help="the one input width in pixels (padded size; default: any size)")
     export.add_argument("--batch-size", type=_positive_int, default=1, help="images per run (default 1)")
     export.set_defaults(handler=_export)
 

@@ -2,18 +2,19 @@
 
 * `compile_model(model)` compiles the model in place with `torch.compile` (what `maskdino-hf predict --compile`
   does); the model is then called as before.
-* `export_onnx(model, path, input_size)` writes the inference forward pass (pixel values and pixel mask in; final
-  class logits, mask logits and boxes out) as an ONNX model through `torch.onnx.export(..., dynamo=True)`, for one
-  input size: pad every batch to it with the processor's `pad_size`. `MaskDINOOnnxModel(path)` runs such a file
-  with `onnxruntime` and returns a `MaskDINOForUniversalSegmentationOutput`, so the image processor's
-  `post_process_*` methods take its outputs as they take the model's. Both need the `export` extra (`onnx`,
-  `onnxruntime`, `onnxscript`).
+* `export_onnx(model, path)` writes the inference forward pass (pixel values and pixel mask in; final class
+  logits, mask logits and boxes out) as an ONNX model through `torch.onnx.export(..., dynamo=True)`: for any input
+  size (height and width are dynamic), or with `input_size=(height, width)` for that size only (pad every batch to it
+  with the processor's `pad_size`). `MaskDINOOnnxModel(path)` runs such a file with `onnxruntime` and returns a
+  `MaskDINOForUniversalSegmentationOutput`, so the image processor's `post_process_*` methods take its outputs as they
+  take the model's. Both need the `export` extra (`onnx`, `onnxruntime`, `onnxscript`).
 
 Both equal eager PyTorch to 1e-4 (tests/test_deploy.py, tests/test_export.py); `benchmarks/deploy.py` times them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +22,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modeling_maskdino import MaskDINOForUniversalSegmentation, MaskDINOForUniversalSegmentationOutput
+from .configuration_maskdino import MaskDINOConfig
+from .modeling_maskdino import (
+    MaskDINOForUniversalSegmentation,
+    MaskDINOForUniversalSegmentationOutput,
+    check_input_size,
+)
 
 INPUT_NAMES = ("pixel_values", "pixel_mask")
+# The largest height and width of an export for any size (torch.export needs a bound; 8192 covers every use here).
+MAX_DYNAMIC_SIDE = 8192
+# ONNX metadata keys: the model's config (JSON) and its encoder strides, for the runner's input checks.
+CONFIG_KEY, STRIDES_KEY = "maskdino_config", "maskdino_encoder_strides"
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "pred_boxes")
 
 __all__ = [
-    "INPUT_NAMES", "OUTPUT_NAMES", "MaskDINOInferenceModule", "MaskDINOOnnxModel", "compile_model", "export_onnx"
+    "INPUT_NAMES", "OUTPUT_NAMES", "MaskDINOInferenceModule", "MaskDINOOnnxModel", "compile_model",
+    "dynamic_size_range", "export_onnx",
 ]
 
 
@@ -78,26 +89,50 @@ class MaskDINOInferenceModule(nn.Module):
         return outputs.class_queries_logits, outputs.masks_queries_logits, outputs.pred_boxes
 
 
+def dynamic_size_range(model: MaskDINOForUniversalSegmentation) -> tuple[int, int]:
+    """(smallest, largest) height and width an ONNX export for any size takes: sides above the coarsest encoder
+    stride (a level one cell wide or tall would be traced as a special case) up to `MAX_DYNAMIC_SIDE`."""
+    return max(model.model.encoder_strides) + 1, MAX_DYNAMIC_SIDE
+
+
+def _example_size(model: MaskDINOForUniversalSegmentation) -> tuple[int, int]:
+    """A traced input size for an export for any size: unequal sides (equal ones would be traced as equal),
+    multiples of 32, with enough encoder tokens for the queries."""
+    strides = model.model.encoder_strides
+    height = 32 * (max(strides) // 32 + 2)
+    while True:
+        width = height + 32
+        try:
+            check_input_size(model.config, strides, 1, height, width)
+            return height, width
+        except ValueError:
+            height += 32
+
+
 def export_onnx(
     model: MaskDINOForUniversalSegmentation,
     path: str | os.PathLike,
-    input_size: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
     batch_size: int = 1,
     opset_version: int | None = None,
 ) -> Path:
     """Export `model`'s inference forward pass to the ONNX file `path` (written with its folder) and return it.
 
     The file takes `pixel_values` (batch_size, 3, height, width) float32 and `pixel_mask` (batch_size, height,
-    width) int64 (1 on real pixels) of exactly `input_size = (height, width)`: pad every batch to that size with
-    the image processor (`processor(images, pad_size={"height": height, "width": width})`); post-processing crops
-    the padding as usual. Outputs: `OUTPUT_NAMES`. The size is fixed because the forward pass computes its
-    multi-scale token layout from the input size, which the exporter records as constants. Weights are stored in
-    the file. Needs `onnx`, `onnxruntime` and `onnxscript` (the `export` extra).
+    width) int64 (1 on real pixels), as the image processor returns them; outputs: `OUTPUT_NAMES`. With
+    `input_size=None` (the default) height and width are dynamic: any size from `dynamic_size_range(model)`, so each
+    batch keeps the processor's own padding. With `input_size=(height, width)` the file takes that size only: pad
+    every batch to it with `processor(images, pad_size={"height": height, "width": width})`; its graph is smaller and
+    ONNX Runtime may optimise it further. The batch size is fixed. The file's metadata holds the model's config, so
+    `MaskDINOOnnxModel` refuses an input the model itself would refuse. Weights are stored in the file. Needs `onnx`,
+    `onnxruntime` and `onnxscript` (the `export` extra).
     """
     if not isinstance(model, MaskDINOForUniversalSegmentation):
         raise TypeError(f"model must be a MaskDINOForUniversalSegmentation, got {type(model).__name__}")
-    if len(input_size) != 2 or not all(isinstance(side, int) and side > 0 for side in input_size):
-        raise ValueError(f"input_size must be (height, width) in pixels, got {input_size!r}")
+    if input_size is not None and (
+        len(input_size) != 2 or not all(isinstance(side, int) and side > 0 for side in input_size)
+    ):
+        raise ValueError(f"input_size must be (height, width) in pixels, or None for any size, got {input_size!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     path = Path(path)
@@ -105,11 +140,20 @@ def export_onnx(
         raise ValueError(f"path must name an .onnx file, got {str(path)!r}")
     for package in ("onnx", "onnxscript"):
         _require(package)
+    strides = model.model.encoder_strides
+    if input_size is not None:
+        check_input_size(model.config, strides, batch_size, *input_size)
+    size = _example_size(model) if input_size is None else input_size
+    dynamic_shapes = None
+    if input_size is None:
+        low, high = dynamic_size_range(model)
+        height, width = torch.export.Dim("height", min=low, max=high), torch.export.Dim("width", min=low, max=high)
+        dynamic_shapes = {"pixel_values": {2: height, 3: width}, "pixel_mask": {1: height, 2: width}}
     parameter = next(model.parameters())
-    pixel_values = torch.randn(batch_size, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    pixel_values = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     inputs = (
         pixel_values.to(device=parameter.device, dtype=parameter.dtype),
-        torch.ones(batch_size, *input_size, dtype=torch.long, device=parameter.device),
+        torch.ones(batch_size, *size, dtype=torch.long, device=parameter.device),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -118,10 +162,14 @@ def export_onnx(
         with torch.no_grad():
             program = torch.onnx.export(
                 MaskDINOInferenceModule(model).eval(), inputs, dynamo=True, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), opset_version=opset_version, verbose=False,
+                output_names=list(OUTPUT_NAMES), opset_version=opset_version, dynamic_shapes=dynamic_shapes,
+                verbose=False,
             )
     finally:
         model.train(was_training)
+    program.model.metadata_props.update(
+        {CONFIG_KEY: model.config.to_json_string(use_diff=False), STRIDES_KEY: json.dumps(strides)}
+    )
     program.save(str(path))
     return path
 
@@ -130,13 +178,16 @@ class MaskDINOOnnxModel:
     """An exported Mask DINO run by ONNX Runtime; called like the model on the image processor's tensors.
 
     `providers`: ONNX Runtime execution providers (default: CUDA when this onnxruntime has it, else CPU).
-    `intra_op_num_threads`: threads of one run (default: ONNX Runtime's choice, all cores)."""
+    `intra_op_num_threads`: threads of one run (default: ONNX Runtime's choice, all cores).
+    `spin`: ONNX Runtime's threads keep spinning after a run (its default: lower latency for back-to-back runs);
+    `False` frees the cores at once for other work, such as PyTorch between runs."""
 
     def __init__(
         self,
         path: str | os.PathLike,
         providers: Sequence[str] | None = None,
         intra_op_num_threads: int | None = None,
+        spin: bool = True,
     ):
         _require("onnxruntime")
         import onnxruntime
@@ -150,6 +201,8 @@ class MaskDINOOnnxModel:
         options = onnxruntime.SessionOptions()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
         names = tuple(output.name for output in self.session.get_outputs())
         if names != OUTPUT_NAMES:
@@ -157,25 +210,55 @@ class MaskDINOOnnxModel:
         # An exporter drops an input the graph does not read.
         self.input_names = [entry.name for entry in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape
-        self.batch_size, self.input_size = shape[0], (shape[2], shape[3])
+        # Dynamic dimensions are named (strings) rather than sized.
+        self.batch_size = shape[0]
+        self.input_size = (shape[2], shape[3]) if all(isinstance(side, int) for side in shape[2:]) else None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.config = MaskDINOConfig.from_dict(json.loads(metadata[CONFIG_KEY])) if CONFIG_KEY in metadata else None
+        self.encoder_strides = json.loads(metadata[STRIDES_KEY]) if STRIDES_KEY in metadata else None
+
+    def _check_size(self, pixel_values: torch.Tensor) -> None:
+        """Refuse a batch this file was not exported for, or that the model itself would refuse."""
+        if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            shown = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shown}")
+        batch_size, _, height, width = pixel_values.shape
+        if self.input_size is not None and (height, width) != tuple(self.input_size):
+            fixed_height, fixed_width = self.input_size
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: this ONNX model was exported for "
+                f"{(self.batch_size, 3, *self.input_size)}; pad batches of {self.batch_size} to it with "
+                f"processor(images, pad_size={{'height': {fixed_height}, 'width': {fixed_width}}}), or export it for "
+                "any size (export_onnx without input_size)"
+            )
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"pixel_values has a batch of {batch_size}: this ONNX model was exported for batches of "
+                f"{self.batch_size} (export_onnx(..., batch_size=N))"
+            )
+        if self.input_size is None and self.encoder_strides is not None:
+            low, high = max(self.encoder_strides) + 1, MAX_DYNAMIC_SIDE
+            if not (low <= height <= high and low <= width <= high):
+                raise ValueError(
+                    f"pixel_values of size {(height, width)}: this ONNX model takes heights and widths from {low} to "
+                    f"{high} px"
+                )
+        if self.config is not None:
+            check_input_size(self.config, self.encoder_strides, batch_size, height, width)
 
     def __call__(
         self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
     ) -> MaskDINOForUniversalSegmentationOutput:
         """Outputs on the CPU (`class_queries_logits`, `masks_queries_logits`, `pred_boxes`); `pixel_mask`
         defaults to all ones."""
-        if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {type(pixel_values)}")
-        expected = (self.batch_size, 3, *self.input_size)
-        if tuple(pixel_values.shape) != expected:
-            height, width = self.input_size
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)}: this ONNX model was exported for {expected}; pad "
-                f"batches of {self.batch_size} to it with processor(images, pad_size={{'height': {height}, "
-                f"'width': {width}}})"
-            )
+        self._check_size(pixel_values)
         if pixel_mask is None:
             pixel_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long)
+        elif tuple(pixel_mask.shape) != (pixel_values.shape[0], *pixel_values.shape[-2:]):
+            raise ValueError(
+                f"pixel_mask must have shape (batch, height, width) = "
+                f"{(pixel_values.shape[0], *pixel_values.shape[-2:])}, got {tuple(pixel_mask.shape)}"
+            )
         arrays = {
             "pixel_values": pixel_values.detach().float().cpu().numpy(),
             "pixel_mask": pixel_mask.detach().long().cpu().numpy(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,7 +31,6 @@ from transformers.activations import ACT2FN
 from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.deformable_detr.modeling_deformable_detr import (
-    DeformableDetrEncoder,
     DeformableDetrFrozenBatchNorm2d,
     DeformableDetrMLPPredictionHead,
     inverse_sigmoid,
@@ -304,6 +304,17 @@ def mask_enhanced_box_init(mask_logits: torch.Tensor, box_type: str) -> torch.Te
     return inverse_sigmoid(corners_to_center_format(boxes) / scale).to(mask_logits.dtype)
 
 
+def cell_centers(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(x, y) centres of the cells of a ``height`` x ``width`` map, normalised to (0, 1), row by row: (tokens, 2)
+    float32. ``arange`` rather than ``linspace``, so that export keeps symbolic sizes symbolic."""
+    grid_y, grid_x = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    return torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height], dim=-1).reshape(-1, 2)
+
+
 def encoder_output_proposals(
     memory: torch.Tensor, spatial_shapes_list: list[tuple[int, int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,12 +325,7 @@ def encoder_output_proposals(
     the model's own output projection, while Mask DINO attends to padding and projects afterwards."""
     proposals = []
     for level, (height, width) in enumerate(spatial_shapes_list):
-        grid_y, grid_x = torch.meshgrid(
-            torch.arange(height, dtype=torch.float32, device=memory.device),
-            torch.arange(width, dtype=torch.float32, device=memory.device),
-            indexing="ij",
-        )
-        centers = torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height], dim=-1).reshape(-1, 2)
+        centers = cell_centers(height, width, memory.device)
         sizes = torch.full_like(centers, 0.05 * (2.0**level))
         proposals.append(torch.cat([centers, sizes], dim=-1))
     proposals = torch.cat(proposals, dim=0)[None].expand(memory.shape[0], -1, -1)
@@ -363,6 +369,34 @@ def _check_pixel_tensor(pixel_values: torch.Tensor) -> None:
         )
 
 
+def check_input_size(
+    config: MaskDINOConfig, strides: Sequence[int], batch_size: int, height: int, width: int
+) -> None:
+    """Refuse an input size the model cannot run on (``strides``: :attr:`MaskDINOModel.encoder_strides`): smaller
+    than the coarsest stride, a coarsest level GroupNorm cannot normalise, or fewer encoder tokens than
+    ``num_queries``. Shared by the model and the ONNX runner (:class:`maskdino_hf.export.MaskDINOOnnxModel`)."""
+    min_size = max(strides)
+    if min(height, width) < min_size:
+        raise ValueError(
+            f"input of size {(height, width)} is smaller than the coarsest feature stride ({min_size}); the minimum "
+            f"input with this config is {min_size}x{min_size}: resize or pad it first"
+        )
+    # Every stride-2 stage rounds up, so a level of stride s is ceil(height / s) x ceil(width / s).
+    level_sizes = [(-(-height // stride)) * (-(-width // stride)) for stride in strides]
+    # GroupNorm(32) needs two values per group over the batch: one channel per group, one image and a 1x1 level fail.
+    if batch_size * min(level_sizes) * (config.feature_size // 32) == 1:
+        raise ValueError(
+            f"a single image of size {(height, width)} leaves the coarsest level (stride {min_size}) with one value per "
+            f"GroupNorm group (feature_size={config.feature_size}, 32 groups): with this config a single image must be "
+            f"at least {min_size}x{min_size + 1} (one side larger than {min_size}), or pad the batch"
+        )
+    if config.two_stage and sum(level_sizes) < config.num_queries:
+        raise ValueError(
+            f"input of size {(height, width)} gives {sum(level_sizes)} encoder tokens, fewer than the "
+            f"num_queries={config.num_queries} queries selected from them: use a larger input or fewer queries"
+        )
+
+
 def _check_pixel_inputs(
     pixel_values: torch.Tensor,
     pixel_mask: torch.Tensor | None,
@@ -393,27 +427,7 @@ def _check_pixel_inputs(
             )
         if pixel_mask.is_complex():
             raise TypeError(f"pixel_mask must hold 0/1 (bool, integer or float), got {pixel_mask.dtype}")
-    height, width = pixel_values.shape[-2:]
-    min_size = max(strides)
-    if min(height, width) < min_size:
-        raise ValueError(
-            f"input of size {(height, width)} is smaller than the coarsest feature stride ({min_size}); the minimum "
-            f"input with this config is {min_size}x{min_size}: resize or pad it first"
-        )
-    # Every stride-2 stage rounds up, so a level of stride s is ceil(height / s) x ceil(width / s).
-    level_sizes = [(-(-height // stride)) * (-(-width // stride)) for stride in strides]
-    # GroupNorm(32) needs two values per group over the batch: one channel per group, one image and a 1x1 level fail.
-    if pixel_values.shape[0] * min(level_sizes) * (config.feature_size // 32) == 1:
-        raise ValueError(
-            f"a single image of size {(height, width)} leaves the coarsest level (stride {min_size}) with one value per "
-            f"GroupNorm group (feature_size={config.feature_size}, 32 groups): with this config a single image must be "
-            f"at least {min_size}x{min_size + 1} (one side larger than {min_size}), or pad the batch"
-        )
-    if config.two_stage and sum(level_sizes) < config.num_queries:
-        raise ValueError(
-            f"input of size {(height, width)} gives {sum(level_sizes)} encoder tokens, fewer than the "
-            f"num_queries={config.num_queries} queries selected from them: use a larger input or fewer queries"
-        )
+    check_input_size(config, strides, pixel_values.shape[0], *pixel_values.shape[-2:])
     if _skip_data_checks():
         return
     # One host read for both value checks. A finite float32 sum means every pixel is finite (NaN or +-Inf propagate).
@@ -577,7 +591,8 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         hidden_states = self.self_attn_layer_norm(
             hidden_states + F.dropout(attended, self.dropout, self.training)
         )
-        if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad):
+        # Traced graphs take the whole-tensor expression: chunks would fix the token count, and compilers fuse it.
+        if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad) or torch.compiler.is_compiling():
             feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
             hidden_states = hidden_states + F.dropout(feed_forward, self.dropout, self.training)
         else:
@@ -670,12 +685,9 @@ class MaskDINOPixelDecoder(nn.Module):
         position_embeddings = torch.cat(position, 1)
         spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long, device=hidden_states.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        # Cell centres of every level in [0, 1]; no padding mask, so every valid ratio is 1.
-        valid_ratios = torch.ones(1, len(spatial_shapes_list), 2, device=hidden_states.device)
-        reference_points = DeformableDetrEncoder.get_reference_points(
-            spatial_shapes_list, valid_ratios, hidden_states.device
-        )
-        reference_points = reference_points.to(hidden_states.dtype).expand(batch_size, -1, -1, -1)
+        # Each token's cell centre, the same on every level: no padding mask, so every valid ratio is 1.
+        centers = torch.cat([cell_centers(*shape, hidden_states.device) for shape in spatial_shapes_list])
+        reference_points = centers.to(hidden_states.dtype)[None, :, None].expand(batch_size, -1, len(sources), -1)
         all_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
