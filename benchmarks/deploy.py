@@ -8,7 +8,8 @@ Models:
 * ``demo``: the bundled demo model on its first bundled image, as the processor pads it (160x192).
 
 Variants: eager PyTorch, ``compile`` (Inductor), ``onnx`` (ONNX Runtime on a file exported for the input's size) and
-``onnx-any`` (ONNX Runtime on a file exported for any size: ``export_onnx`` without ``input_size``).
+``onnx-any`` (ONNX Runtime on a file exported for any size and batch: ``export_onnx`` without ``input_size`` and
+``batch_size``).
 
 Per model and device: the one-off costs (Inductor's compilation on the first call; the ONNX export and session
 creation), then ``--runs`` timed forward passes of each variant, interleaved (eager, compiled, ONNX Runtime, eager,
@@ -85,8 +86,9 @@ def bench(args, name: str, model, pixel_values, pixel_mask, device: torch.device
             compiled()
             setup["compile"] = time.perf_counter() - start
             runners["compile"] = compiled
-    # "onnx": exported for this input size; "onnx-any": exported for any size (dynamic height and width).
-    for variant, export_size in (("onnx", tuple(pixel_values.shape[-2:])), ("onnx-any", None)):
+    # "onnx": exported for this input size and batch; "onnx-any": for any (dynamic batch, height and width).
+    one_size = (tuple(pixel_values.shape[-2:]), pixel_values.shape[0])
+    for variant, (export_size, export_batch) in (("onnx", one_size), ("onnx-any", (None, None))):
         if variant not in args.variants:
             continue
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
@@ -94,7 +96,8 @@ def bench(args, name: str, model, pixel_values, pixel_mask, device: torch.device
 
         if set(providers) <= set(onnxruntime.get_available_providers()):
             start = time.perf_counter()
-            path = export_onnx(model, work_dir / f"{name}-{device.type}-{variant}.onnx", input_size=export_size)
+            path = export_onnx(model, work_dir / f"{name}-{device.type}-{variant}.onnx", input_size=export_size,
+                               batch_size=export_batch)
             # No spinning: ONNX Runtime's threads would otherwise spin on after each run and slow the next variant.
             session = MaskDINOOnnxModel(path, providers=providers, spin=False,
                                         intra_op_num_threads=args.threads if device.type == "cpu" else None)

@@ -53,7 +53,8 @@ def _assert_close(outputs, expected) -> None:
 
 def _inputs(height: int, width: int, padded_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A random image batch of one, its last `padded_rows` rows marked as padding."""
-    pixel_values = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(height * width))
+    generator = torch.Generator().manual_seed(height * width + padded_rows)
+    pixel_values = torch.randn(1, 3, height, width, generator=generator)
     pixel_mask = torch.ones(1, height, width, dtype=torch.long)
     pixel_mask[:, height - padded_rows:] = 0
     return pixel_values, pixel_mask
@@ -93,18 +94,22 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_eager(model_and_inputs, tmp
     model.model.save_pretrained(tmp_path / "model")
     MaskDINOImageProcessor(num_labels=5).save_pretrained(tmp_path / "model")
     path = tmp_path / "onnx" / "maskdino.onnx"
-    argv = ["export", "--model", str(tmp_path / "model"), "--output", str(path), "--height", "128", "--width", "160"]
+    argv = ["export", "--model", str(tmp_path / "model"), "--output", str(path), "--height", "128", "--width", "160",
+            "--batch-size", "1"]
     assert cli.main(argv) == 0
     runner = MaskDINOOnnxModel(path, providers=["CPUExecutionProvider"])
+    assert runner.input_size == (128, 160) and runner.batch_size == 1
     outputs = runner(pixel_values, pixel_mask=pixel_mask)
     _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], expected)
     with pytest.raises(ValueError, match="pad_size"):
         runner(torch.zeros(1, 3, 128, 192))
+    with pytest.raises(ValueError, match="batches of 1"):
+        runner(torch.zeros(2, 3, 128, 160))
 
 
 def test_onnx_export_for_any_size_runs_every_size_in_onnxruntime(model_and_inputs, tmp_path):
-    """`maskdino-hf export` without --height/--width: one file for any input size, equal to eager at each; sizes and
-    batches it cannot take are refused with the reason."""
+    """`maskdino-hf export` without --height, --width and --batch-size: one file for any input size and batch, equal
+    to eager at each; sizes it cannot take are refused with the reason."""
     for package in ("onnx", "onnxruntime", "onnxscript"):
         pytest.importorskip(package, reason=f"ONNX export needs {package!r} (pip install 'maskdino-hf[export]')")
     model, inputs, expected = model_and_inputs
@@ -113,7 +118,7 @@ def test_onnx_export_for_any_size_runs_every_size_in_onnxruntime(model_and_input
     path = tmp_path / "any-size.onnx"
     assert cli.main(["export", "--model", str(tmp_path / "model"), "--output", str(path)]) == 0
     runner = MaskDINOOnnxModel(path, providers=["CPUExecutionProvider"])
-    assert runner.input_size is None and runner.batch_size == 1
+    assert runner.input_size is None and runner.batch_size is None
     outputs = runner(*inputs)
     _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], expected)
     for size in OTHER_SIZES:
@@ -121,10 +126,14 @@ def test_onnx_export_for_any_size_runs_every_size_in_onnxruntime(model_and_input
         outputs = runner(*other)
         with torch.no_grad():
             _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], model(*other))
+    # a batch of three, the last image padded
+    batch = [_inputs(160, 192), _inputs(160, 192, padded_rows=32), _inputs(160, 192, padded_rows=100)]
+    pixel_values, pixel_mask = (torch.cat(parts) for parts in zip(*batch))
+    outputs = runner(pixel_values, pixel_mask)
+    with torch.no_grad():
+        _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], model(pixel_values, pixel_mask))
     with pytest.raises(ValueError, match="from 65 to 8192 px"):
         runner(torch.zeros(1, 3, 64, 160))
-    with pytest.raises(ValueError, match="batches of 1"):
-        runner(torch.zeros(2, 3, 128, 160))
     with pytest.raises(ValueError, match="pixel_mask must have shape"):
         runner(inputs[0], pixel_mask=torch.ones(1, 128, 128, dtype=torch.long))
 

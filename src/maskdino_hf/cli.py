@@ -173,12 +173,13 @@ def _export(args: argparse.Namespace) -> int:
         path = export_onnx(model, args.output, size, batch_size=args.batch_size)
     except ImportError as error:  # the export extra is missing: an input problem, said in one line
         raise CLIError(str(error)) from None
+    batch = "N" if args.batch_size is None else args.batch_size
     if size is None:
         low, high = dynamic_size_range(model)
-        print(f"wrote {path}: input {args.batch_size}x3xHxW, H and W from {low} to {high} px (the image processor's "
-              "own padding); run it with maskdino_hf.export.MaskDINOOnnxModel")
+        print(f"wrote {path}: input {batch}x3xHxW, H and W from {low} to {high} px (the image processor's own "
+              "padding); run it with maskdino_hf.export.MaskDINOOnnxModel")
     else:
-        print(f"wrote {path}: input {args.batch_size}x3x{args.height}x{args.width}; pad every batch to it with "
+        print(f"wrote {path}: input {batch}x3x{args.height}x{args.width}; pad every batch to it with "
               f"processor(images, pad_size={{'height': {args.height}, 'width': {args.width}}}) and run it with "
               "maskdino_hf.export.MaskDINOOnnxModel")
     return 0
@@ -366,7 +367,8 @@ def _add_export(commands) -> None:
                         help="the one input height in pixels (padded size; default: any size)")
     export.add_argument("--width", type=_positive_int, default=None,
                         help="the one input width in pixels (padded size; default: any size)")
-    export.add_argument("--batch-size", type=_positive_int, default=1, help="images per run (default 1)")
+    export.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="the one number of images per run (default: any)")
     export.set_defaults(handler=_export)
 
 

@@ -32,6 +32,7 @@ from .modeling_maskdino import (
 INPUT_NAMES = ("pixel_values", "pixel_mask")
 # The largest height and width of an export for any size (torch.export needs a bound; 8192 covers every use here).
 MAX_DYNAMIC_SIDE = 8192
+MAX_DYNAMIC_BATCH = 1024
 # ONNX metadata keys: the model's config (JSON) and its encoder strides, for the runner's input checks.
 CONFIG_KEY, STRIDES_KEY = "maskdino_config", "maskdino_encoder_strides"
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "pred_boxes")
@@ -113,7 +114,7 @@ def export_onnx(
     model: MaskDINOForUniversalSegmentation,
     path: str | os.PathLike,
     input_size: tuple[int, int] | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     opset_version: int | None = None,
 ) -> Path:
     """Export `model`'s inference forward pass to the ONNX file `path` (written with its folder) and return it.
@@ -123,7 +124,8 @@ def export_onnx(
     `input_size=None` (the default) height and width are dynamic: any size from `dynamic_size_range(model)`, so each
     batch keeps the processor's own padding. With `input_size=(height, width)` the file takes that size only: pad
     every batch to it with `processor(images, pad_size={"height": height, "width": width})`; its graph is smaller and
-    ONNX Runtime may optimise it further. The batch size is fixed. The file's metadata holds the model's config, so
+    ONNX Runtime may optimise it further. Likewise `batch_size=None` (the default) takes batches of any size (up to
+    `MAX_DYNAMIC_BATCH`), an int that one only. The file's metadata holds the model's config, so
     `MaskDINOOnnxModel` refuses an input the model itself would refuse. Weights are stored in the file. Needs `onnx`,
     `onnxruntime` and `onnxscript` (the `export` extra).
     """
@@ -133,8 +135,8 @@ def export_onnx(
         len(input_size) != 2 or not all(isinstance(side, int) and side > 0 for side in input_size)
     ):
         raise ValueError(f"input_size must be (height, width) in pixels, or None for any size, got {input_size!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a whole number >= 1, or None for any, got {batch_size!r}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must name an .onnx file, got {str(path)!r}")
@@ -142,18 +144,27 @@ def export_onnx(
         _require(package)
     strides = model.model.encoder_strides
     if input_size is not None:
-        check_input_size(model.config, strides, batch_size, *input_size)
+        check_input_size(model.config, strides, batch_size or 1, *input_size)
     size = _example_size(model) if input_size is None else input_size
-    dynamic_shapes = None
+    # A traced dimension of size 1 is specialised, so a batch of any size is traced with two images.
+    traced_batch = 2 if batch_size is None else batch_size
+    pixel_values_dims, pixel_mask_dims = {}, {}
+    if batch_size is None:
+        batch = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+        pixel_values_dims[0] = pixel_mask_dims[0] = batch
     if input_size is None:
         low, high = dynamic_size_range(model)
         height, width = torch.export.Dim("height", min=low, max=high), torch.export.Dim("width", min=low, max=high)
-        dynamic_shapes = {"pixel_values": {2: height, 3: width}, "pixel_mask": {1: height, 2: width}}
+        pixel_values_dims.update({2: height, 3: width})
+        pixel_mask_dims.update({1: height, 2: width})
+    dynamic_shapes = None
+    if pixel_values_dims:
+        dynamic_shapes = {"pixel_values": pixel_values_dims, "pixel_mask": pixel_mask_dims}
     parameter = next(model.parameters())
-    pixel_values = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    pixel_values = torch.randn(traced_batch, 3, *size, generator=torch.Generator().manual_seed(0))
     inputs = (
         pixel_values.to(device=parameter.device, dtype=parameter.dtype),
-        torch.ones(batch_size, *size, dtype=torch.long, device=parameter.device),
+        torch.ones(traced_batch, *size, dtype=torch.long, device=parameter.device),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -210,8 +221,8 @@ class MaskDINOOnnxModel:
         # An exporter drops an input the graph does not read.
         self.input_names = [entry.name for entry in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape
-        # Dynamic dimensions are named (strings) rather than sized.
-        self.batch_size = shape[0]
+        # Dynamic dimensions are named (strings) rather than sized: None here.
+        self.batch_size = shape[0] if isinstance(shape[0], int) else None
         self.input_size = (shape[2], shape[3]) if all(isinstance(side, int) for side in shape[2:]) else None
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.config = MaskDINOConfig.from_dict(json.loads(metadata[CONFIG_KEY])) if CONFIG_KEY in metadata else None
@@ -226,12 +237,12 @@ class MaskDINOOnnxModel:
         if self.input_size is not None and (height, width) != tuple(self.input_size):
             fixed_height, fixed_width = self.input_size
             raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)}: this ONNX model was exported for "
-                f"{(self.batch_size, 3, *self.input_size)}; pad batches of {self.batch_size} to it with "
+                f"pixel_values of shape {tuple(pixel_values.shape)}: this ONNX model was exported for height x width "
+                f"{fixed_height} x {fixed_width}; pad batches to it with "
                 f"processor(images, pad_size={{'height': {fixed_height}, 'width': {fixed_width}}}), or export it for "
                 "any size (export_onnx without input_size)"
             )
-        if batch_size != self.batch_size:
+        if isinstance(self.batch_size, int) and batch_size != self.batch_size:
             raise ValueError(
                 f"pixel_values has a batch of {batch_size}: this ONNX model was exported for batches of "
                 f"{self.batch_size} (export_onnx(..., batch_size=N))"
