@@ -90,10 +90,12 @@ class MaskDINOInferenceModule(nn.Module):
         return outputs.class_queries_logits, outputs.masks_queries_logits, outputs.pred_boxes
 
 
-def dynamic_size_range(model: MaskDINOForUniversalSegmentation) -> tuple[int, int]:
-    """(smallest, largest) height and width an ONNX export for any size takes: sides above the coarsest encoder
-    stride (a level one cell wide or tall would be traced as a special case) up to `MAX_DYNAMIC_SIDE`."""
-    return max(model.model.encoder_strides) + 1, MAX_DYNAMIC_SIDE
+def dynamic_size_range(model: MaskDINOForUniversalSegmentation | Sequence[int]) -> tuple[int, int]:
+    """(smallest, largest) height and width an ONNX export for any size takes, from the model or its encoder strides:
+    sides above the coarsest stride (a level one cell wide or tall would be traced as a special case) up to
+    `MAX_DYNAMIC_SIDE`."""
+    strides = model.model.encoder_strides if isinstance(model, MaskDINOForUniversalSegmentation) else model
+    return max(strides) + 1, MAX_DYNAMIC_SIDE
 
 
 def _example_size(model: MaskDINOForUniversalSegmentation) -> tuple[int, int]:
@@ -248,7 +250,7 @@ class MaskDINOOnnxModel:
                 f"{self.batch_size} (export_onnx(..., batch_size=N))"
             )
         if self.input_size is None and self.encoder_strides is not None:
-            low, high = max(self.encoder_strides) + 1, MAX_DYNAMIC_SIDE
+            low, high = dynamic_size_range(self.encoder_strides)
             if not (low <= height <= high and low <= width <= high):
                 raise ValueError(
                     f"pixel_values of size {(height, width)}: this ONNX model takes heights and widths from {low} to "
