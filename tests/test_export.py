@@ -134,6 +134,8 @@ def test_onnx_export_for_any_size_runs_every_size_in_onnxruntime(model_and_input
         _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], model(pixel_values, pixel_mask))
     with pytest.raises(ValueError, match="from 65 to 8192 px"):
         runner(torch.zeros(1, 3, 64, 160))
+    with pytest.raises(ValueError, match="floating point"):  # raw uint8 pixels, not the processor's output
+        runner(torch.zeros(1, 3, 128, 160, dtype=torch.uint8))
     with pytest.raises(ValueError, match="pixel_mask must have shape"):
         runner(inputs[0], pixel_mask=torch.ones(1, 128, 128, dtype=torch.long))
 

@@ -27,6 +27,7 @@ from .modeling_maskdino import (
     MaskDINOForUniversalSegmentation,
     MaskDINOForUniversalSegmentationOutput,
     check_input_size,
+    check_pixel_tensor,
 )
 
 INPUT_NAMES = ("pixel_values", "pixel_mask")
@@ -232,9 +233,7 @@ class MaskDINOOnnxModel:
 
     def _check_size(self, pixel_values: torch.Tensor) -> None:
         """Refuse a batch this file was not exported for, or that the model itself would refuse."""
-        if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            shown = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shown}")
+        check_pixel_tensor(pixel_values)  # as the model checks it: a float (batch, 3, height, width) tensor
         batch_size, _, height, width = pixel_values.shape
         if self.input_size is not None and (height, width) != tuple(self.input_size):
             fixed_height, fixed_width = self.input_size

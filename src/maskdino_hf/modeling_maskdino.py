@@ -351,7 +351,7 @@ def _not_binary(values: torch.Tensor) -> torch.Tensor:
     return (low < 0) | (high > 1)
 
 
-def _check_pixel_tensor(pixel_values: torch.Tensor) -> None:
+def check_pixel_tensor(pixel_values: torch.Tensor) -> None:
     """pixel_values must be a floating-point (batch, 3, height, width) tensor."""
     if not torch.is_tensor(pixel_values):
         raise TypeError(
@@ -409,7 +409,7 @@ def _check_pixel_inputs(
     Shapes: a (batch, 3, height, width) floating-point tensor at least as large as the coarsest encoder stride,
     whose coarsest level GroupNorm can normalise and whose encoder tokens are at least `num_queries`; outside autocast,
     the model's dtype. Values (one host read, skipped under compile/export): finite pixels and a 0/1 `pixel_mask`."""
-    _check_pixel_tensor(pixel_values)
+    check_pixel_tensor(pixel_values)
     if pixel_values.dtype != model_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
         raise ValueError(
             f"pixel_values are {pixel_values.dtype} but the model's weights are {model_dtype}: cast them with "
@@ -477,7 +477,7 @@ def _check_targets(
                 "(boxes optional); for inference pass none of them"
             )
         return
-    _check_pixel_tensor(pixel_values)
+    check_pixel_tensor(pixel_values)
     if mask_labels is None:
         raise ValueError(
             "class_labels given without mask_labels: training needs both (boxes are optional, computed from the masks)"
