@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor, cli
-from maskdino_hf.export import OUTPUT_NAMES, MaskDINOInferenceModule, MaskDINOOnnxModel
+from maskdino_hf.export import OUTPUT_NAMES, MaskDINOInferenceModule, MaskDINOOnnxModel, export_onnx
 
 ATOL = 1e-4
 
@@ -143,3 +143,31 @@ def test_onnx_export_for_any_size_runs_every_size_in_onnxruntime(model_and_input
 def test_export_cli_refuses_one_side_alone(tmp_path, capsys):
     assert cli.main(["export", "--output", str(tmp_path / "m.onnx"), "--height", "128"]) == 2
     assert "both --height and --width" in capsys.readouterr().err
+
+
+def test_a_model_whose_forward_branches_on_the_size_is_refused_for_any_size_and_exports_for_one(tmp_path):
+    """A Swin backbone pads to its windows, so its graph depends on the size: the export for any size is refused
+    at once with the reason (never a file that is wrong at other sizes); the export for one size equals eager."""
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package, reason=f"ONNX export needs {package!r} (pip install 'maskdino-hf[export]')")
+    config = MaskDINOConfig(
+        num_labels=5,
+        backbone_config=dict(model_type="swin", embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
+                             window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
+        feature_size=32, mask_feature_size=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=32,
+        decoder_layers=1, decoder_ffn_dim=32, num_queries=10,
+    )
+    torch.manual_seed(0)
+    model = MaskDINOForUniversalSegmentation(config).eval()
+    for size, batch in ((None, None), (None, 1), ((224, 256), None)):
+        with pytest.raises(ValueError, match="cannot be exported for any input size and batch.*input_size=") as refused:
+            export_onnx(model, tmp_path / "any.onnx", input_size=size, batch_size=batch)
+        assert "swin backbone" in str(refused.value)
+    assert not (tmp_path / "any.onnx").exists()
+    runner = MaskDINOOnnxModel(export_onnx(model, tmp_path / "one.onnx", input_size=(224, 256), batch_size=1),
+                               providers=["CPUExecutionProvider"])
+    pixel_values = torch.randn(1, 3, 224, 256, generator=torch.Generator().manual_seed(2))
+    outputs = runner(pixel_values)
+    with torch.no_grad():
+        expected = model(pixel_values)
+    _assert_close([getattr(outputs, name) for name in OUTPUT_NAMES], [getattr(expected, name) for name in OUTPUT_NAMES])

@@ -34,6 +34,14 @@ INPUT_NAMES = ("pixel_values", "pixel_mask")
 # The largest height and width of an export for any size (torch.export needs a bound; 8192 covers every use here).
 MAX_DYNAMIC_SIDE = 8192
 MAX_DYNAMIC_BATCH = 1024
+# Backbones whose forward pass exports for any size and batch (checked against eager in tests/test_export.py). Others
+# branch on the size (a Swin backbone pads to its windows): torch.export refuses them, after minutes of tracing.
+DYNAMIC_SIZE_BACKBONES = ("resnet",)
+_NOT_DYNAMIC = (
+    "this model ({backbone} backbone) cannot be exported for any input size and batch ({reason}); export it for "
+    "one: export_onnx(model, path, input_size=(height, width), batch_size=N), or maskdino-hf export --height H "
+    "--width W --batch-size N"
+)
 # ONNX metadata keys: the model's config (JSON) and its encoder strides, for the runner's input checks.
 CONFIG_KEY, STRIDES_KEY = "maskdino_config", "maskdino_encoder_strides"
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "pred_boxes")
@@ -128,9 +136,10 @@ def export_onnx(
     batch keeps the processor's own padding. With `input_size=(height, width)` the file takes that size only: pad
     every batch to it with `processor(images, pad_size={"height": height, "width": width})`; its graph is smaller and
     ONNX Runtime may optimise it further. Likewise `batch_size=None` (the default) takes batches of any size (up to
-    `MAX_DYNAMIC_BATCH`), an int that one only. The file's metadata holds the model's config, so
-    `MaskDINOOnnxModel` refuses an input the model itself would refuse. Weights are stored in the file. Needs `onnx`,
-    `onnxruntime` and `onnxscript` (the `export` extra).
+    `MAX_DYNAMIC_BATCH`), an int that one only. Dynamic sizes and batches need a backbone of
+    `DYNAMIC_SIZE_BACKBONES` (ResNet); other models export for one size and batch. The file's metadata holds the
+    model's config, so `MaskDINOOnnxModel` refuses an input the model itself would refuse. Weights are stored in the
+    file. Needs `onnx`, `onnxruntime` and `onnxscript` (the `export` extra).
     """
     if not isinstance(model, MaskDINOForUniversalSegmentation):
         raise TypeError(f"model must be a MaskDINOForUniversalSegmentation, got {type(model).__name__}")
@@ -145,6 +154,9 @@ def export_onnx(
         raise ValueError(f"path must name an .onnx file, got {str(path)!r}")
     for package in ("onnx", "onnxscript"):
         _require(package)
+    backbone = model.config.backbone_config.model_type
+    if (input_size is None or batch_size is None) and backbone not in DYNAMIC_SIZE_BACKBONES:
+        raise ValueError(_NOT_DYNAMIC.format(backbone=backbone, reason="its graph has not been verified for any size"))
     strides = model.model.encoder_strides
     if input_size is not None:
         check_input_size(model.config, strides, batch_size or 1, *input_size)
@@ -174,10 +186,20 @@ def export_onnx(
     model.eval()
     try:
         with torch.no_grad():
+            # torch.export first, with its guards: torch.onnx.export alone would fall back to a graph that drops the
+            # guards it cannot keep, which is then wrong at other sizes instead of refused.
+            try:
+                exported = torch.export.export(
+                    MaskDINOInferenceModule(model).eval(), inputs, dynamic_shapes=dynamic_shapes
+                )
+            except RuntimeError as error:
+                if dynamic_shapes is None or "Constraints violated" not in str(error):
+                    raise
+                reason = "torch.export: " + str(error).splitlines()[1].strip(" -")
+                raise ValueError(_NOT_DYNAMIC.format(backbone=backbone, reason=reason)) from None
             program = torch.onnx.export(
-                MaskDINOInferenceModule(model).eval(), inputs, dynamo=True, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), opset_version=opset_version, dynamic_shapes=dynamic_shapes,
-                verbose=False,
+                exported, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                opset_version=opset_version, verbose=False,
             )
     finally:
         model.train(was_training)
