@@ -195,7 +195,8 @@ def export_onnx(
             except RuntimeError as error:
                 if dynamic_shapes is None or "Constraints violated" not in str(error):
                     raise
-                reason = "torch.export: " + str(error).splitlines()[1].strip(" -")
+                lines = str(error).splitlines()  # the headline, then one line per violated guard
+                reason = "torch.export: " + lines[min(1, len(lines) - 1)].strip(" -")
                 raise ValueError(_NOT_DYNAMIC.format(backbone=backbone, reason=reason)) from None
             program = torch.onnx.export(
                 exported, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
