@@ -237,6 +237,60 @@ def test_predict_default_demo_model(tmp_path):
     assert all((tmp_path / image["overlay"]).is_file() for image in report["images"])
 
 
+def test_predict_mask_threshold_is_the_processors(tmp_path):
+    """`--mask-threshold` on the bundled demo: each panoptic map equals the processor's own post-processing with that
+    `mask_threshold` (the model run here directly), it is recorded in predictions.json, and it changes the result
+    (the official 0.5 leaves other void pixels along the segment boundaries)."""
+    demo = predict_module.demo_model_dir()
+    model = MaskDINOForUniversalSegmentation.from_pretrained(demo).eval()
+    processor = MaskDINOImageProcessor.from_pretrained(demo)
+    voids = {}
+    for threshold in (None, 0.35):
+        out = tmp_path / str(threshold)
+        extra = [] if threshold is None else ["--mask-threshold", str(threshold)]
+        assert cli.main(["predict", "--output-dir", str(out), "--device", "cpu", *extra]) == 0
+        report = json.loads((out / "predictions.json").read_text())
+        assert report["mask_threshold"] == (0.5 if threshold is None else threshold)
+        voids[threshold] = []
+        for annotation, path in zip(report["annotations"], predict_module.demo_images()):
+            image = Image.open(path).convert("RGB")
+            with torch.inference_mode():
+                outputs = model(**processor(image, return_tensors="pt"))
+            expected = processor.post_process_panoptic_segmentation(
+                outputs, mask_threshold=0.5 if threshold is None else threshold, target_sizes=[image.size[::-1]]
+            )[0]
+            ids = panoptic_ids(Image.open(out / annotation["file_name"]))
+            written = {(s["category_id"], int((ids == s["id"]).sum())) for s in annotation["segments_info"]}
+            segmentation = expected["segmentation"].numpy()
+            assert written == {(s["label_id"], int((segmentation == s["id"]).sum())) for s in expected["segments_info"]}
+            assert np.array_equal(ids == 0, segmentation == 0)
+            voids[threshold].append(int((ids == 0).sum()))
+    assert voids[None] != voids[0.35]
+    # instance masks take it too
+    image = Image.open(predict_module.demo_images()[0]).convert("RGB")
+    with torch.inference_mode():
+        outputs = model(**processor(image, return_tensors="pt"))
+    for threshold in (0.2, 0.8):
+        predictor = predict_module.model_predict_fn(model, processor, ["instance"], mask_threshold=threshold)
+        expected = processor.post_process_instance_segmentation(
+            outputs, threshold=0.0, mask_threshold=threshold, panoptic_on=True, target_sizes=[image.size[::-1]]
+        )[0]
+        assert torch.equal(predictor([image])[0]["instance"]["masks"], expected["masks"])
+
+
+def test_mask_threshold_is_refused_where_it_would_go_unused():
+    """Detection and semantic results have no masks to threshold: a mask threshold for them is an error, as is one
+    outside (0, 1)."""
+    demo = predict_module.demo_model_dir()
+    model = MaskDINOForUniversalSegmentation.from_pretrained(demo).eval()
+    processor = MaskDINOImageProcessor.from_pretrained(demo)
+    for task in ("semantic", "detection"):
+        with pytest.raises(ValueError, match=f"task '{task}' has none to threshold"):
+            predict_module.model_predict_fn(model, processor, [task], mask_threshold=0.4)
+    with pytest.raises(ValueError, match=r"probability in \(0, 1\), got 1.5"):
+        predict_module.model_predict_fn(model, processor, ["instance"], mask_threshold=1.5)
+
+
 def test_predict_bf16_keeps_the_float32_instances(tmp_path):
     """`--bf16` (autocast) on the bundled demo: the same confident instances (default threshold 0.5) as float32: same
     class, masks with IoU >= 0.9. An instance scoring within 0.05 of the threshold in one precision may cross it in
@@ -418,6 +472,8 @@ HEAVY_MODULES = ("torch", "transformers", "PIL.Image", "numpy", "datasets")
         (["export", "--output", "x.onnx", "--height", "0", "--width", "160"], 2),
         (["predict", "--batch-size", "0"], 2),
         (["predict", "--threshold", "1.5"], 2),
+        (["predict", "--mask-threshold", "1"], 2),
+        (["predict", "--task", "semantic", "--mask-threshold", "0.4"], 2),
         (["predict", "--task", "nonsense"], 2),
         (["convert", "--config", "x.yaml", "--output-dir", "o"], 2),
         (["convert", "--config", "x.yaml", "--release", "r", "--output-dir", "o"], 2),

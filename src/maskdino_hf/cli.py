@@ -1,8 +1,8 @@
 """The `maskdino-hf` command line: parses arguments and dispatches; nothing heavy is imported until work starts.
 
   maskdino-hf predict [IMAGES ...] [--model DIR_OR_HUB_ID] [--task instance|panoptic|semantic|detection]
-                      [--threshold T] [--output-dir D] [--device auto|cpu|cuda] [--batch-size N] [--num-workers N]
-                      [--bf16] [--compile]
+                      [--threshold T] [--mask-threshold M] [--output-dir D] [--device auto|cpu|cuda]
+                      [--batch-size N] [--num-workers N] [--bf16] [--compile]
   maskdino-hf evaluate --model DIR_OR_HUB_ID --data DIR [--task all|instance|panoptic|semantic|detection]
                        [--split validation] [--output REPORT.json] [--max-images N] [--compile]
   maskdino-hf convert --checkpoint model.pth --config config.yaml --output-dir DIR
@@ -31,6 +31,8 @@ from typing import Any
 
 from .predict import (
     DEFAULT_INSTANCE_THRESHOLD,
+    DEFAULT_MASK_THRESHOLD,
+    MASK_THRESHOLD_TASKS,
     TASKS,
     CLIError,
     collect_images,
@@ -134,6 +136,8 @@ def _make_output_dir(path: str) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.mask_threshold is not None and args.task is not None and args.task not in MASK_THRESHOLD_TASKS:
+        raise CLIError(f"--mask-threshold applies to {' and '.join(MASK_THRESHOLD_TASKS)} masks, not --task {args.task}")
     if args.images:
         paths = collect_images(args.images)
     else:
@@ -145,6 +149,7 @@ def _predict(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, device, progress=args.progress, compile=args.compile)
     num_workers = default_num_workers(len(paths)) if args.num_workers is None else args.num_workers
     report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
+                           mask_threshold=args.mask_threshold,
                            batch_size=args.batch_size, device=device, bf16=args.bf16, num_workers=num_workers)
     print(f"{report.num_images} image(s) ({report.task}): overlays and " + ", ".join(map(str, report.written))
           + (f" and {Path(args.output_dir) / report.task}/*.png" if report.task in ("panoptic", "semantic") else "")
@@ -265,6 +270,7 @@ def _ranged(convert: Callable[[str], Any], low: float, high: float, allowed: str
 _positive_int = _ranged(int, 1, math.inf, "a whole number >= 1")
 _non_negative_int = _ranged(int, 0, math.inf, "a whole number >= 0")
 _unit_float = _ranged(float, 0.0, 1.0, "a number in [0, 1]")
+_open_unit_float = _ranged(float, math.nextafter(0.0, 1.0), math.nextafter(1.0, 0.0), "a number in (0, 1)")
 _port = _ranged(int, 1, 65535, "a port number in 1..65535")
 
 
@@ -320,6 +326,10 @@ def _add_predict(commands) -> None:
     predict.add_argument("--threshold", type=_unit_float, default=None,
                          help=f"instance/detection score threshold (default {DEFAULT_INSTANCE_THRESHOLD}); panoptic "
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
+    predict.add_argument("--mask-threshold", type=_open_unit_float, default=None,
+                         help=f"mask probability from which a pixel belongs to an instance or panoptic segment "
+                         f"(default {DEFAULT_MASK_THRESHOLD}, the official rule); lower values leave fewer void "
+                         "pixels along panoptic segment boundaries; instance and panoptic only")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
     predict.add_argument("--progress", action="store_true", help="show Transformers' model loading progress bars")
     _add_compile_option(predict)

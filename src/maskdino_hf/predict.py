@@ -35,6 +35,10 @@ from typing import Any, NamedTuple
 TASKS = ("instance", "panoptic", "semantic", "detection")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_INSTANCE_THRESHOLD = 0.5
+# The mask probability from which a pixel belongs to an instance or panoptic segment (the official rule's 0.5), and
+# the tasks it applies to.
+DEFAULT_MASK_THRESHOLD = 0.5
+MASK_THRESHOLD_TASKS = ("instance", "panoptic")
 # PIL modes converted to RGB as they are; 16-bit grey (also mode I within 0..65535) is scaled by 1/257.
 _RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -297,7 +301,22 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes) -> list[dict[str, Any]]:
+def check_mask_threshold(mask_threshold: float | None, tasks: Sequence[str]) -> float:
+    """``mask_threshold`` (default ``DEFAULT_MASK_THRESHOLD``) once checked: in (0, 1), and given only for tasks
+    whose masks it thresholds (``MASK_THRESHOLD_TASKS``), so that it never goes silently unused."""
+    if mask_threshold is None:
+        return DEFAULT_MASK_THRESHOLD
+    unused = [task for task in tasks if task not in MASK_THRESHOLD_TASKS]
+    if unused:
+        raise ValueError(f"mask_threshold applies to {' and '.join(MASK_THRESHOLD_TASKS)} masks; task "
+                         f"{unused[0]!r} has none to threshold")
+    if not 0.0 < mask_threshold < 1.0:
+        raise ValueError(f"mask_threshold must be a probability in (0, 1), got {mask_threshold}")
+    return float(mask_threshold)
+
+
+def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes,
+                  mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> list[dict[str, Any]]:
     """``[{task: result}]`` on CPU; instance / detection boxes clipped to the image."""
     from .image_processing_maskdino import clip_boxes
 
@@ -306,14 +325,16 @@ def _post_process(processor, outputs, tasks, threshold, sizes, target_sizes) -> 
     for task in tasks:
         if task == "instance":
             items = processor.post_process_instance_segmentation(
-                outputs, threshold=threshold or 0.0, panoptic_on=things_only, **sizes
+                outputs, threshold=threshold or 0.0, mask_threshold=mask_threshold, panoptic_on=things_only, **sizes
             )
         elif task == "detection":
             items = processor.post_process_object_detection(
                 outputs, threshold=threshold or 0.0, panoptic_on=things_only, **sizes
             )
         elif task == "panoptic":
-            items = processor.post_process_panoptic_segmentation(outputs, threshold=threshold, **sizes)
+            items = processor.post_process_panoptic_segmentation(
+                outputs, threshold=threshold, mask_threshold=mask_threshold, **sizes
+            )
         elif task == "semantic":
             items = processor.post_process_semantic_segmentation(outputs, **sizes)
         else:
@@ -350,9 +371,10 @@ class ModelPredictor:
     each task at the original image size. Made by :func:`model_predict_fn`."""
 
     def __init__(self, model, processor, tasks: Sequence[str], device: str = "cpu", threshold: float | None = None,
-                 bf16: bool = False) -> None:
+                 bf16: bool = False, mask_threshold: float | None = None) -> None:
         self.model, self.processor, self.tasks = model, processor, list(tasks)
         self.device, self.threshold, self.bf16 = device, threshold, bf16
+        self.mask_threshold = check_mask_threshold(mask_threshold, self.tasks)
         self.preprocess = partial(preprocess_images, processor, min_input_side(model))
 
     def _run(self, images: Sequence[Any], inputs: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -366,7 +388,8 @@ class ModelPredictor:
             outputs = self.model(pixel_values=inputs["pixel_values"].to(device),
                                  pixel_mask=inputs["pixel_mask"].to(device))
         sizes = {"target_sizes": target_sizes, "image_sizes": image_sizes}
-        return _post_process(self.processor, outputs, self.tasks, self.threshold, sizes, target_sizes)
+        return _post_process(self.processor, outputs, self.tasks, self.threshold, sizes, target_sizes,
+                             self.mask_threshold)
 
     def __call__(self, images: Sequence[Any], rows: Sequence[Mapping] | None = None,
                  inputs: Sequence[tuple[list[int], Mapping[str, Any]]] | None = None) -> list[dict[str, Any]]:
@@ -385,6 +408,7 @@ def model_predict_fn(
     device: str = "cpu",
     threshold: float | None = None,
     bf16: bool = False,
+    mask_threshold: float | None = None,
 ) -> ModelPredictor:
     """A :class:`ModelPredictor`, the function ``(images, rows=None) -> [{task: result}]`` running the model once
     per batch (images of different sizes are padded together by the processor; an image needing the size rule's
@@ -396,8 +420,11 @@ def model_predict_fn(
     was_fused``); ``semantic``: the (H, W) label map.
     ``threshold``: score threshold of instances / detections (default 0: keep the top-k, as for AP) and the query
     keep threshold of panoptic inference (default: the processor's ``object_mask_threshold``). ``bf16``: run the
-    model under bfloat16 autocast (CPU or CUDA; the model keeps float32 where precision needs it)."""
-    return ModelPredictor(model, processor, tasks, device, threshold, bf16)
+    model under bfloat16 autocast (CPU or CUDA; the model keeps float32 where precision needs it).
+    ``mask_threshold``: the mask probability from which a pixel belongs to an instance or panoptic segment (default
+    ``DEFAULT_MASK_THRESHOLD``, the official 0.5; lower values leave fewer void pixels along panoptic segment
+    boundaries); refused for tasks without masks to threshold (detection, semantic)."""
+    return ModelPredictor(model, processor, tasks, device, threshold, bf16, mask_threshold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -728,7 +755,8 @@ class PredictReport:
 def predict_images(sources: Sequence[ImageSource | tuple], model, processor, output_dir: str | os.PathLike,
                    task: str | None = None, threshold: float | None = None, batch_size: int = 1,
                    device: str = "cpu", bf16: bool = False, model_name: str | None = None,
-                   log: Callable[[str], None] = print, num_workers: int = 0) -> PredictReport:
+                   log: Callable[[str], None] = print, num_workers: int = 0,
+                   mask_threshold: float | None = None) -> PredictReport:
     """Runs ``model`` on named images and writes the results to ``output_dir`` as each image finishes.
 
     Images go in batches of ``batch_size``, similar sizes together (:func:`plan_batches`); ``num_workers``
@@ -739,7 +767,8 @@ def predict_images(sources: Sequence[ImageSource | tuple], model, processor, out
     An image that cannot be loaded or used, or whose batch fails in the model or post-processing with a
     ``ValueError`` / ``RuntimeError`` (retried alone first), is reported through ``log`` and listed in the report's
     ``skipped``. ``task`` defaults to :func:`default_task`, ``threshold`` to ``DEFAULT_INSTANCE_THRESHOLD`` for
-    instance / detection; ``model_name`` (for the report) to the folder or Hub id the model was loaded from."""
+    instance / detection; ``mask_threshold`` as in :func:`model_predict_fn`; ``model_name`` (for the report) to the
+    folder or Hub id the model was loaded from."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task = task or default_task(processor)
@@ -749,7 +778,7 @@ def predict_images(sources: Sequence[ImageSource | tuple], model, processor, out
     id2label = id2label_of(model.config)
     stuff = {int(label) for label in getattr(model.config, "stuff_labels", ()) or ()}
     writer = PredictionWriter(output_dir, task, id2label, stuff)
-    predictor = model_predict_fn(model, processor, [task], device, threshold, bf16=bf16)
+    predictor = model_predict_fn(model, processor, [task], device, threshold, bf16=bf16, mask_threshold=mask_threshold)
     names = [source.name for source in sources]
     stems = _unique_stems(names)
     start = time.perf_counter()
@@ -764,7 +793,10 @@ def predict_images(sources: Sequence[ImageSource | tuple], model, processor, out
             log(f"[{index + 1}/{len(sources)}] " + writer.add(index + 1, path, stems[index], image, result[task]))
     seconds = time.perf_counter() - start
     model_name = getattr(model, "name_or_path", "") if model_name is None else model_name
-    written = writer.close({"task": task, "model": str(model_name), "threshold": threshold})
+    settings = {"task": task, "model": str(model_name), "threshold": threshold}
+    if task in MASK_THRESHOLD_TASKS:
+        settings["mask_threshold"] = predictor.mask_threshold
+    written = writer.close(settings)
     report = PredictReport(task, len(writer.images), written, writer.skipped, seconds)
     log(f"predicted {report.num_images} image(s) in {seconds:.1f} s: {report.images_per_second:.2f} images/s "
         f"(batch size {batch_size}, {num_workers} loader worker(s))")
