@@ -327,7 +327,7 @@ def _add_predict(commands) -> None:
                          help=f"instance/detection score threshold (default {DEFAULT_INSTANCE_THRESHOLD}); panoptic "
                          "query keep threshold (default: the processor's object_mask_threshold); unused for semantic")
     predict.add_argument("--mask-threshold", type=_open_unit_float, default=None,
-                         help=f"mask probability from which a pixel belongs to an instance or panoptic segment "
+                         help="mask probability from which a pixel belongs to an instance or panoptic segment "
                          f"(default {DEFAULT_MASK_THRESHOLD}, the official rule); lower values leave fewer void "
                          "pixels along panoptic segment boundaries; instance and panoptic only")
     predict.add_argument("--output-dir", default="outputs", help="output folder (default: outputs)")
