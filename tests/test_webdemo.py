@@ -1,6 +1,7 @@
 """The web demo end to end in a real headless browser (Debian's chromium driven by Selenium through the system
-chromedriver): upload a bundled image, segment it with the default task and threshold, then with another task, and
-check the overlay and the segment table against the CLI's predict path for the same image and defaults.
+chromedriver): upload a bundled image, segment it with the default task and threshold, then with another task, then
+with a lower mask threshold, and check the overlay and the segment table against the CLI's predict path for the same
+image and settings.
 
 Needs gradio (the ``demo`` extra), selenium (the ``test`` extra) and ``/usr/bin/chromium`` + ``/usr/bin/chromedriver``
 (``.ci/run`` installs them). Skipped with the reason when one is missing, except under ``CI``, where that fails."""
@@ -123,16 +124,18 @@ def _bundled_model():
     return predict.load_model_and_processor(None)
 
 
-def _expected(image: Image.Image, task: str) -> list[dict]:
+def _expected(image: Image.Image, task: str, mask_threshold: float | None = None) -> list[dict]:
     """The rows of the CLI's predict path for ``image`` with the CLI's default threshold of ``task``."""
     model, processor = _bundled_model()
     threshold = predict.DEFAULT_INSTANCE_THRESHOLD if task in ("instance", "detection") else None
-    result = predict.model_predict_fn(model, processor, [task], threshold=threshold)([image])[0][task]
+    predictor = predict.model_predict_fn(model, processor, [task], threshold=threshold, mask_threshold=mask_threshold)
+    result = predictor([image])[0][task]
     return segment_table(result, model.config.id2label, task)
 
 
 def test_upload_segment_and_read_the_overlay_and_table_in_a_browser(browser, app_url):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     start = time.monotonic()
     path = predict.demo_images()[0]
@@ -168,8 +171,23 @@ def test_upload_segment_and_read_the_overlay_and_table_in_a_browser(browser, app
     _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#threshold input[type=number]")
           .get_attribute("value") == str(predict.DEFAULT_INSTANCE_THRESHOLD), "the instance default threshold")
     browser.find_element(By.CSS_SELECTOR, "#run").click()
-    _overlay(browser, previous=src)
+    _, src = _overlay(browser, previous=src)
     expected = _expected(image, "instance")
     rows = _table(browser, len(expected))
     assert [(row[1], row[2]) for row in rows] == [(row["label"], f"{row['score']:.3f}") for row in expected]
-    assert time.monotonic() - start < 60
+
+    # back to panoptic with a lower mask threshold: the segments' areas are the predict path's at that threshold
+    browser.find_element(By.CSS_SELECTOR, "#task input[value=panoptic]").click()
+    field = browser.find_element(By.CSS_SELECTOR, "#mask-threshold input[type=number]")
+    assert field.get_attribute("value") == str(predict.DEFAULT_MASK_THRESHOLD)
+    field.clear()
+    field.send_keys("0.35", Keys.TAB)
+    _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#mask-threshold input[type=number]")
+          .get_attribute("value") == "0.35", "the mask threshold 0.35")
+    browser.find_element(By.CSS_SELECTOR, "#run").click()
+    _overlay(browser, previous=src)
+    expected = _expected(image, "panoptic", mask_threshold=0.35)
+    assert [row["area"] for row in expected] != [row["area"] for row in _expected(image, "panoptic")]
+    rows = _table(browser, len(expected))
+    assert [(row[1], int(row[3])) for row in rows] == [(row["label"], row["area"]) for row in expected]
+    assert time.monotonic() - start < 90

@@ -1,7 +1,7 @@
 """The web demo: a Gradio app around the same predict path as ``maskdino-hf predict``.
 
-Upload an image (or pick a bundled one), choose the task (panoptic / instance / semantic / detection) and the
-threshold, and get the overlay of :mod:`maskdino_hf.visualization`, its one-line summary and a table of the
+Upload an image (or pick a bundled one), choose the task (panoptic / instance / semantic / detection), the
+threshold and the mask threshold, and get the overlay of :mod:`maskdino_hf.visualization`, its one-line summary and a table of the
 segments (id, label, score, area, box). The model runs where it was loaded; nothing is fetched from the network
 when the model is a local folder or the bundled demo model (the default), and Gradio's analytics are off unless
 ``GRADIO_ANALYTICS_ENABLED`` says otherwise.
@@ -29,7 +29,8 @@ TABLE_HEADERS = ["id", "label", "score", "area (px)", "box (x0, y0, x1, y1)"]
 def _predict_api():
     """The predict path shared with the CLI, the one place this module says where it lives. Used:
     ``load_model_and_processor``, ``resolve_device``, ``model_predict_fn`` (inference + post-processing),
-    ``demo_images``, ``demo_model_dir``, ``default_task`` and ``DEFAULT_INSTANCE_THRESHOLD``."""
+    ``demo_images``, ``demo_model_dir``, ``default_task``, ``DEFAULT_INSTANCE_THRESHOLD``, ``DEFAULT_MASK_THRESHOLD``
+    and ``MASK_THRESHOLD_TASKS``."""
     from . import predict
 
     return predict
@@ -65,8 +66,8 @@ def _table(result: Any, id2label: Mapping[int, str], task: str) -> list[list[Any
 
 def build_demo(model: str | None = None) -> "gradio.Blocks":
     """The Gradio app for ``model`` (a local folder or Hub id; ``None``: the bundled demo model), loaded once on
-    the best available device. Components carry ``elem_id``s (``input-image``, ``task``, ``threshold``, ``run``,
-    ``overlay``, ``summary``, ``segments``) for browser tests and custom CSS."""
+    the best available device. Components carry ``elem_id``s (``input-image``, ``task``, ``threshold``,
+    ``mask-threshold``, ``run``, ``overlay``, ``summary``, ``segments``) for browser tests and custom CSS."""
     gr = _gradio()
     api = _predict_api()
     device = api.resolve_device("auto")
@@ -75,14 +76,15 @@ def build_demo(model: str | None = None) -> "gradio.Blocks":
     name = "the bundled demo model" if model is None else str(model)
     first_task = api.default_task(processor)
 
-    def run(image, task: str, threshold: float):
+    def run(image, task: str, threshold: float, mask_threshold: float):
         if image is None:
             raise gr.Error("upload an image first")
         if task not in TASKS:
             raise gr.Error(f"task must be one of {TASKS}, got {task!r}")
         image = image.convert("RGB")
         predict = api.model_predict_fn(
-            network, processor, [task], device, None if task == "semantic" else float(threshold)
+            network, processor, [task], device, None if task == "semantic" else float(threshold),
+            mask_threshold=float(mask_threshold) if task in api.MASK_THRESHOLD_TASKS else None,
         )
         result = predict([image])[0][task]
         return draw_result(image, result, id2label, task), summarize(result, id2label, task), _table(
@@ -90,7 +92,10 @@ def build_demo(model: str | None = None) -> "gradio.Blocks":
         )
 
     def on_task(task: str):
-        return gr.update(value=default_threshold(task, processor), interactive=task != "semantic")
+        return (
+            gr.update(value=default_threshold(task, processor), interactive=task != "semantic"),
+            gr.update(interactive=task in api.MASK_THRESHOLD_TASKS),
+        )
 
     examples = [[str(path)] for path in api.demo_images()] if model is None else []
     if examples:
@@ -109,6 +114,12 @@ def build_demo(model: str | None = None) -> "gradio.Blocks":
                     info="instance / detection: minimum score; panoptic: query keep threshold; semantic: none",
                     interactive=first_task != "semantic", elem_id="threshold",
                 )
+                mask_threshold = gr.Slider(
+                    0.01, 0.99, value=api.DEFAULT_MASK_THRESHOLD, step=0.01, label="mask threshold",
+                    info="instance / panoptic: mask probability from which a pixel belongs to a segment (lower: fewer "
+                    "void pixels along boundaries); semantic / detection: none",
+                    interactive=first_task in api.MASK_THRESHOLD_TASKS, elem_id="mask-threshold",
+                )
                 button = gr.Button("Segment", variant="primary", elem_id="run")
                 if examples:
                     gr.Examples(examples, inputs=[image], label="bundled images")
@@ -116,8 +127,8 @@ def build_demo(model: str | None = None) -> "gradio.Blocks":
                 overlay = gr.Image(type="pil", format="png", label="overlay", interactive=False, elem_id="overlay")
                 summary = gr.Textbox(label="summary", interactive=False, elem_id="summary")
         table = gr.Dataframe(headers=TABLE_HEADERS, label="segments", interactive=False, elem_id="segments")
-        task.change(on_task, inputs=task, outputs=threshold)
-        button.click(run, inputs=[image, task, threshold], outputs=[overlay, summary, table])
+        task.change(on_task, inputs=task, outputs=[threshold, mask_threshold])
+        button.click(run, inputs=[image, task, threshold, mask_threshold], outputs=[overlay, summary, table])
     return demo
 
 
