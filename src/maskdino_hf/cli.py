@@ -32,9 +32,9 @@ from typing import Any
 from .predict import (
     DEFAULT_INSTANCE_THRESHOLD,
     DEFAULT_MASK_THRESHOLD,
-    MASK_THRESHOLD_TASKS,
     TASKS,
     CLIError,
+    check_mask_threshold,
     collect_images,
     default_num_workers,
     demo_images,
@@ -136,8 +136,8 @@ def _make_output_dir(path: str) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    if args.mask_threshold is not None and args.task is not None and args.task not in MASK_THRESHOLD_TASKS:
-        raise CLIError(f"--mask-threshold applies to {' and '.join(MASK_THRESHOLD_TASKS)} masks, not --task {args.task}")
+    if args.task is not None:  # a mask threshold the given task cannot use fails before the model loads
+        check_mask_threshold(args.mask_threshold, [args.task])
     if args.images:
         paths = collect_images(args.images)
     else:

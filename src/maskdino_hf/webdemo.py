@@ -1,8 +1,8 @@
 """The web demo: a Gradio app around the same predict path as ``maskdino-hf predict``.
 
-Upload an image (or pick a bundled one), choose the task (panoptic / instance / semantic / detection), the
-threshold and the mask threshold, and get the overlay of :mod:`maskdino_hf.visualization`, its one-line summary and a table of the
-segments (id, label, score, area, box). The model runs where it was loaded; nothing is fetched from the network
+Upload an image (or pick a bundled one), choose the task (panoptic / instance / semantic / detection), the threshold
+and the mask threshold, and get the overlay of :mod:`maskdino_hf.visualization`, its one-line summary and a table of
+the segments (id, label, score, area, box). The model runs where it was loaded; nothing is fetched from the network
 when the model is a local folder or the bundled demo model (the default), and Gradio's analytics are off unless
 ``GRADIO_ANALYTICS_ENABLED`` says otherwise.
 
