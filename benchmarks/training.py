@@ -16,6 +16,12 @@ process RSS high-water mark, and its increase over the level before the step; me
 and the ratio ours / baseline are printed. Mask2Former does not support gradient checkpointing in Transformers: with ``--checkpointing on`` our
 checkpointed step is compared with its plain step (marked ``*``).
 
+For fp32, each model's step is also counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+convolutions, attention; forward, loss and backward) and set against its floor: the step's FLOPs at the fp32 matmul
+ceiling measured in the same run (a large ``torch.mm``, as in ``benchmarks/inference.py``). The last line says how
+fast our step would have to run for the ratio to reach 1.0, as a multiple of that ceiling: where the two steps' FLOPs
+differ more than their efficiencies can, the ratio is bounded by the FLOPs, not by the code.
+
     python benchmarks/training.py                                    # 512x512, fp32, no checkpointing
     python benchmarks/training.py --sizes 512 1024 --precisions fp32 bf16 --checkpointing off on
     python benchmarks/training.py --quick                            # 256x256, 1 run: a smoke test
@@ -80,6 +86,15 @@ def training_step(model, pixel_values, mask_labels, class_labels, device: torch.
     return step
 
 
+def count_step_flops(step) -> float:
+    """FLOPs of one step (forward, loss and backward) as `FlopCounterMode` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
 def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool, device: torch.device) -> dict:
     steps = {}
     for name, model in models.items():
@@ -90,6 +105,7 @@ def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool,
             model.activation_checkpointing_disable()
         batch = make_batch(args.batch_size, size, args.instances, model.config.num_labels, device)
         steps[name] = (training_step(model, *batch, device, bf16), checkpointing and not supported)
+    flops = {name: None if bf16 else count_step_flops(step) for name, (step, _) in steps.items()}
     times = {name: [] for name in steps}
     memory = {}
     for warmup in range(max(args.warmup, 1)):
@@ -102,7 +118,7 @@ def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool,
         for name, (step, _) in steps.items():
             times[name].append(bench.timed(step, device))
     return {
-        name: {"time": statistics.median(times[name]), "memory": memory[name], "plain": plain}
+        name: {"time": statistics.median(times[name]), "memory": memory[name], "plain": plain, "flops": flops[name]}
         for name, (_, plain) in steps.items()
     }
 
@@ -147,10 +163,13 @@ def main() -> None:
     if not args.no_baseline:
         header += f"  {'M2F s':>8}  {'M2F GiB':>14}  {'ours/M2F':>8}"
     print(header)
+    floors = []
     for size in args.sizes:
         for precision in args.precisions:
             for checkpointing in args.checkpointing:
                 result = bench_config(args, models, size, precision == "bf16", checkpointing == "on", device)
+                if precision == "fp32":
+                    floors.append((f"{size}x{size}", checkpointing, result))
                 line = f"{f'{size}x{size}':>9}  {precision:9}  {checkpointing:4}"
                 for name in models:
                     peak, increase = result[name]["memory"]
@@ -161,6 +180,40 @@ def main() -> None:
                 print(line, flush=True)
     if not args.no_baseline and "on" in args.checkpointing:
         print("* Mask2Former has no gradient checkpointing in Transformers: its plain step is shown")
+    if floors:
+        print_floors(floors, models, device)
+
+
+def print_floors(floors: list[tuple[str, str, dict]], models: dict, device: torch.device) -> None:
+    """Each fp32 step against its matmul floor, and the speed our step would need for a ratio of 1.0."""
+    record = {}
+    for _ in range(3):
+        bench.matmul_ceiling(torch.float32, device, record)
+    ceiling = statistics.median(record["wall"])
+    print(f"\nfp32 matmul floors: step GFLOP (FlopCounterMode: matmuls, convolutions, attention; forward, loss and "
+          f"backward) / fp32 matmul ceiling {ceiling:.0f} GFLOP/s (torch.mm, this run)")
+    header = f"{'size':>9}  {'ckpt':4}"
+    for name in models:
+        label = "ours" if name == "ours" else "M2F"
+        header += f"  {label + ' GFLOP':>10}  {'floor s':>7}  {'time/floor':>10}"
+    if "mask2former" in models:
+        header += f"  {'GFLOP ours/M2F':>14}"
+    print(header)
+    for size, checkpointing, result in floors:
+        line = f"{size:>9}  {checkpointing:4}"
+        for name in models:
+            giga = result[name]["flops"] / 1e9
+            floor = giga / ceiling
+            line += f"  {giga:>10.1f}  {floor:>7.2f}  {result[name]['time'] / floor:>10.2f}"
+        if "mask2former" in models:
+            line += f"  {result['ours']['flops'] / result['mask2former']['flops']:>14.2f}"
+        print(line)
+    if "mask2former" in models:
+        for size, checkpointing, result in floors:
+            needed = result["ours"]["flops"] / 1e9 / result["mask2former"]["time"]
+            print(f"ours/M2F = 1.0 at {size} (checkpointing {checkpointing}) needs our step at {needed:.0f} GFLOP/s, "
+                  f"{needed / ceiling:.2f}x the fp32 matmul ceiling (Mask2Former's step runs at "
+                  f"{result['mask2former']['flops'] / 1e9 / result['mask2former']['time']:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
