@@ -105,7 +105,6 @@ def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool,
             model.activation_checkpointing_disable()
         batch = make_batch(args.batch_size, size, args.instances, model.config.num_labels, device)
         steps[name] = (training_step(model, *batch, device, bf16), checkpointing and not supported)
-    flops = {name: None if bf16 else count_step_flops(step) for name, (step, _) in steps.items()}
     times = {name: [] for name in steps}
     memory = {}
     for warmup in range(max(args.warmup, 1)):
@@ -117,6 +116,8 @@ def bench_config(args, models: dict, size: int, bf16: bool, checkpointing: bool,
     for _ in range(args.runs):
         for name, (step, _) in steps.items():
             times[name].append(bench.timed(step, device))
+    # Counted after the timed steps, so that the memory figures stay those of a first step.
+    flops = {name: None if bf16 else count_step_flops(step) for name, (step, _) in steps.items()}
     return {
         name: {"time": statistics.median(times[name]), "memory": memory[name], "plain": plain, "flops": flops[name]}
         for name, (_, plain) in steps.items()
