@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maskdino_hf.predict import slow_bfloat16_reason
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "tests" / "fixtures" / "official" / "manifests"
 MANIFEST_FILES = {
@@ -239,6 +241,14 @@ class PartTimer:
             self.cpu_times[part].append(time.process_time() - start_cpu)
 
 
+def bf16_skipped(args, device: torch.device) -> str | None:
+    """Why the bf16 timings are skipped (`--no-bf16`, or a CPU that only emulates bfloat16), or `None`."""
+    if args.no_bf16:
+        return "--no-bf16"
+    reason = slow_bfloat16_reason(device.type)
+    return None if reason is None else f"{reason} (its bf16 timings would measure the fallback)"
+
+
 def end_to_end(preprocess, forward, postprocess, device: torch.device, record: dict) -> None:
     """Processor -> forward -> post-processing (of the batch and the outputs), as a user runs them. Appends to `record`
     the wall seconds of each stage ("pre", "forward", "post") and of the whole ("total"), and the process CPU seconds
@@ -309,7 +319,7 @@ def bench_config(args, name: str, batch_size: int, device: torch.device, baselin
         record.setdefault("forward", []).append(seconds)
 
     variants = {"ours": ours}
-    if not args.no_bf16:
+    if bf16_skipped(args, device) is None:
         variants["ours_bf16"] = ours_bf16
     if baseline is not None:
         baseline_model, baseline_processor = baseline
@@ -328,7 +338,8 @@ def bench_config(args, name: str, batch_size: int, device: torch.device, baselin
             record,
         )
     variants["matmul_fp32"] = lambda record: matmul_ceiling(torch.float32, device, record)
-    variants["matmul_bf16"] = lambda record: matmul_ceiling(torch.bfloat16, device, record)
+    if "ours_bf16" in variants:
+        variants["matmul_bf16"] = lambda record: matmul_ceiling(torch.bfloat16, device, record)
 
     for _ in range(args.warmup):
         for fn in variants.values():
@@ -371,7 +382,8 @@ def bench_config(args, name: str, batch_size: int, device: torch.device, baselin
         "end_to_end": {key: {stage: median(values) for stage, values in records[key].items()}
                        for key in ("ours", "mask2former") if key in records},
         "ceiling": {dtype: {kind: median(values) for kind, values in records[f"matmul_{dtype}"].items()}
-                    for dtype in ("fp32", "bf16")},
+                    for dtype in ("fp32", "bf16") if f"matmul_{dtype}" in records},
+        "bf16_skipped": bf16_skipped(args, device),
         "flops": flops,
         "parts": {part: median(values) for part, values in parts.times.items()},
         "parts_cpu": {part: median(values) for part, values in parts.cpu_times.items()},
@@ -487,7 +499,7 @@ def print_definition_of_done(row: dict, device: torch.device) -> None:
                         f"bf16 {times['ours_bf16']:.2f} s; bf16 floor {bf16_floor:.2f} s at {ceiling['bf16']['wall']:.0f} "
                         f"GFLOP/s, bf16 forward / bf16 floor {times['ours_bf16'] / bf16_floor:.2f}"))
     else:
-        figures.append(("our bf16 forward / fp32 forward", None, 0.4, "", None, "not measured (--no-bf16)"))
+        figures.append(("our bf16 forward / fp32 forward", None, 0.4, "", None, f"not measured: {row['bf16_skipped']}"))
     input_size = "x".join(map(str, row["input"]))
     figures.append(("worst-case panoptic post-processing", row["panoptic"], 0.4, " s",
                     row["panoptic_cpu"] / threads if on_cpu else None,

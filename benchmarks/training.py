@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from maskdino_hf.predict import slow_bfloat16_reason
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -165,8 +167,13 @@ def main() -> None:
         header += f"  {'M2F s':>8}  {'M2F GiB':>14}  {'ours/M2F':>8}"
     print(header)
     floors = []
+    slow_bf16 = slow_bfloat16_reason(device.type) if "bf16" in args.precisions else None
+    if slow_bf16 is not None:
+        print(f"bf16 skipped: {slow_bf16} (its steps would measure the fallback)")
     for size in args.sizes:
         for precision in args.precisions:
+            if precision == "bf16" and slow_bf16 is not None:
+                continue
             for checkpointing in args.checkpointing:
                 result = bench_config(args, models, size, precision == "bf16", checkpointing == "on", device)
                 if precision == "fp32":

@@ -36,3 +36,23 @@ def test_benchmark_script_runs_and_prints_its_table(script, args, expected):
     output = run(script, *args)
     for text in expected:
         assert text in output, (script, text, output[-2000:])
+
+
+def test_bf16_timings_are_skipped_with_the_reason_where_the_cpu_emulates_bfloat16(monkeypatch):
+    """On an AVX2-only x86 CPU a bfloat16 2048^3 matmul took a minute (a scalar fallback): the benchmarks' bf16
+    timings would measure that fallback and run for hours, so they are skipped there, saying why."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("inference_benchmark", ROOT / "benchmarks" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cpu, args = torch.device("cpu"), argparse.Namespace(no_bf16=False)
+    avx2 = {"architecture": "x86_64", "cpu_name": "AMD EPYC", "avx2": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(avx2))
+    assert "AMD EPYC" in module.bf16_skipped(args, cpu)
+    assert module.bf16_skipped(argparse.Namespace(no_bf16=True), cpu) == "--no-bf16"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**avx2, "avx512_bf16": True})
+    assert module.bf16_skipped(args, cpu) is None

@@ -327,6 +327,42 @@ def test_predict_bf16_keeps_the_float32_instances(tmp_path):
     assert found >= 4
 
 
+AVX2_ONLY = {"architecture": "x86_64", "cpu_name": "AMD EPYC", "avx2": True, "avx512_bw": False, "avx512_vl": False,
+             "avx512_dq": False, "avx512_bf16": False, "amx_bf16": False, "avx_ne_convert": False}
+
+
+@pytest.mark.parametrize("capabilities, slow", [
+    (AVX2_ONLY, True),
+    ({**AVX2_ONLY, "avx512_bw": True, "avx512_vl": True, "avx512_dq": True}, False),  # oneDNN's AVX-512 bfloat16
+    ({**AVX2_ONLY, "avx512_bf16": True}, False),
+    ({**AVX2_ONLY, "amx_bf16": True}, False),
+    ({**AVX2_ONLY, "avx_ne_convert": True}, False),
+    ({"architecture": "aarch64"}, False),  # not judged
+])
+def test_slow_bfloat16_reason_follows_the_cpu_capabilities(monkeypatch, capabilities, slow):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(capabilities))
+    reason = predict_module.slow_bfloat16_reason("cpu")
+    assert (reason is not None) == slow
+    if slow:
+        assert "AMD EPYC" in reason and "AVX-512" in reason
+    assert predict_module.slow_bfloat16_reason("cuda") is None
+
+
+def test_predict_bf16_warns_on_a_cpu_that_emulates_bfloat16(tmp_path, monkeypatch, capsys):
+    """`--bf16` where bfloat16 matmuls are a scalar fallback (a 2048^3 matmul at 0.3 GFLOP/s on an AVX2 EPYC, about 300x
+    slower than float32): the run still completes (its numbers are right), and stderr says why it is slow."""
+    image = sorted((REPO / "src" / "maskdino_hf" / "demo" / "images").glob("*.png"))[0]
+    for capabilities, warned in ((AVX2_ONLY, True), ({**AVX2_ONLY, "amx_bf16": True}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(capabilities))
+        output = tmp_path / str(warned)
+        argv = ["predict", str(image), "--output-dir", str(output), "--device", "cpu", "--bf16"]
+        assert cli.main(argv) == 0
+        err = capsys.readouterr().err
+        assert ("bfloat16 autocast (--bf16) will be slow" in err) == warned, err
+        assert ("AMD EPYC" in err) == warned
+        assert (output / "predictions.json").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
 
 

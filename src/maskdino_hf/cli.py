@@ -274,8 +274,8 @@ _open_unit_float = _ranged(float, math.nextafter(0.0, 1.0), math.nextafter(1.0, 
 _port = _ranged(int, 1, 65535, "a port number in 1..65535")
 
 
-BF16_HELP = ("run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX "
-             "(see README)")
+BF16_HELP = ("run the model under bfloat16 autocast: about 0.55x the float32 time on CPUs with AVX-512 BF16 or AMX, "
+             "far slower than float32 on CPUs without AVX-512 (a warning says so; see README)")
 
 
 def _add_convert(commands) -> None:
