@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import maskdino_hf  # noqa: F401  (registers the Auto classes)
 from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
 from maskdino_hf.evaluation import evaluate, label_to_category_mapping
+from maskdino_hf.predict import slow_bfloat16_reason
 from maskdino_hf.releases import card_metrics, upload_folder, write_model_card
 from maskdino_hf.training import (
     OFFICIAL_CLIP_VALUE,
@@ -488,6 +489,9 @@ def main(argv=None) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    slow_bf16 = slow_bfloat16_reason(accelerator.device.type) if args.mixed_precision == "bf16" else None
+    if slow_bf16 is not None:
+        accelerator.print(f"warning: --mixed-precision bf16 will be slow: {slow_bf16}; float32 is faster here")
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     train_data, eval_data, categories = load_data(args)
