@@ -319,7 +319,8 @@ def bench_config(args, name: str, batch_size: int, device: torch.device, baselin
         record.setdefault("forward", []).append(seconds)
 
     variants = {"ours": ours}
-    if bf16_skipped(args, device) is None:
+    skipped = bf16_skipped(args, device)
+    if skipped is None:
         variants["ours_bf16"] = ours_bf16
     if baseline is not None:
         baseline_model, baseline_processor = baseline
@@ -383,7 +384,7 @@ def bench_config(args, name: str, batch_size: int, device: torch.device, baselin
                        for key in ("ours", "mask2former") if key in records},
         "ceiling": {dtype: {kind: median(values) for kind, values in records[f"matmul_{dtype}"].items()}
                     for dtype in ("fp32", "bf16") if f"matmul_{dtype}" in records},
-        "bf16_skipped": bf16_skipped(args, device),
+        "bf16_skipped": skipped,
         "flops": flops,
         "parts": {part: median(values) for part, values in parts.times.items()},
         "parts_cpu": {part: median(values) for part, values in parts.cpu_times.items()},
