@@ -236,6 +236,23 @@ def test_predict_default_demo_model(tmp_path):
     assert len(report["images"]) == len(predict_module.demo_images()) > 0
     assert all((tmp_path / image["overlay"]).is_file() for image in report["images"])
 
+    # Every shape and both stuff regions of the bundled images are found and labelled: the images are validation
+    # images 0-3 of the demo's training data (src/maskdino_hf/demo/TRAINING.md), so the generator gives their truth.
+    truth = generate_shapes_split(4, image_size=((96, 128), (96, 128)), seed=0, split="validation")
+    assert report["task"] == "panoptic"
+    for annotation, path, row in zip(report["annotations"], predict_module.demo_images(), truth):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(row["image"].convert("RGB")))
+        predicted = panoptic_ids(Image.open(tmp_path / annotation["file_name"]))
+        expected = panoptic_ids(row["panoptic"])
+        for segment in row["segments_info"]:
+            mask = expected == segment["id"]
+            ious = [
+                (mask & (predicted == s["id"])).sum() / (mask | (predicted == s["id"])).sum()
+                for s in annotation["segments_info"]
+                if s["category_id"] == segment["category_id"]
+            ]
+            assert max(ious, default=0.0) >= 0.8, (path.name, SHAPES_CATEGORIES[segment["category_id"]]["name"], ious)
+
 
 def test_predict_mask_threshold_is_the_processors(tmp_path):
     """`--mask-threshold` on the bundled demo: each panoptic map equals the processor's own post-processing with that
