@@ -28,6 +28,12 @@ def case_info(case: str) -> dict:
     return json.loads((FIXTURES / case / "case.json").read_text())
 
 
+def mask_iou(first, second) -> float:
+    """Intersection over union of two boolean masks (NumPy arrays or torch tensors); 1.0 when both are empty."""
+    union = float((first | second).sum())
+    return float((first & second).sum()) / union if union else 1.0
+
+
 def tiny_config(**overrides):
     """A small random Mask DINO configuration (ResNet with one block per stage, 10 queries, 5 labels)."""
     from maskdino_hf import MaskDINOConfig

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import case_dir, converted_model
+from conftest import case_dir, converted_model, mask_iou
 from safetensors.torch import load_file
 
 MIN_IOU = 0.98
@@ -38,11 +38,6 @@ def _outputs(case: str):
         image_sizes=[tuple(size) for size in inputs["image_sizes"].tolist()],
     )
     return processor, fp32, bf16, sizes
-
-
-def _iou(first: torch.Tensor, second: torch.Tensor) -> float:
-    union = (first | second).sum().item()
-    return (first & second).sum().item() / union if union else 1.0
 
 
 @pytest.mark.parametrize("case", ["instance_r50_mask2box", "instance_swin_4scale"])
@@ -70,7 +65,7 @@ def test_bf16_keeps_the_leading_instances_of_fp32():
     assert leading >= 3, f"the fixture's float32 ranking has a near-tie within its top 3 ({scores}): not a useful check"
     assert ours["labels"][:leading].tolist() == reference["labels"][:leading].tolist()
     for rank in range(leading):
-        iou = _iou(ours["masks"][rank], reference["masks"][rank])
+        iou = mask_iou(ours["masks"][rank], reference["masks"][rank])
         assert iou >= MIN_IOU, f"instance {rank}: mask IoU {iou:.4f} < {MIN_IOU}"
         assert abs(ours["scores"][rank].item() - scores[rank]) < 0.02
 
@@ -112,7 +107,7 @@ def test_bf16_keeps_the_confident_instances_of_the_trained_demo_model():
             confident += 1
             label = reference["labels"][rank].item()
             best = max(
-                (_iou(ours["masks"][other], reference["masks"][rank])
+                (mask_iou(ours["masks"][other], reference["masks"][rank])
                  for other in range(len(ours["scores"])) if ours["labels"][other].item() == label),
                 default=0.0,
             )

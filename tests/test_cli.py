@@ -23,7 +23,7 @@ from maskdino_hf import (
     cli,
 )
 from maskdino_hf import predict as predict_module
-from conftest import tiny_config
+from conftest import mask_iou, tiny_config
 
 from maskdino_hf.data import load_coco_folder, panoptic_ids, rle_to_mask
 from maskdino_hf.synthetic import (
@@ -240,14 +240,14 @@ def test_predict_default_demo_model(tmp_path):
     # images 0-3 of the demo's training data (src/maskdino_hf/demo/TRAINING.md), so the generator gives their truth.
     truth = generate_shapes_split(4, image_size=((96, 128), (96, 128)), seed=0, split="validation")
     assert report["task"] == "panoptic"
-    for annotation, path, row in zip(report["annotations"], predict_module.demo_images(), truth):
+    for annotation, path, row in zip(report["annotations"], predict_module.demo_images(), truth, strict=True):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(row["image"].convert("RGB")))
         predicted = panoptic_ids(Image.open(tmp_path / annotation["file_name"]))
         expected = panoptic_ids(row["panoptic"])
         for segment in row["segments_info"]:
             mask = expected == segment["id"]
             ious = [
-                (mask & (predicted == s["id"])).sum() / (mask | (predicted == s["id"])).sum()
+                mask_iou(mask, predicted == s["id"])
                 for s in annotation["segments_info"]
                 if s["category_id"] == segment["category_id"]
             ]
