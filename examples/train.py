@@ -16,10 +16,11 @@ panoptic, `semantic` for label maps).
 The recipe is the official one (see `maskdino_hf.training`): large-scale jitter (flip, random scale 0.1-2.0 of
 `--image-size`, random crop / pad to an `--image-size` square), AdamW (lr 1e-4, weight decay 0.05, 0 for norms and
 embeddings, backbone lr x 0.1), step decay x0.1 at 88.9% and 96.3% of `--max-steps` (optional linear warm-up),
-full-model gradient-norm clipping at 0.01, mixed precision through Accelerate.
+full-model gradient-norm clipping at 0.01, mixed precision through Accelerate. `--ema-decay` (not official) keeps an
+exponential moving average of the weights (`torch.optim.swa_utils.AveragedModel`) that is evaluated and saved.
 
 Checkpoints (`--save-every`) are `accelerator.save_state` folders under `OUTPUT_DIR/checkpoints/checkpoint-STEP`
-(model, optimizer, scheduler, RNG states and the data position), written as `checkpoint-STEP.tmp` and renamed when
+(model, optimizer, scheduler, RNG states, the data position and the weight average), written as `checkpoint-STEP.tmp` and renamed when
 complete. `--resume-from PATH|latest` checks the checkpoint first (a truncated file, or a pickled one holding more
 than tensors, is refused with its path; `latest` takes the newest good one, skipping unfinished and broken ones) and
 continues exactly where it was taken: the sampler is seeded per epoch, the augmentation of image i in epoch e only
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -114,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--warmup-factor", type=float, default=1.0, help="official 1.0 = no warm-up")
     opt.add_argument("--clip-grad", type=float, default=OFFICIAL_CLIP_VALUE, help="full-model L2 clip (0: off)")
     opt.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    opt.add_argument("--ema-decay", type=float, default=0.0,
+                     help="keep an exponential moving average of the weights with this decay (e.g. 0.999); it is "
+                          "evaluated and saved instead of the last weights (0: off)")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--batch-invariant-draws", action="store_true",
                      help="testing only: model/loss random draws independent of the batch split")
@@ -137,6 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.eval_split and args.eval_split.lower() == "none":
         args.eval_split = ""
+    if not 0.0 <= args.ema_decay < 1.0:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     return args
 
 
@@ -365,12 +372,17 @@ class Run:
     """What the training loop shares: the prepared objects, the arguments and the log."""
 
     def __init__(self, args, accelerator, model, processor, optimizer, scheduler, state, eval_data, categories,
-                 label_to_category):
+                 label_to_category, ema: AveragedModel | None = None):
         self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
+        self.ema = ema
         self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
         self.eval_data, self.categories, self.label_to_category = eval_data, categories, label_to_category
         self.output_dir = Path(args.output_dir)
         self.random_source = BatchInvariantRandomSource(args.seed) if args.batch_invariant_draws else None
+
+    def weights(self) -> MaskDINOForUniversalSegmentation:
+        """The model that is evaluated and saved: the weight average with `--ema-decay`, else the trained model."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -384,7 +396,7 @@ class Run:
         args, start = self.args, time.time()
         tasks = {"instance": ["instance"], "panoptic": ["instance", "panoptic"], "semantic": ["semantic"]}[args.task]
         metrics = evaluate(
-            self.accelerator.unwrap_model(self.model), self.processor, self.eval_data,
+            self.weights(), self.processor, self.eval_data,
             ["detection"] if args.detection_only else tasks, categories=self.categories,
             label_to_category=self.label_to_category, batch_size=args.eval_batch_size,
             bf16=args.mixed_precision == "bf16" and self.accelerator.device.type == "cuda",
@@ -449,6 +461,8 @@ def train_loop(run: Run, loader, sampler, dataset) -> None:
             losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
+            if run.ema is not None:
+                run.ema.update_parameters(accelerator.unwrap_model(model))
             state.train_seconds = start_seconds + (time.time() - start_time)
             run.scheduler.step()
             state.global_step += 1
@@ -468,7 +482,7 @@ def save_final(run: Run, metrics: dict) -> None:
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(run.model).save_pretrained(run.output_dir, safe_serialization=True)
+        run.weights().save_pretrained(run.output_dir, safe_serialization=True)
         run.processor.save_pretrained(run.output_dir)
         summary = {"steps": run.state.global_step, "train_seconds": round(run.state.train_seconds, 1),
                    "process_cpu_seconds": round(time.process_time(), 1), "eval": metrics,
@@ -507,11 +521,16 @@ def main(argv=None) -> dict:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
+    ema = None
+    if args.ema_decay:
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay),
+                            use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
     if len(loader) == 0:
         _fail(f"the training split has {len(dataset)} images: fewer than one batch per process")
     resume_or_seed(args, accelerator, Path(args.output_dir) / "checkpoints", state)
     run = Run(args, accelerator, model, processor, optimizer, scheduler, state, eval_data, categories,
-              label_to_category)
+              label_to_category, ema)
     if args.eval_at_start and state.global_step == 0:
         run.evaluate(0)
     train_loop(run, loader, sampler, dataset)

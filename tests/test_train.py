@@ -177,6 +177,35 @@ def test_kill_and_resume_gives_identical_weights(shapes, tmp_path):
         assert value == pytest.approx(straight_losses[step], rel=1e-6, abs=1e-6)
 
 
+def test_ema_saves_the_moving_average_and_resumes_it_exactly(shapes, tmp_path):
+    """`--ema-decay d` saves the exponential moving average of the weights over the optimizer steps (torch's
+    `AveragedModel`: the first step's weights, then `d * average + (1 - d) * weights` after each further step),
+    and a run resumed from a checkpoint carries the average on."""
+    steps, decay = 3, 0.9
+    plain = tmp_path / "plain"
+    _train(_micro_args(shapes, plain, steps, save_every=1))
+    trajectory = [load_file(plain / "checkpoints" / f"checkpoint-{i}" / "model.safetensors") for i in (1, 2, 3)]
+
+    averaged = tmp_path / "averaged"
+    _train(_micro_args(shapes, averaged, steps, save_every=1, ema_decay=decay))
+    saved = load_file(averaged / "model.safetensors")
+    assert saved.keys() == trajectory[-1].keys()
+    for name, value in saved.items():
+        expected = trajectory[0][name].double()
+        for weights in trajectory[1:]:
+            expected = decay * expected + (1 - decay) * weights[name].double()
+        torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=0, msg=name)
+    moved = max((saved[k] - trajectory[-1][k]).abs().max().item() for k in saved)
+    assert moved > 1e-4, "the saved weights are the last step's, not the average"
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(averaged / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    _train(_micro_args(shapes, resumed, steps, save_every=1, ema_decay=decay, resume_from="latest"))
+    again = load_file(resumed / "model.safetensors")
+    worst = max((again[k].float() - saved[k].float()).abs().max().item() for k in saved)
+    assert worst <= 1e-6, f"the resumed average differs by {worst}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (c) two CPU processes (gloo) == one process with the same global batch
 
