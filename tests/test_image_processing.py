@@ -442,6 +442,68 @@ def test_panoptic_fuses_stuff_of_the_same_class_and_numbers_from_one():
     assert all(r["segments_info"] == [] and not r["segmentation"].any() for r in empty)
 
 
+def split_duplicates_outputs() -> SimpleNamespace:
+    """One image (64 x 64 input, 16 x 16 masks), sigmoid classifier over classes (thing 0, stuff 1): queries 0 and
+    1 both predict class 0 on the square rows/cols 4-11 of the mask maps, query 0 more confident on its left half and
+    query 1 on its right half (so that each owns only half of its mask); query 2 is stuff 1 everywhere else."""
+    masks = torch.full((1, 3, 16, 16), -8.0)
+    masks[0, 0, 4:12, 4:12], masks[0, 1, 4:12, 4:12] = 4.0, 4.0
+    masks[0, 0, 4:12, 4:8], masks[0, 1, 4:12, 8:12] = 6.0, 6.0
+    masks[0, 2] = 6.0
+    masks[0, 2, 4:12, 4:12] = -8.0
+    logits = torch.full((1, 3, 2), -8.0)
+    logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1] = 2.0, 1.0, 3.0
+    return SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+
+
+def test_mask_nms_keeps_one_of_two_queries_that_split_a_shape():
+    """The official rule leaves a shape shared by two duplicate queries void; mask NMS gives it to the better one."""
+    outputs = split_duplicates_outputs()
+    square = torch.zeros(64, 64, dtype=torch.bool)
+    square[16:48, 16:48] = True
+    official = MaskDINOImageProcessor(num_labels=2, stuff_labels=[1]).post_process_panoptic_segmentation(outputs)[0]
+    assert [s["label_id"] for s in official["segments_info"]] == [1]
+    # both duplicates own half of their mask and are dropped: the square is void (its rim, blurred by the bilinear
+    # upsampling, goes partly to the stuff query)
+    assert (official["segmentation"][20:44, 20:44] == 0).all()
+
+    processor = MaskDINOImageProcessor(num_labels=2, stuff_labels=[1], panoptic_mask_nms_threshold=0.5)
+    result = processor.post_process_panoptic_segmentation(outputs)[0]
+    thing = [s for s in result["segments_info"] if s["isthing"]]
+    assert len(thing) == 1 and thing[0]["label_id"] == 0
+    segment = result["segmentation"] == thing[0]["id"]
+    assert segment[square].float().mean() > 0.9 and not segment[~square].any()
+    assert (result["segmentation"][~square] > 0).all()  # the stuff query is untouched
+    # 1.0 switches it off for one call (the duplicates' masks are identical: any lower threshold drops one)
+    off = processor.post_process_panoptic_segmentation(outputs, mask_nms_threshold=1.0)[0]
+    assert torch.equal(off["segmentation"], official["segmentation"])
+
+
+def test_mask_nms_keeps_different_classes_and_stuff():
+    outputs = split_duplicates_outputs()
+    outputs.class_queries_logits[0, 1] = torch.tensor([-8.0, 1.0])  # query 1 becomes stuff on the same square
+    kwargs = {"num_labels": 2, "stuff_labels": [1]}
+    plain = MaskDINOImageProcessor(**kwargs).post_process_panoptic_segmentation(outputs)[0]
+    nms = MaskDINOImageProcessor(**kwargs, panoptic_mask_nms_threshold=0.1).post_process_panoptic_segmentation(outputs)
+    assert torch.equal(nms[0]["segmentation"], plain["segmentation"]) and nms[0]["segments_info"] == plain[
+        "segments_info"]
+    # two stuff queries of one class are both kept: panoptic merging fuses them into one segment
+    outputs.class_queries_logits[0, 0] = torch.tensor([-8.0, 2.0])
+    plain = MaskDINOImageProcessor(**kwargs).post_process_panoptic_segmentation(outputs)[0]
+    nms = MaskDINOImageProcessor(**kwargs, panoptic_mask_nms_threshold=0.1).post_process_panoptic_segmentation(outputs)
+    assert torch.equal(nms[0]["segmentation"], plain["segmentation"])
+
+
+def test_mask_nms_threshold_is_saved_and_checked(tmp_path):
+    MaskDINOImageProcessor(panoptic_mask_nms_threshold=0.5).save_pretrained(tmp_path)
+    assert MaskDINOImageProcessor.from_pretrained(tmp_path).panoptic_mask_nms_threshold == 0.5
+    assert MaskDINOImageProcessor().panoptic_mask_nms_threshold is None
+    with pytest.raises(ValueError, match="panoptic_mask_nms_threshold must be in"):
+        MaskDINOImageProcessor(panoptic_mask_nms_threshold=1.5)
+    with pytest.raises(ValueError, match="mask_nms_threshold"):
+        MaskDINOImageProcessor().post_process_panoptic_segmentation(split_duplicates_outputs(), mask_nms_threshold=-1)
+
+
 # ---------------------------------------------------------------------------------------------- semantic
 
 

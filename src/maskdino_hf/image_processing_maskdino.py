@@ -259,6 +259,27 @@ def _first_argmax(maps: torch.Tensor, weights: torch.Tensor | None = None) -> to
     return index
 
 
+def _mask_nms(scores: torch.Tensor, labels: torch.Tensor, mask_logits: torch.Tensor, threshold: float,
+              fuse: set[int]) -> torch.Tensor:
+    """Indices (ascending) of the queries left by greedy mask NMS: in decreasing `scores`, a thing query (label not in
+    `fuse`) is dropped when its mask (logit > 0 on the (Q, h, w) maps) has IoU above `threshold` with a kept query of
+    the same class. Stuff queries are all kept (panoptic merging fuses them)."""
+    count = mask_logits.shape[0]
+    binary = (mask_logits > 0).flatten(1).double()  # float64: exact pixel counts
+    intersection = binary @ binary.T
+    area = binary.sum(1)
+    iou = intersection / (area[:, None] + area[None, :] - intersection).clamp(min=1)
+    duplicate = (iou > threshold) & (labels[:, None] == labels[None, :])
+    thing = torch.tensor([label not in fuse for label in labels.tolist()], dtype=torch.bool, device=labels.device)
+    kept = torch.ones(count, dtype=torch.bool, device=labels.device)
+    for query in scores.argsort(descending=True, stable=True).tolist():
+        if kept[query] and thing[query]:
+            suppressed = duplicate[query] & kept
+            suppressed[query] = False
+            kept &= ~suppressed
+    return torch.nonzero(kept).flatten()
+
+
 def _window_extremes(maps: torch.Tensor, extreme) -> torch.Tensor:
     """`extreme` (torch.maximum or torch.minimum) of each value's 3x3 neighbourhood in (N, h, w) maps, the border
     replicated: shifted elementwise comparisons (`max_pool2d` with stride 1 is far slower on CPU)."""
@@ -356,6 +377,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         test_topk_per_image (`int`, defaults to 100): `TEST.DETECTIONS_PER_IMAGE`.
         object_mask_threshold (`float`, defaults to 0.25), overlap_threshold (`float`, defaults to 0.8): panoptic
             query keep threshold and segment overlap ratio.
+        panoptic_mask_nms_threshold (`float`, *optional*): not official; when set, panoptic inference first drops
+            each thing query whose mask has IoU above it with a higher-scoring query of the same class (greedy mask
+            NMS on the predicted mask logits > 0). The official rule gives a shape predicted by two similar queries to
+            neither (they split its pixels and both fall under `overlap_threshold`), leaving it void; NMS keeps the
+            better one. `None` (the default) is the official inference.
         panoptic_temperature (`float`, defaults to 0.06), panoptic_transform_eval (`bool`, defaults to `True`):
             sharpen sigmoid class scores with `softmax(sigmoid / T)` for semantic and panoptic inference.
         focus_on_box (`bool`, defaults to `False`): instance scores are not rescored by their mask.
@@ -397,6 +423,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         test_topk_per_image: int = 100,
         object_mask_threshold: float = 0.25,
         overlap_threshold: float = 0.8,
+        panoptic_mask_nms_threshold: float | None = None,
         panoptic_temperature: float = 0.06,
         panoptic_transform_eval: bool = True,
         focus_on_box: bool = False,
@@ -429,6 +456,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         self.test_topk_per_image = int(test_topk_per_image)
         self.object_mask_threshold = float(object_mask_threshold)
         self.overlap_threshold = float(overlap_threshold)
+        self.panoptic_mask_nms_threshold = None if panoptic_mask_nms_threshold is None else float(
+            panoptic_mask_nms_threshold
+        )
         self.panoptic_temperature = float(panoptic_temperature)
         self.panoptic_transform_eval = bool(panoptic_transform_eval)
         self.focus_on_box = bool(focus_on_box)
@@ -484,6 +514,10 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             raise ValueError(f"object_mask_threshold must be in [0, 1], got {self.object_mask_threshold}")
         if not 0.0 <= self.overlap_threshold <= 1.0:
             raise ValueError(f"overlap_threshold must be in [0, 1], got {self.overlap_threshold}")
+        if self.panoptic_mask_nms_threshold is not None and not 0.0 <= self.panoptic_mask_nms_threshold <= 1.0:
+            raise ValueError(
+                f"panoptic_mask_nms_threshold must be in [0, 1] or None, got {self.panoptic_mask_nms_threshold}"
+            )
         if self.num_labels is not None:
             bad = [label for label in self.stuff_labels if not 0 <= label < self.num_labels]
             if bad:
@@ -1483,6 +1517,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         target_sizes: Any = None,
         image_sizes: Any = None,
         num_labels: int | None = None,
+        mask_nms_threshold: float | None = None,
     ) -> list[dict[str, Any]]:
         """
         Official Mask DINO panoptic inference (`panoptic_inference`).
@@ -1495,6 +1530,9 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         mask; segments of the same stuff class (`label_ids_to_fuse`, default `stuff_labels`; a given set replaces
         it, as in Mask2Former, and ids outside the model's classes raise) share the first id. Thresholds must be in
         [0, 1].
+        `mask_nms_threshold` (default `panoptic_mask_nms_threshold`, `None`: off, as official) first removes
+        duplicate thing queries by greedy mask NMS among the kept ones, ranked by their class score; 1.0 turns it
+        off for one call.
         For a softmax classifier (`num_labels + 1` logits) the Mask2Former rule is used instead: softmax scores, and
         queries predicting "no object" are dropped.
 
@@ -1510,6 +1548,11 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             else _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
         )
         _check_fraction("mask_threshold", mask_threshold)
+        nms = (
+            self.panoptic_mask_nms_threshold
+            if mask_nms_threshold is None
+            else _check_fraction("mask_nms_threshold", mask_nms_threshold)
+        )
         outputs, target_sizes, image_sizes, padded_size = self._resolve_sizes(outputs, target_sizes, image_sizes)
         fuse = self._labels_to_fuse(label_ids_to_fuse, outputs.class_queries_logits, num_labels)
         results = []
@@ -1518,14 +1561,21 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             if self._classifier_kind(logits, num_labels):
                 scores, labels = logits.softmax(-1).max(-1)
                 keep = labels.ne(logits.shape[-1] - 1) & (scores > threshold)
+                class_scores = scores[keep]
             else:
                 scores, labels = logits.sigmoid().max(-1)
                 keep = scores > threshold
+                class_scores = scores[keep]  # NMS ranks by these: the sharpened scores saturate near 1
                 if self.panoptic_transform_eval:
                     scores, labels = F.softmax(logits.sigmoid() / self.panoptic_temperature, dim=-1).max(-1)
             # Only the kept queries that can own a pixel are resized (row-wise, so the same values as resizing all
             # of them); the others would give no segment and no id.
             scores, labels, masks = scores[keep], labels[keep], outputs.masks_queries_logits[index][keep]
+            if nms is not None and nms < 1.0:
+                # on the mask maps' part covering the image (they are at 1/4 of the padded input)
+                height, width = (-(-side // 4) for side in image_sizes[index])
+                unique = _mask_nms(class_scores, labels, masks[:, :height, :width], nms, fuse)
+                scores, labels, masks = scores[unique], labels[unique], masks[unique]
             owners = _possible_owners(scores, masks)
             mask_probs = self._upsample_crop_resize(
                 masks[owners], padded_size, image_sizes[index], target_sizes[index]
