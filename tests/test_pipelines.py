@@ -249,16 +249,16 @@ def test_object_detection_defaults_return_what_predict_returns(models, name, tmp
 def test_explicit_threshold_filters_by_score(models, name, tmp_path_factory):
     folder, image_path, built = models[name]
     id2label = built["segmentation"].model.config.id2label
-    low = built["segmentation"](str(image_path), subtask="instance", threshold=0.05)
+    low = built["segmentation"](str(image_path), subtask="instance", threshold=0.02)
     _assert_same_segments(
-        low, predict_defaults(folder, image_path, "instance", tmp_path_factory, threshold=0.05), id2label, "instance"
+        low, predict_defaults(folder, image_path, "instance", tmp_path_factory, threshold=0.02), id2label, "instance"
     )
     default = built["segmentation"](str(image_path), subtask="instance")
-    assert len(low) > len(default) and all(r["score"] >= 0.05 for r in low)
+    assert len(low) > len(default) and all(r["score"] >= 0.02 for r in low)
     high = built["segmentation"](str(image_path), subtask="instance", threshold=0.95)
     assert [r["score"] for r in high] == [r["score"] for r in low if r["score"] >= 0.95]
-    detections = built["detection"](str(image_path), threshold=0.05)
-    assert len(detections) >= len(built["detection"](str(image_path))) and all(r["score"] >= 0.05 for r in detections)
+    detections = built["detection"](str(image_path), threshold=0.02)
+    assert len(detections) >= len(built["detection"](str(image_path))) and all(r["score"] >= 0.02 for r in detections)
     cut = detections[1]["score"]  # keeps the two best
     confident = built["detection"](str(image_path), threshold=cut)
     assert confident == [r for r in detections if r["score"] >= cut] and 2 <= len(confident) < len(detections)
