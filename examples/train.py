@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 import maskdino_hf  # noqa: F401  (registers the Auto classes)
 from maskdino_hf import MaskDINOConfig, MaskDINOForUniversalSegmentation, MaskDINOImageProcessor
 from maskdino_hf.evaluation import evaluate, label_to_category_mapping
-from maskdino_hf.predict import slow_bfloat16_reason
+from maskdino_hf.predict import keep_freed_memory, slow_bfloat16_reason
 from maskdino_hf.releases import card_metrics, upload_folder, write_model_card
 from maskdino_hf.training import (
     OFFICIAL_CLIP_VALUE,
@@ -498,6 +498,7 @@ def save_final(run: Run, metrics: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # CPU steps reuse freed memory instead of faulting in fresh pages (see its docstring)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -30,6 +30,7 @@ def run(script: str, *args: str) -> str:
     ("msda.py", ["--quick", "--repeats", "1"], ["encoder  forward", "speed-up"]),
     ("bf16_agreement.py", ["--images", "3"], ["held-out metrics", "segm_AP", "score >= 0.5", "bf16-rounded input"]),
     ("deploy.py", ["--models", "demo", "--variants", "eager", "--runs", "1"], ["| demo | cpu | 288x320 | eager |"]),
+    ("allocator.py", ["--quick"], ["default glibc allocator", "keep_freed_memory()", "kept / default inference time"]),
     ("training.py", ["--quick"], ["256x256  fp32", "ours/M2F", "fp32 matmul floors", "GFLOP ours/M2F", "needs our step at"]),
 ])
 def test_benchmark_script_runs_and_prints_its_table(script, args, expected):

@@ -39,6 +39,7 @@ from .predict import (
     default_num_workers,
     demo_images,
     demo_model_dir,
+    keep_freed_memory,
     load_model_and_processor,
     predict_files,
     resolve_device,
@@ -116,6 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise CLIError('the web demo needs Gradio: pip install -e ".[demo]"')
     from .webdemo import launch
 
+    keep_freed_memory()
     launch(model=args.model, server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
@@ -146,6 +148,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise CLIError(f"no IMAGES given and the demo model has no bundled images in {demo_model_dir() / 'images'}")
     _make_output_dir(args.output_dir)
     device = resolve_device(args.device)
+    keep_freed_memory()
     model, processor = load_model_and_processor(args.model, device, progress=args.progress, compile=args.compile)
     num_workers = default_num_workers(len(paths)) if args.num_workers is None else args.num_workers
     report = predict_files(paths, model, processor, args.output_dir, task=args.task, threshold=args.threshold,
@@ -227,6 +230,7 @@ def _evaluate_share(args: argparse.Namespace, state: Any) -> int:
         raise CLIError(f"--data {args.data}: the {args.split!r} split is empty")
     tasks = tasks_for_dataset(args.task, dataset.column_names)
     device = str(state.device) if state.num_processes > 1 else resolve_device(args.device)
+    keep_freed_memory()
     model, processor = load_model_and_processor(args.model, device, compile=args.compile)
     num_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
     num_workers = default_num_workers(num_images) if args.num_workers is None else args.num_workers
