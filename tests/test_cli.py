@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import runpy
 import shutil
 import subprocess
@@ -702,7 +703,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="keep_freed_memory sets glibc's malloc thresholds: Linux with glibc only")
 def test_keep_freed_memory_reuses_freed_tensors_without_page_faults():
     """Five more steps of the same tensors (324 MiB, 82,944 pages of 4 KiB per step; glibc maps allocations above 32

@@ -264,20 +264,18 @@ def _mask_nms(scores: torch.Tensor, labels: torch.Tensor, mask_logits: torch.Ten
     """Indices (ascending) of the queries left by greedy mask NMS: in decreasing `scores`, a thing query (label not in
     `fuse`) is dropped when its mask (logit > 0 on the (Q, h, w) maps) has IoU above `threshold` with a kept query of
     the same class. Stuff queries are all kept (panoptic merging fuses them)."""
-    count = mask_logits.shape[0]
     binary = (mask_logits > 0).flatten(1).double()  # float64: exact pixel counts
     intersection = binary @ binary.T
     area = binary.sum(1)
     iou = intersection / (area[:, None] + area[None, :] - intersection).clamp(min=1)
-    duplicate = (iou > threshold) & (labels[:, None] == labels[None, :])
-    thing = torch.tensor([label not in fuse for label in labels.tolist()], dtype=torch.bool, device=labels.device)
-    kept = torch.ones(count, dtype=torch.bool, device=labels.device)
+    # The greedy pass reads the few kept queries' pairs on the host: one transfer, not one per query.
+    duplicate = ((iou > threshold) & (labels[:, None] == labels[None, :])).tolist()
+    label_list = labels.tolist()
+    kept: list[int] = []
     for query in scores.argsort(descending=True, stable=True).tolist():
-        if kept[query] and thing[query]:
-            suppressed = duplicate[query] & kept
-            suppressed[query] = False
-            kept &= ~suppressed
-    return torch.nonzero(kept).flatten()
+        if label_list[query] in fuse or not any(duplicate[query][other] for other in kept):
+            kept.append(query)
+    return torch.tensor(sorted(kept), dtype=torch.long, device=labels.device)
 
 
 def _window_extremes(maps: torch.Tensor, extreme) -> torch.Tensor:

@@ -213,8 +213,8 @@ def keep_freed_memory() -> bool:
     of system time per fp32 R50 forward at 800x1088 (`benchmarks/allocator.py`). Raising glibc's mmap and trim
     thresholds keeps freed memory in the process for the next allocation. The process then holds its peak memory
     until it exits, so only entry points do this, for their own process (`maskdino-hf predict`, `evaluate` and
-    `demo`, `examples/train.py`; `MASKDINO_HF_KEEP_FREED_MEMORY=0` turns it off). Returns whether both settings took effect (`False` on
-    other C libraries and systems, which keep their own behaviour)."""
+    `demo`, `examples/train.py`; `MASKDINO_HF_KEEP_FREED_MEMORY=0` turns it off). Returns whether both settings took
+    effect (`False` on other C libraries and systems, which keep their own behaviour)."""
     import ctypes
 
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
