@@ -307,6 +307,22 @@ def test_instance_segmentation_matches_official(name):
         assert_instances_match_official(result, name, image_index)
 
 
+@pytest.mark.parametrize("queries_per_chunk", [1, 7])
+def test_instance_masks_resized_a_few_queries_at_a_time_match_official(monkeypatch, queries_per_chunk):
+    """The kept queries' masks are resized in chunks (bounded memory at large sizes); any chunking gives the official
+    results."""
+    import maskdino_hf.image_processing_maskdino as module
+
+    name = cases_with("INSTANCE_ON")[0]
+    outputs = official_outputs(name)
+    padded_area = 16 * outputs.masks_queries_logits.shape[-2] * outputs.masks_queries_logits.shape[-1]
+    largest = max([padded_area] + [height * width for height, width in sizes(name)["target_sizes"]])
+    monkeypatch.setattr(module, "RESIZE_CHUNK_VALUES", queries_per_chunk * largest)
+    results = processor_for(name).post_process_instance_segmentation(outputs, **sizes(name))
+    for image_index, result in enumerate(results):
+        assert_instances_match_official(result, name, image_index)
+
+
 def test_instance_results_of_a_panoptic_model_are_things_only():
     results = processor_for("panoptic_r50_batch").post_process_instance_segmentation(
         official_outputs("panoptic_r50_batch"), **sizes("panoptic_r50_batch")
