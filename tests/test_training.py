@@ -139,3 +139,79 @@ def test_loss_from_mask_embeddings_equals_loss_from_full_masks():
     for name, value in full_gradients.items():
         scale = value.abs().max().item()
         torch.testing.assert_close(gradients[name], value, rtol=1e-3, atol=1e-4 * scale + 1e-9, msg=name)
+
+
+@pytest.mark.parametrize("frozen", [(), ("rows",), ("weight1", "bias1", "weight2", "bias2")])
+def test_chunked_relu_feed_forward_equals_autograd(frozen):
+    """The training feed-forward, chunked in both passes, gives autograd's output and gradients (float64, chunks of
+    5 rows over 37 with a ragged last one), also when some inputs need no gradient."""
+    from maskdino_hf.modeling_maskdino import ChunkedReluFeedForward
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "rows": torch.randn(37, 8, generator=generator, dtype=torch.float64),
+        "weight1": torch.randn(16, 8, generator=generator, dtype=torch.float64),
+        "bias1": torch.randn(16, generator=generator, dtype=torch.float64),
+        "weight2": torch.randn(8, 16, generator=generator, dtype=torch.float64),
+        "bias2": torch.randn(8, generator=generator, dtype=torch.float64),
+    }
+    grad_output = torch.randn(37, 8, generator=generator, dtype=torch.float64)
+    results = []
+    for chunked in (True, False):
+        leaves = {name: value.clone().requires_grad_(name not in frozen) for name, value in inputs.items()}
+        if chunked:
+            output = ChunkedReluFeedForward.apply(*leaves.values(), 5)
+        else:
+            hidden = torch.relu(leaves["rows"] @ leaves["weight1"].T + leaves["bias1"])
+            output = hidden @ leaves["weight2"].T + leaves["bias2"]
+        output.backward(grad_output)
+        results.append((output.detach(), {name: leaf.grad for name, leaf in leaves.items()}))
+    (output, grads), (expected, expected_grads) = results
+    assert (expected > 0).any() and (expected < 0).any()
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+    for name, expected_grad in expected_grads.items():
+        if name in frozen:
+            assert grads[name] is None
+        else:
+            torch.testing.assert_close(grads[name], expected_grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_encoder_layer_trains_through_the_chunked_feed_forward(monkeypatch):
+    """An encoder layer in training takes the chunked feed-forward (several chunks here) and gives the plain
+    expression's states and gradients; under autocast it keeps the plain expression."""
+    from maskdino_hf import MaskDINOConfig
+    from maskdino_hf.modeling_maskdino import ChunkedReluFeedForward, MaskDINOPixelDecoderEncoderLayer
+
+    config = MaskDINOConfig(
+        feature_size=32, encoder_ffn_dim=64, encoder_attention_heads=4, num_feature_levels=1, encoder_in_features=["res5"]
+    )
+    torch.manual_seed(0)
+    layer = MaskDINOPixelDecoderEncoderLayer(config).train()
+    layer.ffn_chunk_size = 7
+    shapes = [(5, 6)]
+    states = torch.randn(2, 30, 32)
+    position = torch.randn(2, 30, 32)
+    reference = torch.rand(2, 30, 1, 2)
+    calls = []
+    original = ChunkedReluFeedForward.apply
+    monkeypatch.setattr(ChunkedReluFeedForward, "apply", lambda *args: calls.append(1) or original(*args))
+
+    def run(chunked: bool):
+        monkeypatch.setattr(type(layer), "chunked_training_feed_forward", lambda self, hidden: chunked)
+        layer.zero_grad()
+        inputs = states.clone().requires_grad_(True)
+        output, _ = layer(inputs, position, reference, torch.tensor(shapes), shapes, torch.tensor([0]))
+        output.square().sum().backward()
+        return output.detach(), inputs.grad, {name: p.grad.clone() for name, p in layer.named_parameters()}
+
+    output, input_grad, grads = run(True)
+    assert calls
+    expected, expected_input_grad, expected_grads = run(False)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(input_grad, expected_input_grad, rtol=1e-5, atol=1e-6)
+    for name, value in expected_grads.items():
+        torch.testing.assert_close(grads[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.chunked_training_feed_forward(states)
+    assert layer.chunked_training_feed_forward(states)

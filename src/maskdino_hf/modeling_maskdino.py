@@ -551,6 +551,57 @@ def activate_in_place(activation: nn.Module, hidden_states: torch.Tensor) -> tor
     return hidden_states.relu_() if isinstance(activation, nn.ReLU) else activation(hidden_states)
 
 
+class ChunkedReluFeedForward(torch.autograd.Function):
+    """`fc2(relu(fc1(rows)))` of (tokens, dim) rows for training, a chunk of rows at a time in both passes.
+
+    Autograd's expression allocates four (tokens, ffn_dim) maps per layer and step (fc1's output, the ReLU's, and
+    their two gradients: 85 MB each at 512x512, batch 2), each freshly mapped and page-faulted on the CPU. Here the
+    ReLU output is the one map kept for the backward pass (written chunk by chunk, the ReLU in place), and the
+    backward pass forms the hidden gradient a chunk at a time (16 MB at the default 2048 rows), accumulating the
+    weight gradients chunk by chunk (out of place: weight-sized, and counted by FLOP counters). The same products as
+    autograd's, summed in chunks: equal to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight1, bias1, weight2, bias2, chunk_size: int):
+        hidden = rows.new_empty(rows.shape[0], weight1.shape[0])
+        output = rows.new_empty(rows.shape[0], weight2.shape[0])
+        for chunk, hidden_chunk, output_chunk in zip(
+            rows.split(chunk_size), hidden.split(chunk_size), output.split(chunk_size)
+        ):
+            torch.addmm(bias1, chunk, weight1.t(), out=hidden_chunk).relu_()
+            torch.addmm(bias2, hidden_chunk, weight2.t(), out=output_chunk)
+        ctx.save_for_backward(rows, weight1, weight2, hidden)
+        ctx.chunk_size = chunk_size
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rows, weight1, weight2, hidden = ctx.saved_tensors
+        needs_rows, needs_weight1, needs_bias1, needs_weight2, needs_bias2 = ctx.needs_input_grad[:5]
+        grad_rows = torch.empty_like(rows) if needs_rows else None
+        grad_weight1 = torch.zeros_like(weight1) if needs_weight1 else None
+        grad_bias1 = weight1.new_zeros(weight1.shape[0]) if needs_bias1 else None
+        grad_weight2 = torch.zeros_like(weight2) if needs_weight2 else None
+        grad_bias2 = grad_output.sum(0) if needs_bias2 else None
+        for start in range(0, rows.shape[0], ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            grad_chunk, hidden_chunk = grad_output[chunk], hidden[chunk]
+            if needs_weight2:
+                grad_weight2 = torch.addmm(grad_weight2, grad_chunk.t(), hidden_chunk)
+            if not (needs_rows or needs_weight1 or needs_bias1):
+                continue
+            # ReLU's gradient: zero where its output is not positive (autograd's threshold_backward).
+            grad_hidden = torch.mm(grad_chunk, weight2).masked_fill_(hidden_chunk <= 0, 0)
+            if needs_rows:
+                torch.mm(grad_hidden, weight1, out=grad_rows[chunk])
+            if needs_weight1:
+                grad_weight1 = torch.addmm(grad_weight1, grad_hidden.t(), rows[chunk])
+            if needs_bias1:
+                grad_bias1 += grad_hidden.sum(0)
+        return grad_rows, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None
+
+
 class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over all levels followed by a feed-forward block (post-norm)."""
 
@@ -593,11 +644,28 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         )
         # Traced graphs take the whole-tensor expression: chunks would fix the token count, and compilers fuse it.
         if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad) or torch.compiler.is_compiling():
-            feed_forward = self.fc2(F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training))
+            if self.chunked_training_feed_forward(hidden_states):
+                rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+                feed_forward = ChunkedReluFeedForward.apply(
+                    rows, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.ffn_chunk_size
+                ).view_as(hidden_states)
+            else:
+                activated = F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training)
+                feed_forward = self.fc2(activated)
             hidden_states = hidden_states + F.dropout(feed_forward, self.dropout, self.training)
         else:
             hidden_states = self.feed_forward_with_residual(hidden_states)
         return self.final_layer_norm(hidden_states), attention_weights
+
+    def chunked_training_feed_forward(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the feed-forward block takes `ChunkedReluFeedForward` when gradients flow: ReLU without dropout
+        in eager full precision (autocast and traced graphs keep the plain expression, which they cast and fuse)."""
+        return (
+            isinstance(self.activation, nn.ReLU)
+            and (self.dropout == 0 or not self.training)
+            and not torch.is_autocast_enabled(hidden_states.device.type)
+            and not torch.compiler.is_compiling()
+        )
 
     def feed_forward_with_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`hidden_states + fc2(activation(fc1(hidden_states)))` at inference, in chunks of tokens: the
