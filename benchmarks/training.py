@@ -26,8 +26,8 @@ differ more than their efficiencies can, the ratio is bounded by the FLOPs, not 
     python benchmarks/training.py --sizes 512 1024 --precisions fp32 bf16 --checkpointing off on
     python benchmarks/training.py --quick                            # 256x256, 1 run: a smoke test
 
-On the CPU, glibc returns freed blocks over 32 MB to the system and each step faults them in again (about 1.3 million
-page faults per fp32 step of ours at 512); prefix the command with ``MALLOC_MMAP_MAX_=0
+On the CPU, glibc returns freed blocks over 32 MB to the system and each step faults them in again (0.4-0.5 million
+page faults per fp32 step of ours at 512, 3 December 2026); prefix the command with ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=68719476736`` to keep them in the process. Both models then run faster (README: Speed and
 memory); the ratio barely moves.
 """

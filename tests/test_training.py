@@ -183,7 +183,11 @@ def test_encoder_layer_trains_through_the_chunked_feed_forward(monkeypatch):
     from maskdino_hf.modeling_maskdino import ChunkedReluFeedForward, MaskDINOPixelDecoderEncoderLayer
 
     config = MaskDINOConfig(
-        feature_size=32, encoder_ffn_dim=64, encoder_attention_heads=4, num_feature_levels=1, encoder_in_features=["res5"]
+        feature_size=32,
+        encoder_ffn_dim=64,
+        encoder_attention_heads=4,
+        num_feature_levels=1,
+        encoder_in_features=["res5"],
     )
     torch.manual_seed(0)
     layer = MaskDINOPixelDecoderEncoderLayer(config).train()
