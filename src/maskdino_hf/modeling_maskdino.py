@@ -36,7 +36,12 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (
     inverse_sigmoid,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
-from transformers.models.resnet.modeling_resnet import ResNetConvLayer, ResNetShortCut
+from transformers.models.resnet.modeling_resnet import (
+    ResNetBasicLayer,
+    ResNetBottleNeckLayer,
+    ResNetConvLayer,
+    ResNetShortCut,
+)
 from transformers.utils import ModelOutput
 from transformers.backbone_utils import load_backbone
 
@@ -1320,9 +1325,9 @@ class MaskDINOConvNormLayer(nn.Module):
 
 
 def freeze_batch_norms(module: nn.Module) -> None:
-    """Replace every `nn.BatchNorm2d` below `module` with `MaskDINOFrozenBatchNorm2d`, keeping its values, and every
+    """Replace every `nn.BatchNorm2d` below `module` with `MaskDINOFrozenBatchNorm2d`, keeping its values, every
     Transformers ResNet convolution + norm (+ activation) layer with `MaskDINOConvNormLayer`, which folds the norm on
-    the fast inference path."""
+    the fast inference path, and the residual blocks' final ReLU with an in-place one."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = MaskDINOFrozenBatchNorm2d(child.num_features)
@@ -1335,6 +1340,10 @@ def freeze_batch_norms(module: nn.Module) -> None:
         if isinstance(child, (ResNetConvLayer, ResNetShortCut)):
             layer = MaskDINOConvNormLayer(child.convolution, child.normalization, getattr(child, "activation", None))
             setattr(module, name, layer)
+        elif isinstance(child, (ResNetBasicLayer, ResNetBottleNeckLayer)) and type(child.activation) is nn.ReLU:
+            # The block's ReLU runs on its own sum (block output + shortcut): in place, the same values without
+            # another full-size map per block.
+            child.activation = nn.ReLU(inplace=True)
 
 
 class MaskDINOModel(MaskDINOPreTrainedModel):
