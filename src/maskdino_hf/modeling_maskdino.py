@@ -727,8 +727,12 @@ class MaskDINOPixelDecoder(nn.Module):
             nn.Sequential(nn.Conv2d(feature_channels[name], dim, kernel_size=1, bias=False), nn.GroupNorm(32, dim))
             for name in self.fpn_features
         )
+        # The ReLU and the sum before the output conv run in place on group-norm outputs (whose backward does not read
+        # them): the same values without two more maps at the largest scale.
         self.output_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False), nn.GroupNorm(32, dim), nn.ReLU())
+            nn.Sequential(
+                nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False), nn.GroupNorm(32, dim), nn.ReLU(inplace=True)
+            )
             for _ in self.fpn_features
         )
         self.mask_projection = nn.Conv2d(dim, config.mask_feature_size, kernel_size=1)
@@ -789,7 +793,7 @@ class MaskDINOPixelDecoder(nn.Module):
             # 800x1088 on CPU).
             lateral_map = lateral(features[name].contiguous(memory_format=torch.channels_last))
             upsampled = F.interpolate(outputs[finest], size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
-            outputs.append(output_conv(lateral_map + upsampled))
+            outputs.append(output_conv(lateral_map.add_(upsampled)))
         return multi_scale_features, self.mask_projection(outputs[-1]), all_states, all_attentions
 
 
