@@ -622,7 +622,8 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.activation = ACT2FN[config.activation_function]
         self.dropout = config.dropout
-        # Tokens per feed-forward chunk at inference (2048 x encoder_ffn_dim activations: 16 MB in fp32).
+        # Tokens per feed-forward chunk at inference and in eager fp32 training (2048 x encoder_ffn_dim activations:
+        # 16 MB in fp32).
         self.ffn_chunk_size = 2048
 
     def forward(
