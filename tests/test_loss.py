@@ -415,3 +415,42 @@ def test_replay_random_source_checks_order_shape_and_exhaustion():
         replay.rand(1, 64, 2)
     with pytest.raises(RuntimeError, match="outside"):
         ReplayRandomSource([torch.tensor([12])]).randint(0, 11, (1,))
+
+
+@pytest.mark.parametrize("make_source", ["global", "generator", "replay"])
+def test_rand_blocks_hand_out_the_numbers_of_one_draw(make_source):
+    """On the CPU each block is its own draw (so the whole is never in memory), yet the blocks are exactly one
+    `rand` of the full shape and leave the stream where that draw would: the official draws stay the official ones."""
+    shape = (37, 96, 2)
+    if make_source == "replay":
+        expected, after = torch.rand(shape), torch.rand(5)
+        source = ReplayRandomSource([expected, after])
+    elif make_source == "generator":
+        source = MaskDINORandomSource(torch.Generator().manual_seed(5))
+        reference = torch.Generator().manual_seed(5)
+        expected, after = torch.rand(shape, generator=reference), torch.rand(5, generator=reference)
+    else:
+        torch.manual_seed(5)
+        expected, after = torch.rand(shape), torch.rand(5)
+        torch.manual_seed(5)
+        source = MaskDINORandomSource()
+    blocks = list(source.rand_blocks(*shape, block_size=8))
+    assert [len(block) for block in blocks] == [8, 8, 8, 8, 5]
+    assert torch.equal(torch.cat(blocks), expected)
+    assert torch.equal(source.rand(5), after)
+
+
+def test_uncertainty_points_drawn_by_blocks_equal_those_of_one_official_draw():
+    """`sample_points_using_uncertainty` draws its candidates block by block of masks on the CPU; the points are
+    those chosen from the official single draw of candidates then uniform points (`draw_point_candidates`)."""
+    config = MaskDINOConfig(train_num_points=64)
+    loss = MaskDINOLoss(config)
+    mask_logits = torch.randn(40, 1, 16, 16)
+    torch.manual_seed(11)
+    drawn_now = loss.sample_points_using_uncertainty(mask_logits, MaskDINORandomSource())
+    next_number = torch.rand(1)
+    torch.manual_seed(11)
+    draws = loss.draw_point_candidates(40, torch.device("cpu"), MaskDINORandomSource())
+    assert draws[0].shape == (40, 192, 2) and draws[1].shape == (40, 16, 2)
+    assert torch.equal(drawn_now, loss.sample_points_using_uncertainty(mask_logits, draws=draws))
+    assert torch.equal(torch.rand(1), next_number)

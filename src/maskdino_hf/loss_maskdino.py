@@ -446,12 +446,21 @@ class MaskDINOLoss(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """The random numbers of PointRend point selection for `num_masks` masks: `rand(N, 3P, 2)` candidates, then
         `rand(N, P - int(0.75 P), 2)` uniform points (`None` when there are none; shown for the default ratios)."""
-        num_points = self.config.train_num_points
-        num_candidates = int(num_points * self.config.oversample_ratio)
-        num_random = num_points - int(self.config.importance_sample_ratio * num_points)
+        num_candidates, _, _ = self._point_counts()
         candidates = random_source.rand(num_masks, num_candidates, 2, device=device).float()
-        extra = random_source.rand(num_masks, num_random, 2, device=device).float() if num_random > 0 else None
-        return candidates, extra
+        return candidates, self._draw_uniform_points(num_masks, device, random_source)
+
+    def _point_counts(self) -> tuple[int, int, int]:
+        """PointRend's candidates, most uncertain points kept, and uniform points per mask."""
+        num_points = self.config.train_num_points
+        num_uncertain = int(self.config.importance_sample_ratio * num_points)
+        return int(num_points * self.config.oversample_ratio), num_uncertain, num_points - num_uncertain
+
+    def _draw_uniform_points(
+        self, num_masks: int, device: torch.device, random_source: MaskDINORandomSource
+    ) -> Tensor | None:
+        _, _, num_random = self._point_counts()
+        return random_source.rand(num_masks, num_random, 2, device=device).float() if num_random > 0 else None
 
     def sample_points_using_uncertainty(
         self,
@@ -459,26 +468,35 @@ class MaskDINOLoss(nn.Module):
         random_source: MaskDINORandomSource | None = None,
         draws: tuple[Tensor, Tensor | None] | None = None,
     ) -> Tensor:
-        """PointRend point selection for (N, 1, h, w) mask logits: of the candidates (`draws`, or drawn now by
-        `draw_point_candidates`), keep the `importance_sample_ratio * num_points` most uncertain ones (smallest
+        """PointRend point selection for (N, 1, h, w) mask logits: of the candidates (`draws`, or drawn now as
+        `draw_point_candidates` would), keep the `importance_sample_ratio * num_points` most uncertain ones (smallest
         |logit|), then the uniform points. Returns (N, num_points, 2) coordinates in [0, 1]. The kept candidates are
         in no particular order: the losses sum over points."""
-        candidates, extra = draws if draws is not None else self.draw_point_candidates(
-            mask_logits.shape[0], mask_logits.device, random_source
-        )
-        num_uncertain = int(self.config.importance_sample_ratio * self.config.train_num_points)
-        num_extra = 0 if extra is None else extra.shape[1]
-        points = candidates.new_empty(len(candidates), num_uncertain + num_extra, 2)
+        num_masks, device = mask_logits.shape[0], mask_logits.device
+        num_candidates, num_uncertain, num_random = self._point_counts()
+        # Block by block of masks: the candidates, their grid and logits for all masks at once (60, 60 and 30 MB for
+        # the 200 denoising masks of a layer) would be fresh memory at every layer. Drawn here, the candidates come
+        # block by block too (`rand_blocks`: the same numbers as one draw).
+        mask_block = UNCERTAINTY_MASK_BLOCK if device.type == "cpu" else max(num_masks, 1)
+        if draws is not None:
+            candidate_blocks = draws[0].split(mask_block)
+        else:
+            random_source = random_source if random_source is not None else MaskDINORandomSource()
+            candidate_blocks = random_source.rand_blocks(
+                num_masks, num_candidates, 2, block_size=mask_block, device=device
+            )
+        points = mask_logits.new_empty(num_masks, num_uncertain + max(num_random, 0), 2, dtype=torch.float32)
+        start = 0
+        for candidates in candidate_blocks:
+            block = slice(start, start + len(candidates))
+            candidates = candidates.float()
+            certainty = point_sample(mask_logits[block], candidates)[:, 0].abs_()
+            top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
+            points[block, :num_uncertain] = candidates.gather(1, top[..., None].expand(-1, -1, 2))
+            start += len(candidates)
+        extra = draws[1] if draws is not None else self._draw_uniform_points(num_masks, device, random_source)
         if extra is not None:
             points[:, num_uncertain:] = extra
-        # Block by block of masks: the candidates' grid and logits for all masks at once (60 and 30 MB for the 200
-        # denoising masks of a layer) would be fresh memory at every layer.
-        mask_block = UNCERTAINTY_MASK_BLOCK if candidates.device.type == "cpu" else max(len(candidates), 1)
-        for start in range(0, len(candidates), mask_block):
-            block = slice(start, start + mask_block)
-            certainty = point_sample(mask_logits[block], candidates[block])[:, 0].abs_()
-            top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
-            points[block, :num_uncertain] = candidates[block].gather(1, top[..., None].expand(-1, -1, 2))
         return points
 
     # ------------------------------------------------------------------------------------------ loss terms

@@ -11,16 +11,16 @@ loss (oversampled candidate points, then the random share of the final points). 
   [`ReplayRandomSource`] and compare losses and matchings bit for bit.
 
 Every source implements the same small protocol: `rand(*shape, device=..., dtype=...)` (uniform in [0, 1)) and
-`randint(low, high, shape, device=...)` (int64 in [low, high)), plus `rand_like` / `randint_like` helpers. Call
-order is part of the contract: the model draws its denoising noise first (label `rand_like`, `randint_like`, box
-`rand_like`), then the loss draws, for the final layer, the matcher points (image by image) and the PointRend points
-of the matched masks, then those of the denoising queries, and so on per auxiliary layer, and last the encoder
-proposals (`interm`).
+`randint(low, high, shape, device=...)` (int64 in [low, high)), plus `rand_like` / `randint_like` helpers and
+`rand_blocks` (one `rand` handed out block by block). Call order is part of the contract: the model draws its
+denoising noise first (label `rand_like`, `randint_like`, box `rand_like`), then the loss draws, for the final
+layer, the matcher points (image by image) and the PointRend points of the matched masks, then those of the
+denoising queries, and so on per auxiliary layer, and last the encoder proposals (`interm`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -51,6 +51,25 @@ class MaskDINORandomSource:
         shape = _as_shape(shape)
         values = torch.rand(shape, generator=self.generator, device=self._draw_device(device), dtype=dtype)
         return values.to(device) if device is not None else values
+
+    def rand_blocks(
+        self,
+        *shape: int,
+        block_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[torch.Tensor]:
+        """The numbers of `rand(*shape)` as consecutive blocks of at most `block_size` along dim 0, drawn as the
+        blocks are iterated. Torch's CPU generator produces its stream in order, so there each block is its own
+        draw and the whole (60 MB for PointRend's candidates of 200 masks) is never in memory; an accelerator's
+        generator (whose stream depends on how it is cut) and a source that overrides `rand` make one draw, split."""
+        shape = _as_shape(shape)
+        draw_device = torch.device(self._draw_device(device) or "cpu")
+        if draw_device.type != "cpu" or type(self).rand is not MaskDINORandomSource.rand:
+            yield from self.rand(*shape, device=device, dtype=dtype).split(block_size)
+            return
+        for start in range(0, shape[0], block_size):
+            yield self.rand(min(block_size, shape[0] - start), *shape[1:], device=device, dtype=dtype)
 
     def randint(
         self, low: int, high: int, shape: Sequence[int], device: torch.device | str | None = None
