@@ -80,6 +80,30 @@ def test_a_folded_conv_norm_layer_equals_the_unfolded_affine_path():
     assert _max_error(folded, unfolded) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_first_inference_norm_is_f_batch_norm_written_in_place(dtype):
+    """Channels-first inference normalises the convolution's output where it lies: the same bits as
+    `F.batch_norm` (the official features depend on them), no second map; with a gradient it stays autograd's."""
+    torch.manual_seed(0)
+    norm = MaskDINOFrozenBatchNorm2d(24)
+    _calibrate_batch_norms(norm, torch.randn(2, 24, 9, 13))
+    norm.to(dtype)
+    inputs = torch.randn(2, 24, 9, 13, dtype=dtype)
+    expected = torch.nn.functional.batch_norm(
+        inputs, norm.running_mean, norm.running_var, norm.weight, norm.bias, training=False, eps=1e-5
+    )
+    written = inputs.clone()
+    with torch.no_grad():
+        result = norm.normalize_(written)
+    assert result.data_ptr() == written.data_ptr()
+    assert torch.equal(result, expected)
+    tracked = inputs.clone().requires_grad_(True)
+    normalised = norm.normalize_(tracked)
+    assert normalised.requires_grad and torch.equal(tracked.detach(), inputs), "the input of a tracked map is kept"
+    if dtype == torch.float32:  # the affine formula of the gradient path rounds differently in bfloat16
+        torch.testing.assert_close(normalised.detach(), expected, atol=1e-5, rtol=0)
+
+
 def test_folded_backbone_equals_the_unfolded_affine_path():
     """The whole backbone: the fast path's features (folded, channels-last) against the training path's (gradients
     flowing through the affine norms), to 1e-4."""
