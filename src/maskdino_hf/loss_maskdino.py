@@ -489,7 +489,6 @@ class MaskDINOLoss(nn.Module):
         start = 0
         for candidates in candidate_blocks:
             block = slice(start, start + len(candidates))
-            candidates = candidates.float()
             certainty = point_sample(mask_logits[block], candidates)[:, 0].abs_()
             top = torch.topk(certainty, k=num_uncertain, dim=1, largest=False, sorted=False).indices
             points[block, :num_uncertain] = candidates.gather(1, top[..., None].expand(-1, -1, 2))
