@@ -127,3 +127,37 @@ def test_bf16_keeps_the_confident_instances_of_the_trained_demo_model():
             else:
                 assert best >= 0.9, f"{where}, sensitive to the input's rounding: best bf16 IoU {best:.4f}"
     assert stable >= 20, f"only {stable} confident instances stable under input rounding: not a useful check"
+
+
+def test_bf16_autocast_samples_at_float32_locations_with_float32_weights():
+    """Under autocast the deformable attention of the encoder and of the decoder is handed float32 sampling
+    locations and attention weights, as in the official code under CUDA AMP (its reference points come from a
+    float32 linspace, its softmax runs in float32). Encoder locations in bfloat16 were off by up to half a pixel at
+    1/8 of an 800x1088 input (spacing 2**-8 near 1)."""
+    from maskdino_hf.ms_deform_attn import MultiScaleDeformableAttention
+
+    model, _ = converted_model("instance_r50_mask2box")
+    pixel_values = load_file(case_dir("instance_r50_mask2box") / "inputs.safetensors")["pixel_values"]
+    seen = []
+
+    def record(module, args):
+        value, _, _, _, locations, weights, _ = args
+        seen.append((module.role, value.dtype, locations.dtype, weights.dtype))
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, MultiScaleDeformableAttention):
+            module.role = "encoder" if "pixel_decoder" in name else "decoder"
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode(), torch.autocast(device_type=pixel_values.device.type, dtype=torch.bfloat16):
+            outputs = model(pixel_values, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {role for role, *_ in seen} == {"encoder", "decoder"}
+    for role, value_dtype, locations_dtype, weights_dtype in seen:
+        assert value_dtype == torch.bfloat16, role  # the values themselves are the low-precision projection
+        assert (locations_dtype, weights_dtype) == (torch.float32, torch.float32), role
+    assert len(outputs.encoder_attentions) == model.config.encoder_layers
+    assert all(attention.dtype == torch.float32 for attention in outputs.encoder_attentions)

@@ -765,9 +765,12 @@ class MaskDINOPixelDecoder(nn.Module):
         position_embeddings = torch.cat(position, 1)
         spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long, device=hidden_states.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        # Each token's cell centre, the same on every level: no padding mask, so every valid ratio is 1.
+        # Each token's cell centre, the same on every level: no padding mask, so every valid ratio is 1. Kept in at
+        # least float32 (the official linspace's dtype), so that the sampling locations are too: under bfloat16
+        # autocast a bfloat16 location in [0, 1] is off by up to half a pixel at 1/8 of an 800x1088 input.
         centers = torch.cat([cell_centers(*shape, hidden_states.device) for shape in spatial_shapes_list])
-        reference_points = centers.to(hidden_states.dtype)[None, :, None].expand(batch_size, -1, len(sources), -1)
+        centers = centers.to(torch.promote_types(hidden_states.dtype, centers.dtype))
+        reference_points = centers[None, :, None].expand(batch_size, -1, len(sources), -1)
         all_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:

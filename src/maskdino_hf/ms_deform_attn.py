@@ -577,8 +577,10 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
             [self.sampling_offsets.out_features, self.attention_weights.out_features], -1
         )
         sampling_offsets = sampling_offsets.view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        # In at least float32, the precision the sampling is computed in (and CUDA autocast's softmax dtype).
         attention_weights = nn.functional.softmax(
-            attention_weights.view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points), -1
+            attention_weights.view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points), -1,
+            dtype=torch.promote_types(attention_weights.dtype, torch.float32),
         ).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             sampling_locations = self._locations_from_points(reference_points, sampling_offsets, spatial_shapes)
