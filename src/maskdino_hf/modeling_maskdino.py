@@ -561,37 +561,36 @@ class ChunkedReluFeedForward(torch.autograd.Function):
 
     Autograd's expression allocates four (tokens, ffn_dim) maps per layer and step (fc1's output, the ReLU's, and
     their two gradients: 85 MB each at 512x512, batch 2), each freshly mapped and page-faulted on the CPU. Here the
-    ReLU output is the one map kept for the backward pass (written chunk by chunk, the ReLU in place), and the
-    backward pass forms the hidden gradient a chunk at a time (16 MB at the default 2048 rows), accumulating the
-    weight gradients chunk by chunk (out of place: weight-sized, and counted by FLOP counters). The same products as
+    ReLU output is what the backward pass keeps, as one tensor per chunk (the ReLU in place; 16 MB at the default
+    2048 rows: glibc serves blocks that size from its heap, reused step after step, where it maps every block over
+    32 MB afresh), and the backward pass forms the hidden gradient a chunk at a time, accumulating the weight
+    gradients chunk by chunk (out of place: weight-sized, and counted by FLOP counters). The same products as
     autograd's, summed in chunks: equal to float rounding.
     """
 
     @staticmethod
     def forward(ctx, rows, weight1, bias1, weight2, bias2, chunk_size: int):
-        hidden = rows.new_empty(rows.shape[0], weight1.shape[0])
         output = rows.new_empty(rows.shape[0], weight2.shape[0])
-        for chunk, hidden_chunk, output_chunk in zip(
-            rows.split(chunk_size), hidden.split(chunk_size), output.split(chunk_size)
-        ):
-            torch.addmm(bias1, chunk, weight1.t(), out=hidden_chunk).relu_()
-            torch.addmm(bias2, hidden_chunk, weight2.t(), out=output_chunk)
-        ctx.save_for_backward(rows, weight1, weight2, hidden)
+        hidden = []
+        for chunk, output_chunk in zip(rows.split(chunk_size), output.split(chunk_size)):
+            hidden.append(torch.addmm(bias1, chunk, weight1.t()).relu_())
+            torch.addmm(bias2, hidden[-1], weight2.t(), out=output_chunk)
+        ctx.save_for_backward(rows, weight1, weight2, *hidden)
         ctx.chunk_size = chunk_size
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        rows, weight1, weight2, hidden = ctx.saved_tensors
+        rows, weight1, weight2, *hidden = ctx.saved_tensors
         needs_rows, needs_weight1, needs_bias1, needs_weight2, needs_bias2 = ctx.needs_input_grad[:5]
         grad_rows = torch.empty_like(rows) if needs_rows else None
         grad_weight1 = torch.zeros_like(weight1) if needs_weight1 else None
         grad_bias1 = weight1.new_zeros(weight1.shape[0]) if needs_bias1 else None
         grad_weight2 = torch.zeros_like(weight2) if needs_weight2 else None
         grad_bias2 = grad_output.sum(0) if needs_bias2 else None
-        for start in range(0, rows.shape[0], ctx.chunk_size):
+        for start, hidden_chunk in zip(range(0, rows.shape[0], ctx.chunk_size), hidden):
             chunk = slice(start, start + ctx.chunk_size)
-            grad_chunk, hidden_chunk = grad_output[chunk], hidden[chunk]
+            grad_chunk = grad_output[chunk]
             if needs_weight2:
                 grad_weight2 = torch.addmm(grad_weight2, grad_chunk.t(), hidden_chunk)
             if not (needs_rows or needs_weight1 or needs_bias1):
