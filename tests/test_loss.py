@@ -454,3 +454,28 @@ def test_uncertainty_points_drawn_by_blocks_equal_those_of_one_official_draw():
     assert draws[0].shape == (40, 192, 2) and draws[1].shape == (40, 16, 2)
     assert torch.equal(drawn_now, loss.sample_points_using_uncertainty(mask_logits, draws=draws))
     assert torch.equal(torch.rand(1), next_number)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7])
+def test_mask_terms_computed_by_blocks_of_masks_equal_one_block(monkeypatch, block):
+    """`loss_masks` sums its terms block by block of masks on the CPU (`LOSS_MASK_BLOCK`); blocks that split an
+    image's entries or hold entries of two images give the terms and gradients of a single block."""
+    import maskdino_hf.loss_maskdino as loss_module
+
+    fx = fixture_for("panoptic_r50_batch")  # a batch of two images, denoising groups included
+
+    def loss_and_grads(mask_block):
+        monkeypatch.setattr(loss_module, "LOSS_MASK_BLOCK", mask_block)
+        outputs = fx.outputs()
+        leaves = [tensor.requires_grad_(True) for tensor in prediction_tensors(outputs)]
+        loss, terms = MaskDINOLoss(fx.config())(outputs, fx.targets(), fx.replay())
+        loss.backward()
+        return terms, [leaf.grad for leaf in leaves]
+
+    whole_terms, whole_grads = loss_and_grads(10**6)
+    block_terms, block_grads = loss_and_grads(block)
+    assert set(block_terms) == set(whole_terms)
+    for name, value in whole_terms.items():
+        torch.testing.assert_close(block_terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    for whole, blocked in zip(whole_grads, block_grads):
+        torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-8)
