@@ -558,7 +558,8 @@ class MaskDINOLoss(nn.Module):
         # again at every layer (1.2-2 s of a 512x512 step on 2 cores).
         mask_block = LOSS_MASK_BLOCK if source.device.type == "cpu" else max(len(source), 1)
         image_ends = list(itertools.accumulate(counts))
-        loss_mask = loss_dice = None
+        image_starts = [end - count for end, count in zip(image_ends, counts)]
+        mask_terms, dice_terms = [], []
         # `split`, not slicing: its backward gathers the blocks' gradients into one tensor, where each slice's
         # would be a zero-filled full-size gradient.
         start = 0
@@ -566,18 +567,16 @@ class MaskDINOLoss(nn.Module):
             stop = start + len(block_source)
             # each image's entries in [start, stop): its target indices, in image order as the points are
             block_targets = [
-                target_idx[max(start - end + count, 0) : max(min(stop, end) - end + count, 0)]
-                for (_, target_idx), end, count in zip(indices, image_ends, counts)
+                target_idx[max(start - first, 0) : max(min(stop, end) - first, 0)]
+                for (_, target_idx), first, end in zip(indices, image_starts, image_ends)
             ]
             start = stop
             with torch.no_grad():
                 point_labels = sample_target_masks(targets, block_points, block_targets)
             point_logits = point_sample(block_source, block_points)[:, 0]
-            block_mask = sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks)
-            block_dice = dice_loss(point_logits, point_labels, num_masks)
-            loss_mask = block_mask if loss_mask is None else loss_mask + block_mask
-            loss_dice = block_dice if loss_dice is None else loss_dice + block_dice
-        return {"loss_mask": loss_mask, "loss_dice": loss_dice}
+            mask_terms.append(sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks))
+            dice_terms.append(dice_loss(point_logits, point_labels, num_masks))
+        return {"loss_mask": sum(mask_terms), "loss_dice": sum(dice_terms)}
 
     def _terms(
         self, kinds, outputs, targets, indices, num_masks, random_source, point_draws=None
