@@ -1,9 +1,11 @@
 """The fast inference path (channels-last pixel values, or autocast): the backbone's frozen batch norms folded into
-its convolutions, every map channels-last from the input to the pixel decoder, and the encoder's chunked
-feed-forward. It computes the same function as the official (channels-first, unfolded) path; only float rounding
+its convolutions, every map channels-last from the input to the pixel decoder, and the encoder layers computed a
+chunk of tokens at a time. It computes the same function as the official (channels-first, unfolded) path; only float rounding
 differs. State dicts are unchanged, and the forward stays export- and fullgraph-compile-friendly."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -212,7 +214,7 @@ def test_chunked_encoder_feed_forward_equals_the_training_formula():
     preallocated output) equals the whole-tensor training path."""
     torch.manual_seed(0)
     layer = MaskDINOPixelDecoderEncoderLayer(tiny_config()).eval()
-    layer.ffn_chunk_size = 7  # several chunks, the last one partial, crossing the image boundary
+    layer.token_chunk_size = 7  # several chunks, the last one partial, crossing the image boundary
     states = torch.randn(2, 30, 32)
     with torch.no_grad():
         chunked = layer.feed_forward_with_residual(states)
@@ -220,6 +222,53 @@ def test_chunked_encoder_feed_forward_equals_the_training_formula():
     assert chunked.shape == states.shape
     assert _max_error(chunked, whole.detach()) <= 1e-6
     assert _max_error(chunked, states) > 1e-3
+
+
+def _encoder_layer_inputs(model: MaskDINOForUniversalSegmentation, pixel_values: torch.Tensor) -> tuple:
+    captured = []
+    hook = model.model.pixel_decoder.layers[0].register_forward_pre_hook(lambda layer, args: captured.append(args))
+    with torch.no_grad():
+        model(pixel_values)
+    hook.remove()
+    return captured[0][:6]  # without output_attentions
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_encoder_layer_inference_in_token_chunks_equals_the_whole_tensor_layer(autocast):
+    """At inference the encoder layer projects the value of all tokens once, then attends and transforms chunks of
+    tokens (here 7: the last chunk partial, one crossing the boundary between the two images). Its states, and its
+    attention weights when asked for, equal those of the whole-tensor layer that autograd records."""
+    model = _model()
+    layer = model.model.pixel_decoder.layers[0]
+    inputs = _encoder_layer_inputs(model, _pixels())
+    num_tokens = inputs[0].shape[1]
+    layer.token_chunk_size = 7
+    assert num_tokens % 7 and num_tokens > 2 * 7
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        with torch.no_grad():
+            chunked, chunked_weights = layer(*inputs, output_attentions=True)
+            states_only, no_weights = layer(*inputs)
+        whole, whole_weights = layer(*inputs)
+    assert whole.requires_grad and not chunked.requires_grad
+    assert chunked.dtype == whole.dtype and chunked_weights.dtype == whole_weights.dtype
+    assert no_weights is None and torch.equal(states_only, chunked)
+    assert _max_error(chunked, whole.detach()) <= (1e-5 if not autocast else 0.0)
+    assert _max_error(chunked_weights, whole_weights.detach()) <= (1e-6 if not autocast else 0.0)
+    assert _max_error(chunked, inputs[0]) > 1e-2
+
+
+def test_model_outputs_do_not_depend_on_the_encoder_token_chunks():
+    """Chunks of 5 tokens give the model's outputs of one chunk per layer (the default at these sizes)."""
+    model = _model()
+    pixel_values = _pixels()
+    with torch.no_grad():
+        reference = model(pixel_values)
+        for layer in model.model.pixel_decoder.layers:
+            layer.token_chunk_size = 5
+        chunked = model(pixel_values)
+    for name in ("class_queries_logits", "masks_queries_logits", "pred_boxes"):
+        assert _max_error(getattr(chunked, name), getattr(reference, name)) <= 1e-5, name
 
 
 def test_fast_path_compiles_without_graph_breaks_and_exports():

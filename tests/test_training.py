@@ -191,7 +191,7 @@ def test_encoder_layer_trains_through_the_chunked_feed_forward(monkeypatch):
     )
     torch.manual_seed(0)
     layer = MaskDINOPixelDecoderEncoderLayer(config).train()
-    layer.ffn_chunk_size = 7
+    layer.token_chunk_size = 7
     shapes = [(5, 6)]
     states = torch.randn(2, 30, 32)
     position = torch.randn(2, 30, 32)

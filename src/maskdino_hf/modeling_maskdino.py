@@ -623,9 +623,9 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.activation = ACT2FN[config.activation_function]
         self.dropout = config.dropout
-        # Tokens per feed-forward chunk at inference and in eager fp32 training (2048 x encoder_ffn_dim activations:
-        # 16 MB in fp32).
-        self.ffn_chunk_size = 2048
+        # Tokens per chunk at inference (the whole layer after the value projection) and of the eager fp32 training
+        # feed-forward (2048 x encoder_ffn_dim activations: 16 MB in fp32).
+        self.token_chunk_size = 2048
 
     def forward(
         self,
@@ -635,8 +635,16 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         spatial_shapes: torch.Tensor,
         spatial_shapes_list: list[tuple[int, int]],
         level_start_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the new states and the deformable attention weights (batch, tokens, heads, levels, points)."""
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new states and the deformable attention weights (batch, tokens, heads, levels, points); at
+        inference the weights only with `output_attentions`."""
+        # Traced graphs take the whole-tensor expression: chunks would fix the token count, and compilers fuse it.
+        if not (self.training or torch.compiler.is_compiling() or self.records_graph(hidden_states)):
+            return self.inference_in_chunks(
+                hidden_states, position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
+                level_start_index, output_attentions,
+            )
         attended, attention_weights = self.self_attn(
             hidden_states=hidden_states,
             encoder_hidden_states=hidden_states,
@@ -649,20 +657,67 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         hidden_states = self.self_attn_layer_norm(
             hidden_states + F.dropout(attended, self.dropout, self.training)
         )
-        # Traced graphs take the whole-tensor expression: chunks would fix the token count, and compilers fuse it.
-        if self.training or (torch.is_grad_enabled() and hidden_states.requires_grad) or torch.compiler.is_compiling():
-            if self.chunked_training_feed_forward(hidden_states):
-                rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-                feed_forward = ChunkedReluFeedForward.apply(
-                    rows, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.ffn_chunk_size
-                ).view_as(hidden_states)
-            else:
-                activated = F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training)
-                feed_forward = self.fc2(activated)
-            hidden_states = hidden_states + F.dropout(feed_forward, self.dropout, self.training)
+        if self.chunked_training_feed_forward(hidden_states):
+            rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+            feed_forward = ChunkedReluFeedForward.apply(
+                rows, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.token_chunk_size
+            ).view_as(hidden_states)
         else:
-            hidden_states = self.feed_forward_with_residual(hidden_states)
+            activated = F.dropout(self.activation(self.fc1(hidden_states)), self.dropout, self.training)
+            feed_forward = self.fc2(activated)
+        hidden_states = hidden_states + F.dropout(feed_forward, self.dropout, self.training)
         return self.final_layer_norm(hidden_states), attention_weights
+
+    def records_graph(self, hidden_states: torch.Tensor) -> bool:
+        """Whether autograd records this call (gradients flow to the input or to the layer's weights)."""
+        return torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(parameter.requires_grad for parameter in self.parameters())
+        )
+
+    def inference_in_chunks(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        spatial_shapes_list: list[tuple[int, int]],
+        level_start_index: torch.Tensor,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer at inference: the value projection of all tokens, then the rest `token_chunk_size` tokens at a
+        time on the CPU (accelerators take one chunk). Everything after the value projection is row-wise (query
+        projections, sampling, output projection, norms, feed-forward), so the same values as the whole-tensor
+        path; each chunk's temporaries are a few MB that glibc hands out again chunk after chunk, where the
+        whole-map temporaries (about 75 MB a layer at 800x1088) were mapped and page-faulted afresh at every layer."""
+        value = self.self_attn.project_value(hidden_states)
+        batch_size, num_tokens, _ = hidden_states.shape
+        chunk_size = self.token_chunk_size if hidden_states.device.type == "cpu" else num_tokens
+        if chunk_size < num_tokens and value.dtype in (torch.float16, torch.bfloat16):
+            # The CPU sampling computes in float32 (see `ms_deform_attn`): cast the value once, not once per chunk.
+            value = value.float()
+        output = weights = None
+        for start in range(0, num_tokens, chunk_size):
+            rows = slice(start, start + chunk_size)
+            states = hidden_states[:, rows]
+            attended, attention_weights = self.self_attn(
+                hidden_states=states,
+                position_embeddings=position_embeddings[:, rows],
+                reference_points=reference_points[:, rows],
+                spatial_shapes=spatial_shapes,
+                spatial_shapes_list=spatial_shapes_list,
+                level_start_index=level_start_index,
+                value=value,
+            )
+            states = self.self_attn_layer_norm(states + attended)
+            states = self.final_layer_norm(self.feed_forward_with_residual(states))
+            if output is None:
+                output = states.new_empty(batch_size, num_tokens, states.shape[-1])
+                if output_attentions:
+                    weights = attention_weights.new_empty(batch_size, num_tokens, *attention_weights.shape[2:])
+            output[:, rows] = states
+            if output_attentions:
+                weights[:, rows] = attention_weights
+        return output, weights
 
     def chunked_training_feed_forward(self, hidden_states: torch.Tensor) -> bool:
         """Whether the feed-forward block takes `ChunkedReluFeedForward` when gradients flow: ReLU without dropout
@@ -681,7 +736,7 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         preallocated output (no concatenation). Row-wise, so the same values as the whole-tensor expression."""
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         output = torch.empty_like(rows)
-        for chunk, out in zip(rows.split(self.ffn_chunk_size), output.split(self.ffn_chunk_size)):
+        for chunk, out in zip(rows.split(self.token_chunk_size), output.split(self.token_chunk_size)):
             torch.add(chunk, self.fc2(activate_in_place(self.activation, self.fc1(chunk))), out=out)
         return output.view_as(hidden_states)
 
@@ -775,7 +830,7 @@ class MaskDINOPixelDecoder(nn.Module):
         for layer in self.layers:
             hidden_states, attention_weights = layer(
                 hidden_states, position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
-                level_start_index,
+                level_start_index, output_attentions,
             )
             if output_hidden_states:
                 all_states += (hidden_states,)

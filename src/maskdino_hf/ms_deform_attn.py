@@ -553,24 +553,25 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
         spatial_shapes: torch.Tensor | None = None,
         spatial_shapes_list: list[tuple[int, int]] | None = None,
         level_start_index: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The parent's forward; returns the output (batch, queries, hidden) and the attention weights (batch,
-        queries, heads, levels, points). The fused query projection concatenates the two weights at every call
-        (cheap beside the matmul, and always in step with the parameters)."""
+        queries, heads, levels, points). `value` is `project_value(encoder_hidden_states, attention_mask)` when the
+        caller already has it (the encoder attends a chunk of queries at a time to the same value). The fused query
+        projection concatenates the two weights at every call (cheap beside the matmul, and always in step with the
+        parameters)."""
         if position_embeddings is not None:
             hidden_states = hidden_states + position_embeddings
         batch_size, num_queries, _ = hidden_states.shape
-        sequence_length = encoder_hidden_states.shape[1]
+        if value is None:
+            value = self.project_value(encoder_hidden_states, attention_mask)
+        sequence_length = value.shape[1]
         if sum(height * width for height, width in spatial_shapes_list) != sequence_length:
             raise ValueError(
                 f"spatial_shapes_list {list(spatial_shapes_list)} does not hold the {sequence_length} tokens of "
                 "encoder_hidden_states"
             )
-        value = self.value_proj(encoder_hidden_states)
-        if attention_mask is not None:
-            value = value.masked_fill(~attention_mask[..., None], 0.0)
-        value = value.view(batch_size, sequence_length, self.n_heads, self.d_model // self.n_heads)
         weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
         bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
         sampling_offsets, attention_weights = nn.functional.linear(hidden_states, weight, bias).split(
@@ -601,6 +602,17 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
             self.im2col_step,
         )
         return self.output_proj(output), attention_weights
+
+    def project_value(
+        self, encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The value the queries sample, (batch, tokens, heads, head_dim): `value_proj` of the attended tokens (zero
+        where `attention_mask` is False), as a view of the projection's output."""
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        value = self.value_proj(encoder_hidden_states)
+        if attention_mask is not None:
+            value = value.masked_fill(~attention_mask[..., None], 0.0)
+        return value.view(batch_size, sequence_length, self.n_heads, self.d_model // self.n_heads)
 
     def _locations_from_points(
         self, reference_points: torch.Tensor, sampling_offsets: torch.Tensor, spatial_shapes: torch.Tensor
