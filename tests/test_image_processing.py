@@ -523,13 +523,38 @@ def test_mask_nms_threshold_is_saved_and_checked(tmp_path):
 # ---------------------------------------------------------------------------------------------- semantic
 
 
+@pytest.mark.parametrize("masks_per_block", [None, 1, 7])
 @pytest.mark.parametrize("count", [0, 1, 5, 300])
-def test_instance_map_gives_each_pixel_its_first_covering_instance(count):
+def test_instance_map_gives_each_pixel_its_first_covering_instance(monkeypatch, count, masks_per_block):
+    """Whole or taken a block of masks at a time, the map is that of painting the instances best last."""
+    import maskdino_hf.image_processing_maskdino as module
+
+    if masks_per_block is not None:
+        monkeypatch.setattr(module, "RESIZE_CHUNK_VALUES", masks_per_block * 9 * 11)
     masks = torch.rand(count, 9, 11, generator=torch.Generator().manual_seed(count)) > 0.97
     expected = torch.full((9, 11), -1, dtype=torch.int64)
     for instance in reversed(range(count)):  # the loop it replaces: better instances painted last
         expected[masks[instance]] = instance
     assert torch.equal(MaskDINOImageProcessor._instance_map(masks), expected)
+
+
+@pytest.mark.parametrize("kind", ["permutation", "identity", "subset", "reversed subset", "none"])
+def test_masks_reordered_in_place_equal_indexing(kind):
+    """The score-ordered masks are written over the resized ones (no second full-size copy): the same rows as
+    `masks[order]`, for any distinct indices, as the first `len(order)` rows of the same storage."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, 5, 6, generator=generator) > 0.5
+    order = {
+        "permutation": torch.randperm(12, generator=generator),
+        "identity": torch.arange(12),
+        "subset": torch.randperm(12, generator=generator)[:7],
+        "reversed subset": torch.tensor([11, 3, 9, 0]),
+        "none": torch.zeros(0, dtype=torch.int64),
+    }[kind]
+    expected = masks[order]
+    reordered = MaskDINOImageProcessor._reorder_rows_(masks, order)
+    assert torch.equal(reordered, expected)
+    assert reordered.untyped_storage().data_ptr() == masks.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("count", [1, 2, 33, 300])
