@@ -538,6 +538,18 @@ def test_instance_map_gives_each_pixel_its_first_covering_instance(monkeypatch, 
     assert torch.equal(MaskDINOImageProcessor._instance_map(masks), expected)
 
 
+@pytest.mark.parametrize("empty", [(), (0,), (2, 3, 7), tuple(range(8))])
+def test_segment_map_numbers_the_non_empty_masks_without_copying_them_out(empty):
+    """The segmentation of the instance results is the instance map of the non-empty masks alone, numbered in their
+    order, whichever kept masks are empty."""
+    masks = torch.rand(8, 9, 11, generator=torch.Generator().manual_seed(len(empty))) > 0.8
+    masks[list(empty)] = False
+    segment_rows = torch.nonzero(masks.flatten(1).any(1)).flatten()
+    expected = MaskDINOImageProcessor._instance_map(masks[segment_rows])
+    assert torch.equal(MaskDINOImageProcessor._segment_map(masks, segment_rows), expected)
+    assert (expected >= 0).any() == bool(len(segment_rows))
+
+
 @pytest.mark.parametrize("kind", ["permutation", "identity", "subset", "reversed subset", "none"])
 def test_masks_reordered_in_place_equal_indexing(kind):
     """The score-ordered masks are written over the resized ones (no second full-size copy): the same rows as

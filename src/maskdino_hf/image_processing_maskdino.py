@@ -1346,6 +1346,18 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             best = ranked if best is None else torch.maximum(best, ranked, out=best)
         return torch.where(best > 0, count - best.long(), -1)
 
+    @classmethod
+    def _segment_map(cls, masks: torch.Tensor, segment_rows: torch.Tensor) -> torch.Tensor:
+        """The instance map of the non-empty masks `masks[segment_rows]`, numbered in that order, taken over all
+        masks without copying those rows out: an empty mask covers no pixel, so each pixel's first covering mask is
+        a segment, renumbered through a lookup table."""
+        instance_map = cls._instance_map(masks)
+        if len(segment_rows) == masks.shape[0]:
+            return instance_map
+        segment_ids = torch.full((masks.shape[0],), -1, dtype=torch.int64, device=masks.device)
+        segment_ids[segment_rows] = torch.arange(len(segment_rows), device=masks.device)
+        return torch.where(instance_map >= 0, segment_ids[instance_map.clamp(min=0)], -1)
+
     @staticmethod
     def _reorder_rows_(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """`rows[order]` for distinct indices `order`, written over `rows` and returned as its first `len(order)`
@@ -1510,14 +1522,13 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 "masks": self._reorder_rows_(binary, order),
             }
             segment_rows = torch.nonzero(nonempty[order]).flatten()
-            segment_masks = result["masks"] if len(segment_rows) == len(order) else result["masks"][segment_rows]
             result["segments_info"] = [
                 {"id": i, "label_id": label, "was_fused": False, "score": score}
                 for i, (label, score) in enumerate(
                     zip(result["labels"][segment_rows].tolist(), result["scores"][segment_rows].tolist())
                 )
             ]
-            result["segmentation"] = self._instance_map(segment_masks)
+            result["segmentation"] = self._segment_map(result["masks"], segment_rows)
             if return_coco_annotation:
                 from transformers.models.mask2former.image_processing_pil_mask2former import (
                     convert_segmentation_to_rle,
@@ -1529,7 +1540,7 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                 ]
                 result["segmentation"] = convert_segmentation_to_rle(result["segmentation"])
             elif return_binary_maps and len(segment_rows):
-                result["segmentation"] = segment_masks
+                result["segmentation"] = result["masks"][segment_rows]
             results.append(result)
         return results
 
