@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from pycocotools import mask as coco_mask
@@ -783,6 +784,39 @@ def test_semantic_segmentation_matches_official(name):
         assert torch.equal(result.segmentation, expected.argmax(0))
     maps = processor.post_process_semantic_segmentation(official_outputs(name), **sizes(name))
     assert all(torch.equal(m, r.segmentation) for m, r in zip(maps, results, strict=True))
+
+
+@pytest.mark.parametrize("before_inference", [True, False], ids=["resize-then-score", "score-then-resize"])
+@pytest.mark.parametrize("queries_per_chunk", [1, 7, 1000])
+def test_semantic_scores_summed_over_query_chunks_equal_the_einsum(monkeypatch, before_inference, queries_per_chunk):
+    """The score map is summed over chunks of queries whose full-size maps go through buffers reused chunk after
+    chunk; any chunking gives the official `einsum("qc,qhw->chw")` of all the maps at once, in either order of
+    resizing and scoring."""
+    import maskdino_hf.image_processing_maskdino as module
+
+    name = "semantic_r50_ade"
+    processor = processor_for(name)
+    processor.semantic_postprocessing_before_inference = before_inference
+    monkeypatch.setattr(module, "_QUERY_CHUNK", queries_per_chunk)
+    results = processor.post_process_semantic_segmentation(
+        official_outputs(name), return_segmentation_scores=True, **sizes(name)
+    )
+    outputs, target_sizes, image_sizes, padded_size = processor._resolve_sizes(
+        official_outputs(name), sizes(name)["target_sizes"], None
+    )
+    for index, result in enumerate(results):
+        class_probs = outputs.class_queries_logits[index].softmax(-1)[:, :-1]
+        masks = outputs.masks_queries_logits[index]
+        (height, width), target_size = image_sizes[index], target_sizes[index]
+        if before_inference:
+            maps = processor._upsample_crop_resize(masks, padded_size, (height, width), target_size).sigmoid()
+            expected = torch.einsum("qc,qhw->chw", class_probs, maps)
+        else:
+            maps = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0].sigmoid()
+            expected = torch.einsum("qc,qhw->chw", class_probs, maps)[None, :, :height, :width]
+            expected = F.interpolate(expected, size=target_size, mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(result.segmentation_scores, expected, atol=1e-5, rtol=0)
+        assert torch.equal(result.segmentation, expected.argmax(0))
 
 
 def test_semantic_only_model_computes_on_the_padded_input():

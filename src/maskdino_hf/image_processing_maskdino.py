@@ -248,6 +248,20 @@ def _same_aspect(size: tuple[int, int], resized: tuple[int, int]) -> bool:
 _QUERY_CHUNK = 32
 
 
+def _resize_bilinear(maps: torch.Tensor, size, buffers: dict | None, key: str) -> torch.Tensor:
+    """`F.interpolate(maps, size, mode="bilinear", align_corners=False)` (the same kernel, so the same values),
+    written into `buffers[key]` when `buffers` is given: a tensor kept there and grown when a call needs more maps."""
+    if buffers is None:
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    shape = (*maps.shape[:2], *size)
+    buffer = buffers.get(key)
+    too_small = buffer is not None and any(have < need for have, need in zip(buffer.shape[:2], shape[:2]))
+    if buffer is None or too_small or buffer.shape[2:] != shape[2:] or buffer.dtype != maps.dtype:
+        buffer = buffers[key] = maps.new_empty(shape)
+    out = buffer[: shape[0], : shape[1]]
+    return torch.ops.aten.upsample_bilinear2d.out(maps, list(size), False, None, None, out=out)
+
+
 def _first_argmax(maps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """`maps.argmax(0)`, or `(weights[:, None, None] * maps).argmax(0)` without materialising the product (first
     index among ties): a running maximum over the leading axis, a later map winning only where it is strictly
@@ -1274,15 +1288,22 @@ class MaskDINOImageProcessor(BaseImageProcessor):
         )
 
     @staticmethod
-    def _upsample_crop_resize(masks: torch.Tensor, padded_size, image_size, target_size) -> torch.Tensor:
-        """(Q, h, w) mask logits -> padded input size -> crop the padding -> target size (bilinear, as official)."""
+    def _upsample_crop_resize(
+        masks: torch.Tensor, padded_size, image_size, target_size, buffers: dict | None = None
+    ) -> torch.Tensor:
+        """(Q, h, w) mask logits -> padded input size -> crop the padding -> target size (bilinear, as official).
+
+        With `buffers` (a dict the caller keeps over its chunks of queries) the full-size maps are written into
+        tensors kept there, allocated by the first chunk and overwritten by the next ones (the result is then a view
+        of them, valid until the next call): a chunk's maps are over 100 MB at 800x1088, which on the CPU would be
+        fresh memory, page-faulted, at every chunk."""
         if masks.shape[0] == 0:  # no query kept (interpolate refuses empty batches)
             return masks.new_zeros((0, *target_size))
-        padded = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)
+        padded = _resize_bilinear(masks[None], padded_size, buffers, "padded")
         cropped = padded[:, :, : image_size[0], : image_size[1]]
         if tuple(cropped.shape[-2:]) == tuple(target_size):
             return cropped[0]  # a same-size bilinear resize is the identity (weights exactly 1 and 0): skipped
-        return F.interpolate(cropped, size=target_size, mode="bilinear", align_corners=False)[0]
+        return _resize_bilinear(cropped, target_size, buffers, "target")[0]
 
     def _resized_binary_masks(
         self,
@@ -1772,19 +1793,20 @@ class MaskDINOImageProcessor(BaseImageProcessor):
                     class_probs = F.softmax(class_probs / self.panoptic_temperature, dim=-1)
             masks = outputs.masks_queries_logits[index]
             if before:
-                # Summed over query chunks, so that only a chunk of full-size probability maps exists at a time, in
-                # place (`addmm_`: no full-size temporary per chunk; the same sums as adding each chunk's product).
-                scores = None
-                for start in range(0, masks.shape[0], _QUERY_CHUNK):
-                    mask_probs = self._upsample_crop_resize(
-                        masks[start : start + _QUERY_CHUNK], padded_size, image_sizes[index], target_sizes[index]
-                    ).sigmoid_()
-                    weights, maps = class_probs[start : start + _QUERY_CHUNK].T, mask_probs.reshape(len(mask_probs), -1)
-                    scores = weights @ maps if scores is None else scores.addmm_(weights, maps)
-                scores = scores.view(-1, *target_sizes[index])
+                image_size, target_size = image_sizes[index], target_sizes[index]
+                scores = self._class_score_map(
+                    class_probs,
+                    masks,
+                    target_size,
+                    lambda chunk, buffers: self._upsample_crop_resize(
+                        chunk, padded_size, image_size, target_size, buffers
+                    ),
+                )
             else:
-                mask_probs = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
-                scores = torch.einsum("qc,qhw->chw", class_probs, mask_probs.sigmoid_())
+                scores = self._class_score_map(
+                    class_probs, masks, padded_size,
+                    lambda chunk, buffers: _resize_bilinear(chunk[None], padded_size, buffers, "padded")[0],
+                )
                 height, width = image_sizes[index]
                 scores = F.interpolate(
                     scores[None, :, :height, :width], size=target_sizes[index], mode="bilinear", align_corners=False
@@ -1799,6 +1821,23 @@ class MaskDINOImageProcessor(BaseImageProcessor):
             else:
                 results.append(segmentation)
         return results
+
+    @staticmethod
+    def _class_score_map(class_probs: torch.Tensor, mask_logits: torch.Tensor, size, resize) -> torch.Tensor:
+        """`einsum("qc,qhw->chw", class_probs, sigmoid(resize(mask_logits)))`: the (C, H, W) semantic scores at
+        `size`, `resize(chunk, buffers)` bringing a chunk of mask logits there. Summed over chunks of `_QUERY_CHUNK`
+        queries in place (`addmm_`; the same sums as adding each chunk's product), so that one chunk of full-size
+        probability maps exists at a time, written into buffers that every chunk reuses (at 800x1088 the maps of all
+        queries at once are 1 GB, and a fresh chunk of them is page-faulted memory on the CPU)."""
+        scores, buffers = None, {}
+        for start in range(0, mask_logits.shape[0], _QUERY_CHUNK):
+            probabilities = resize(mask_logits[start : start + _QUERY_CHUNK], buffers).sigmoid_()
+            weights = class_probs[start : start + _QUERY_CHUNK].T
+            maps = probabilities.reshape(len(probabilities), -1)
+            scores = weights @ maps if scores is None else scores.addmm_(weights, maps)
+        if scores is None:  # no query
+            return class_probs.new_zeros(class_probs.shape[1], *size)
+        return scores.view(-1, *size)
 
     def post_process_universal_segmentation(
         self, outputs, target_sizes: Any = None, image_sizes: Any = None, num_labels: int | None = None
