@@ -47,7 +47,7 @@ from transformers.backbone_utils import load_backbone
 
 from .configuration_maskdino import BACKBONE_FEATURES, MaskDINOConfig
 from .loss_maskdino import MaskDINOLoss
-from .ms_deform_attn import MaskDINOMultiscaleDeformableAttention
+from .ms_deform_attn import MaskDINOMultiscaleDeformableAttention, sampling_dtype
 from .random_source import MaskDINORandomSource
 
 
@@ -693,9 +693,9 @@ class MaskDINOPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         value = self.self_attn.project_value(hidden_states)
         batch_size, num_tokens, _ = hidden_states.shape
         chunk_size = self.token_chunk_size if hidden_states.device.type == "cpu" else num_tokens
-        if chunk_size < num_tokens and value.dtype in (torch.float16, torch.bfloat16):
-            # The CPU sampling computes in float32 (see `ms_deform_attn`): cast the value once, not once per chunk.
-            value = value.float()
+        if chunk_size < num_tokens:
+            # The sampling casts a half-precision value to float32: once per layer here, not once per chunk.
+            value = value.to(sampling_dtype(value))
         output = weights = None
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, start + chunk_size)

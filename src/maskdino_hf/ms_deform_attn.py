@@ -357,7 +357,8 @@ def _sample_backward(
     return grad_table, grad_locations, grad_attention
 
 
-def _compute_dtype(value: torch.Tensor) -> torch.dtype:
+def sampling_dtype(value: torch.Tensor) -> torch.dtype:
+    """The dtype the PyTorch path samples `value` in: float32 for half and bfloat16 values, else their own."""
     return torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
 
 
@@ -372,7 +373,7 @@ class _DeformableSampling(torch.autograd.Function):
         with torch.autocast(value.device.type, enabled=False):
             # Detached: embedding_bag then runs its forward-only kernel.
             problem = _problem(value.detach(), value_spatial_shapes, level_start_index, sampling_locations.detach(),
-                               attention_weights.detach(), _compute_dtype(value))
+                               attention_weights.detach(), sampling_dtype(value))
             output = _sample(problem)
         ctx.save_for_backward(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return output.view(batch_size, num_queries, num_heads * head_dim).to(value.dtype)
@@ -382,7 +383,7 @@ class _DeformableSampling(torch.autograd.Function):
         value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
         need_table = ctx.needs_input_grad[0]
         need_points = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        compute_dtype = _compute_dtype(value)
+        compute_dtype = sampling_dtype(value)
         levels = None
         if value_spatial_shapes.device.type == "cpu" and value.device.type == "cpu":
             levels = [(height, width) for height, width in value_spatial_shapes.tolist()]
@@ -422,7 +423,7 @@ def multi_scale_deformable_attention_pytorch(
     # differentiates itself.
     batch_size, _, num_heads, head_dim = value.shape
     problem = _problem(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                       _compute_dtype(value))
+                       sampling_dtype(value))
     num_bags = problem.attention.shape[0]
     corners = problem.corners(0, num_bags)
     weights = _corner_weights(corners, problem.attention)
