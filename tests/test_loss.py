@@ -479,3 +479,58 @@ def test_mask_terms_computed_by_blocks_of_masks_equal_one_block(monkeypatch, blo
         torch.testing.assert_close(block_terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
     for whole, blocked in zip(whole_grads, block_grads):
         torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-8)
+
+
+def test_masks_formed_from_the_factors_give_the_terms_and_gradients_of_the_full_mask_logits():
+    """With the mask factors (each layer's mask embeddings and one per-pixel embedding), the loss forms the masks
+    of the supervised queries of all layers in one product per image (`supervised_masks_of_layers`); its terms and
+    the factors' gradients equal those of the loss reading the full mask logits built from the same factors."""
+    import dataclasses
+
+    fx = fixture_for("panoptic_r50_batch")  # two images, denoising groups, query selection
+    outputs = fx.outputs()
+    targets = [fx.targets()[0]] * 2  # the fixture's second image has no target: give both images the first's
+    batch_size, _, height, width = outputs.mask_logits[-1].shape
+    generator = torch.Generator().manual_seed(0)
+    channels = 8
+
+    def embeddings_like(logits):
+        return torch.randn(*logits.shape[:2], channels, generator=generator).requires_grad_()
+
+    features = torch.randn(batch_size, channels, height, width, generator=generator).requires_grad_()
+    layer_embeddings = [embeddings_like(logits) for logits in outputs.mask_logits]
+    dn_embeddings = [embeddings_like(logits) for logits in outputs.denoising_outputs.mask_logits]
+    proposal_embeddings = embeddings_like(outputs.enc_topk_masks)
+    leaves = [features, proposal_embeddings, *layer_embeddings, *dn_embeddings]
+
+    def terms_and_grads(factored: bool):
+        def masks(embeddings):
+            return torch.einsum("bqc,bchw->bqhw", embeddings, features)
+
+        denoising = dataclasses.replace(
+            outputs.denoising_outputs,
+            mask_logits=tuple(masks(embeddings) for embeddings in dn_embeddings),
+            mask_embeddings=tuple(dn_embeddings) if factored else None,
+        )
+        factored_outputs = dataclasses.replace(
+            outputs,
+            mask_logits=tuple(masks(embeddings) for embeddings in layer_embeddings),
+            enc_topk_masks=masks(proposal_embeddings),
+            mask_embeddings=tuple(layer_embeddings) if factored else None,
+            enc_topk_mask_embeddings=proposal_embeddings if factored else None,
+            mask_features=features if factored else None,
+            denoising_outputs=denoising,
+        )
+        random_source = MaskDINORandomSource(torch.Generator().manual_seed(0))
+        loss, terms = MaskDINOLoss(fx.config())(factored_outputs, targets, random_source)
+        return terms, torch.autograd.grad(loss, leaves)
+
+    full_terms, full_grads = terms_and_grads(factored=False)
+    factored_terms, factored_grads = terms_and_grads(factored=True)
+    assert set(factored_terms) == set(full_terms)
+    assert any(name.startswith("loss_mask_dn") for name in full_terms)
+    for name, value in full_terms.items():
+        torch.testing.assert_close(factored_terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for full, factored in zip(full_grads, factored_grads):
+        assert full.abs().sum() > 0
+        torch.testing.assert_close(factored, full, rtol=1e-4, atol=1e-7)

@@ -53,6 +53,13 @@ logger = logging.get_logger(__name__)
 Matching = list[tuple[Tensor, Tensor]]
 
 
+def prediction_index(indices: Matching, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (image, query) index pairs of a matching's predictions, image after image."""
+    batch_idx = torch.cat([torch.full_like(pred, image) for image, (pred, _) in enumerate(indices)])
+    pred_idx = torch.cat([pred for pred, _ in indices])
+    return batch_idx.to(device), pred_idx.to(device)
+
+
 class LayerPredictions(NamedTuple):
     """One prediction layer, under the model output's field names: class logits (batch, queries, C), mask logits
     (batch, queries, h, w) (any resolution: they are sampled at normalised coordinates) and sigmoid cxcywh boxes
@@ -60,9 +67,9 @@ class LayerPredictions(NamedTuple):
 
     Optionally the two factors of the mask logits, the mask embeddings (batch, queries, c) and the per-pixel embedding
     (batch, c, h, w), or its images (c, h, w) as a sequence: with them the mask terms form the masks of the supervised
-    queries alone (`supervised_masks`), so the backward pass never runs through the full-size masks of the other
-    queries. The loss passes the images, split once for all layers: every layer's gradient then adds into the same
-    per-image buffers, instead of each layer stacking a new full-batch gradient (21 of 32 MB per step at 512x512).
+    queries alone (`supervised_masks_of_layers`), so the backward pass never runs through the full-size masks of the
+    other queries. The loss passes the images, split once for all layers: the gradients then add into the same
+    per-image buffers, instead of each product stacking a new full-batch gradient (21 of 32 MB per step at 512x512).
     """
 
     class_logits: Tensor
@@ -71,21 +78,37 @@ class LayerPredictions(NamedTuple):
     mask_embeddings: Tensor | None = None
     mask_features: Tensor | Sequence[Tensor] | None = None
 
-    def supervised_masks(self, batch_idx: Tensor, pred_idx: Tensor, counts: list[int]) -> Tensor:
-        """Mask logits of the predictions `(batch_idx, pred_idx)`, image after image as `_prediction_index` orders
-        them, `counts[b]` of them in image b: (N, 1, h, w) float32."""
-        if self.mask_embeddings is None or self.mask_features is None:
-            return self.mask_logits[batch_idx, pred_idx].float()[:, None]
-        masks = [
-            torch.einsum("qc,chw->qhw", embeddings[queries], features)
-            for embeddings, features, queries, count in zip(
-                self.mask_embeddings, self.mask_features, pred_idx.split(counts), counts
+
+def supervised_masks_of_layers(layers: Sequence[LayerPredictions], matchings: Sequence[Matching]) -> list[Tensor]:
+    """The mask logits of the predictions `matchings[i]` names in `layers[i]`, image after image as
+    `prediction_index` orders them: one (N_i, 1, h, w) float32 tensor per layer.
+
+    The layers that carry the mask factors and share one per-pixel embedding get one product per image over the
+    supervised queries of all of them, so the backward pass forms each image's per-pixel-embedding gradient in one
+    matmul. Per-layer products would each write a full-size (c, h, w) gradient from a few queries (5 matched ones per
+    image) and add it to the others: at 512x512, batch 2, for the 11 matched layers and the 10 denoising layers (100
+    queries per image) of the R50 model, forward and backward of these products take 0.62 s against 0.91 s on 2
+    cores. Layers without the factors index their full mask logits."""
+    sources: list[Tensor | None] = [None] * len(layers)
+    groups: dict[int, list[int]] = {}
+    for index, layer in enumerate(layers):
+        if layer.mask_embeddings is None or layer.mask_features is None:
+            batch_idx, pred_idx = prediction_index(matchings[index], layer.class_logits.device)
+            sources[index] = layer.mask_logits[batch_idx, pred_idx].float()[:, None]
+        else:
+            groups.setdefault(id(layer.mask_features), []).append(index)
+    for members in groups.values():
+        pieces = []  # per image: the supervised masks of each member layer
+        for image, features in enumerate(layers[members[0]].mask_features):
+            queries = [matchings[index][image][0].to(features.device) for index in members]
+            embeddings = torch.cat(
+                [layers[index].mask_embeddings[image][rows] for index, rows in zip(members, queries)]
             )
-            if count
-        ]
-        if not masks:
-            return self.mask_features[0].new_zeros(0, 1, *self.mask_features[0].shape[-2:]).float()
-        return torch.cat(masks).float()[:, None]
+            pieces.append(torch.einsum("qc,chw->qhw", embeddings, features).split([len(rows) for rows in queries]))
+        for position, index in enumerate(members):
+            sources[index] = torch.cat([image_pieces[position] for image_pieces in pieces]).float()[:, None]
+    return sources
+
 
 COST_TERMS = ("class", "mask", "dice", "bbox", "giou")
 # On the CPU: queries per block of the matcher's mask terms (`MaskDINOHungarianMatcher.compute_costs`) and masks per
@@ -420,12 +443,6 @@ class MaskDINOLoss(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- helpers
     @staticmethod
-    def _prediction_index(indices: Matching, device: torch.device) -> tuple[Tensor, Tensor]:
-        batch_idx = torch.cat([torch.full_like(pred, image) for image, (pred, _) in enumerate(indices)])
-        pred_idx = torch.cat([pred for pred, _ in indices])
-        return batch_idx.to(device), pred_idx.to(device)
-
-    @staticmethod
     def _matched_targets(targets: list[dict[str, Tensor]], indices: Matching, key: str, device) -> Tensor:
         return torch.cat([t[key][tgt.to(t[key].device)] for t, (_, tgt) in zip(targets, indices)]).to(device)
 
@@ -509,7 +526,7 @@ class MaskDINOLoss(nn.Module):
         with `semantic_ce_loss`, softmax cross-entropy with the no-object class weighted `no_object_weight`."""
         logits = outputs.class_logits.float()
         batch_size, num_queries, num_logits = logits.shape
-        batch_idx, pred_idx = self._prediction_index(indices, logits.device)
+        batch_idx, pred_idx = prediction_index(indices, logits.device)
         matched_labels = self._matched_targets(targets, indices, "labels", logits.device).long()
         if self.semantic_ce_loss:
             target_classes = torch.full(
@@ -529,7 +546,7 @@ class MaskDINOLoss(nn.Module):
         `panoptic_box_loss`, pairs whose ground-truth label is a stuff label contribute nothing (the normaliser still
         counts them)."""
         pred_boxes = outputs.box_predictions
-        batch_idx, pred_idx = self._prediction_index(indices, pred_boxes.device)
+        batch_idx, pred_idx = prediction_index(indices, pred_boxes.device)
         source = pred_boxes[batch_idx, pred_idx].float()
         target = self._matched_targets(targets, indices, "boxes", source.device).float()
         l1 = F.l1_loss(source, target, reduction="none").sum(-1)
@@ -542,14 +559,22 @@ class MaskDINOLoss(nn.Module):
         return {"loss_bbox": l1.sum() / num_masks, "loss_giou": giou.sum() / num_masks}
 
     def loss_masks(
-        self, outputs: LayerPredictions, targets, indices, num_masks, random_source=None, point_draws=None
+        self,
+        outputs: LayerPredictions,
+        targets,
+        indices,
+        num_masks,
+        random_source=None,
+        point_draws=None,
+        source: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """`loss_mask` (BCE) and `loss_dice` on `train_num_points` points per matched mask, chosen by uncertainty
         (see `sample_points_using_uncertainty`, `point_draws` being its random numbers when drawn already); no
-        upsampling, points are in normalised coordinates."""
-        batch_idx, pred_idx = self._prediction_index(indices, outputs.class_logits.device)
+        upsampling, points are in normalised coordinates. `source`: the supervised masks when formed already
+        (`supervised_masks_of_layers`)."""
         counts = [len(pred) for pred, _ in indices]
-        source = outputs.supervised_masks(batch_idx, pred_idx, counts)
+        if source is None:
+            source = supervised_masks_of_layers([outputs], [indices])[0]
         with torch.no_grad():
             points = self.sample_points_using_uncertainty(source, random_source, point_draws)
         # Block by block of masks on the CPU: the terms are sums over masks, and one block's temporaries (grids,
@@ -579,14 +604,16 @@ class MaskDINOLoss(nn.Module):
         return {"loss_mask": sum(mask_terms), "loss_dice": sum(dice_terms)}
 
     def _terms(
-        self, kinds, outputs, targets, indices, num_masks, random_source, point_draws=None
+        self, kinds, outputs, targets, indices, num_masks, random_source, point_draws=None, source=None
     ) -> dict[str, Tensor]:
         terms = {}
         for kind in kinds:
             if kind == "labels":
                 terms.update(self.loss_labels(outputs, targets, indices, num_masks))
             elif kind == "masks":
-                terms.update(self.loss_masks(outputs, targets, indices, num_masks, random_source, point_draws))
+                terms.update(
+                    self.loss_masks(outputs, targets, indices, num_masks, random_source, point_draws, source)
+                )
             else:
                 terms.update(self.loss_boxes(outputs, targets, indices, num_masks))
         return terms
@@ -650,12 +677,6 @@ class MaskDINOLoss(nn.Module):
             dn_indices = self.denoising_indices(targets, denoising.num_groups, denoising.pad_size)
             dn_norm = num_masks * denoising.num_groups
 
-        def denoising_terms(index):
-            if use_denoising:
-                layer = dn_layers[index]
-                return self._terms(self.denoising_losses, layer, targets, dn_indices, dn_norm, random_source)
-            return self._zero_denoising_terms(device)
-
         # (name, suffix, predictions, denoising layer or None, denoising suffix), in the official order
         two_stage = outputs.enc_topk_logits is not None
         jobs = [("final", "", layers[-1], -1, "_dn")]
@@ -675,28 +696,47 @@ class MaskDINOLoss(nn.Module):
             )
             jobs.append(("interm", "_interm", interm, None, ""))
 
-        # Every random draw, in the official order. The number of matched pairs is known before matching
-        # (min(queries, targets) per image), so the matcher points and PointRend candidates of all layers are drawn
-        # first and all layers are matched at once; the denoising terms need no matching and are computed here.
+        # The supervised masks of all denoising layers at once (their queries are fixed), then every random draw
+        # in the official order. The number of matched pairs is known before matching (min(queries, targets) per
+        # image), so the matcher points and PointRend candidates of all layers are drawn first; the denoising terms
+        # are computed in between, drawing their candidates block by block as they go. All layers are then matched
+        # at once, and their supervised masks are formed together.
+        denoised = [use_denoising and job[3] is not None for job in jobs]
+        dn_jobs = [job[3] for job, with_denoising in zip(jobs, denoised) if with_denoising]
+        dn_sources = [None] * len(dn_jobs)
+        if "masks" in self.denoising_losses:
+            dn_sources = supervised_masks_of_layers(
+                [dn_layers[index] for index in dn_jobs], [dn_indices] * len(dn_jobs)
+            )
+        dn_sources = iter(dn_sources)
         sizes = [len(t["labels"]) for t in targets]
         batch_size = len(targets)
         matcher_points, point_draws, layer_denoising_terms = [], [], []
-        for _, _, layer_outputs, dn_index, _ in jobs:
+        for (_, _, layer_outputs, dn_index, _), with_denoising in zip(jobs, denoised):
             matcher_points.append(self.matcher.draw_points(batch_size, device, random_source))
             num_matched = sum(min(layer_outputs.class_logits.shape[1], size) for size in sizes)
             point_draws.append(self.draw_point_candidates(num_matched, device, random_source))
-            has_denoising = self.denoising != "no" and dn_index is not None
-            layer_denoising_terms.append(denoising_terms(dn_index) if has_denoising else {})
+            if with_denoising:
+                dn_terms = self._terms(
+                    self.denoising_losses, dn_layers[dn_index], targets, dn_indices, dn_norm, random_source,
+                    source=next(dn_sources),
+                )
+            elif self.denoising != "no" and dn_index is not None:
+                dn_terms = self._zero_denoising_terms(device)
+            else:
+                dn_terms = {}
+            layer_denoising_terms.append(dn_terms)
         layer_matchings = self.matcher.match_layers([job[2] for job in jobs], targets, matcher_points)
+        sources = supervised_masks_of_layers([job[2] for job in jobs], layer_matchings)
 
         terms: dict[str, Tensor] = {}
         matchings: dict[str, Matching] = {}
         all_kinds = ("labels", "masks", "boxes")
-        for (name, suffix, layer_outputs, _, dn_suffix), indices, draws, dn_terms in zip(
-            jobs, layer_matchings, point_draws, layer_denoising_terms
+        for (name, suffix, layer_outputs, _, dn_suffix), indices, draws, source, dn_terms in zip(
+            jobs, layer_matchings, point_draws, sources, layer_denoising_terms
         ):
             matchings[name] = indices
-            layer_terms = self._terms(all_kinds, layer_outputs, targets, indices, num_masks, None, draws)
+            layer_terms = self._terms(all_kinds, layer_outputs, targets, indices, num_masks, None, draws, source)
             terms.update({key + suffix: value for key, value in layer_terms.items()})
             terms.update({key + dn_suffix: value for key, value in dn_terms.items()})
         return terms, matchings
