@@ -703,12 +703,11 @@ class MaskDINOLoss(nn.Module):
         # at once, and their supervised masks are formed together.
         denoised = [use_denoising and job[3] is not None for job in jobs]
         dn_jobs = [job[3] for job, with_denoising in zip(jobs, denoised) if with_denoising]
-        dn_sources = [None] * len(dn_jobs)
-        if "masks" in self.denoising_losses:
-            dn_sources = supervised_masks_of_layers(
-                [dn_layers[index] for index in dn_jobs], [dn_indices] * len(dn_jobs)
-            )
-        dn_sources = iter(dn_sources)
+        dn_sources = iter(
+            supervised_masks_of_layers([dn_layers[index] for index in dn_jobs], [dn_indices] * len(dn_jobs))
+            if "masks" in self.denoising_losses
+            else [None] * len(dn_jobs)
+        )
         sizes = [len(t["labels"]) for t in targets]
         batch_size = len(targets)
         matcher_points, point_draws, layer_denoising_terms = [], [], []
