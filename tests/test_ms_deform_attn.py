@@ -355,6 +355,59 @@ def test_layer_fused_projections_equal_the_parent_forward(coordinates):
         torch.testing.assert_close(ours, parent, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("coordinates", [2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_value_projection_after_the_sampling_equals_the_parent_forward(coordinates, masked):
+    """At inference, with few queries on many tokens, the layer samples the unprojected tokens and projects each
+    head's sample (the bias weighted by the sampled coverage): the same outputs as Transformers' Deformable DETR
+    forward, which projects every token first, with sampling points outside the maps and padded tokens."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrMultiscaleDeformableAttention,
+    )
+
+    torch.manual_seed(0)
+    layer = MaskDINOMultiscaleDeformableAttention(hidden_size=16, num_levels=2, num_heads=2, num_points=2).double()
+    for parameter in layer.parameters():
+        torch.nn.init.normal_(parameter, std=1.0)  # offsets of several cells: many points fall outside the maps
+    _, shapes, shapes_list, starts, _, _ = make_inputs(levels=((6, 9), (3, 5)))
+    tokens = 6 * 9 + 3 * 5
+    attention_mask = torch.rand(2, tokens) > 0.3 if masked else None
+    kwargs = dict(
+        hidden_states=torch.randn(2, 5, 16, dtype=torch.float64),
+        attention_mask=attention_mask,
+        encoder_hidden_states=torch.randn(2, tokens, 16, dtype=torch.float64),
+        position_embeddings=torch.randn(2, 5, 16, dtype=torch.float64),
+        reference_points=torch.rand(2, 5, 2, coordinates, dtype=torch.float64),
+        spatial_shapes=shapes,
+        spatial_shapes_list=shapes_list,
+        level_start_index=starts,
+    )
+    parent = DeformableDetrMultiscaleDeformableAttention.forward.__get__(layer)
+    calls = []
+    layer.attn.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    with torch.no_grad():
+        assert layer.projects_after_sampling(kwargs["encoder_hidden_states"], 5)  # 5 queries x 2 heads x 3 <= 69
+        output, attention = layer(**kwargs)
+        assert calls == [(2, tokens, 1, 16), (2, tokens, 1, 1)]  # the tokens, then the map of ones (coverage)
+        expected, expected_attention = parent(**kwargs)
+    torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attention, expected_attention, rtol=1e-10, atol=1e-12)
+
+
+def test_value_projection_comes_first_in_training_and_for_the_encoder_self_attention():
+    """The late projection is an inference path for few queries: recorded calls (its value gradient over all
+    channels would cost more) and as many queries as tokens keep the projection of every token."""
+    layer = MaskDINOMultiscaleDeformableAttention(hidden_size=256, num_levels=4, num_heads=8, num_points=4)
+    memory = torch.randn(1, 18070, 256)
+    assert not layer.projects_after_sampling(memory, 300)  # weights require gradients, grad mode on
+    with torch.no_grad():
+        assert layer.projects_after_sampling(memory, 300)
+        assert not layer.projects_after_sampling(memory, 18070)
+    layer.requires_grad_(False)
+    assert layer.projects_after_sampling(memory, 300)
+    assert not layer.projects_after_sampling(memory.requires_grad_(), 300)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encoder_sampling_locations_are_bit_identical_to_the_broadcast_formula(dtype):
     """`reference + offset / (width, height)` over contiguous rows gives exactly the six-dimensional broadcast's
