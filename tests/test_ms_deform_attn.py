@@ -394,6 +394,32 @@ def test_value_projection_after_the_sampling_equals_the_parent_forward(coordinat
     torch.testing.assert_close(attention, expected_attention, rtol=1e-10, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("memory_dtype", [torch.float32, torch.bfloat16])
+def test_value_projection_after_the_sampling_under_bfloat16_autocast(memory_dtype):
+    """Under CPU bfloat16 autocast the late projection takes float32 weights with a float32 or bfloat16 memory and
+    gives the projection-first result to bfloat16 precision."""
+    torch.manual_seed(0)
+    layer = MaskDINOMultiscaleDeformableAttention(hidden_size=32, num_levels=2, num_heads=4, num_points=2).eval()
+    _, shapes, shapes_list, starts, _, _ = make_inputs(levels=((12, 10), (6, 5)))
+    kwargs = dict(
+        hidden_states=torch.randn(2, 3, 32),
+        encoder_hidden_states=torch.randn(2, 150, 32).to(memory_dtype),
+        reference_points=torch.rand(2, 3, 2, 4),
+        spatial_shapes=shapes,
+        spatial_shapes_list=shapes_list,
+        level_start_index=starts,
+    )
+    outputs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for ratio in (3, 10**9):  # 3 x 4 heads x 3 queries <= 150 tokens: late; then projection first
+            layer.late_projection_ratio = ratio
+            assert layer.projects_after_sampling(kwargs["encoder_hidden_states"], 3) == (ratio == 3)
+            outputs.append(layer(**kwargs)[0])
+    late, first = outputs
+    assert late.dtype == first.dtype == torch.bfloat16
+    torch.testing.assert_close(late.float(), first.float(), rtol=0.02, atol=0.02)
+
 def test_value_projection_comes_first_in_training_and_for_the_encoder_self_attention():
     """The late projection is an inference path for few queries: recorded calls (its value gradient over all
     channels would cost more) and as many queries as tokens keep the projection of every token."""

@@ -659,7 +659,11 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
             for table in (tokens, ones)
         ]
         sampled, coverage = sample
-        projected = torch.einsum("bqhc,hdc->bqhd", sampled, self.value_proj.weight.view(heads, head_dim, -1))
+        # One (queries, hidden) x (hidden, head_dim) matmul per head; `matmul` (not `einsum`) so that autocast casts
+        # both operands.
+        per_head = sampled.permute(2, 0, 1, 3).reshape(heads, batch_size * num_queries, -1)
+        projected = torch.matmul(per_head, self.value_proj.weight.view(heads, head_dim, -1).transpose(1, 2))
+        projected = projected.view(heads, batch_size, num_queries, head_dim).permute(1, 2, 0, 3)
         projected = projected + coverage * self.value_proj.bias.view(heads, head_dim)
         return projected.reshape(batch_size, num_queries, self.d_model)
 
