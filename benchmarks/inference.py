@@ -200,11 +200,30 @@ def matmul_ceiling(dtype: torch.dtype, device: torch.device, record: dict, size:
     record.setdefault("cpu", []).append(giga / cpu[0] * torch.get_num_threads())
 
 
+def register_onednn_linear_flops() -> None:
+    """Teach `FlopCounterMode` the FLOPs of `mkldnn._linear_pointwise`, oneDNN's linear, which the model's float32 CPU
+    feed-forward blocks call at inference (`maskdino_hf.modeling_maskdino.inference_linear`): 2 x rows x in x out,
+    as for `addmm`. Without it their matmuls would drop out of the count, and the floor with them."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def linear_pointwise_flops(input_shape, weight_shape, *args, **kwargs) -> int:
+        rows = 1
+        for size in input_shape[:-1]:
+            rows *= size
+        return 2 * rows * input_shape[-1] * weight_shape[0]
+
+
 def count_flops(model, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[dict[str, float], object]:
     """FLOPs of one fp32 forward as `FlopCounterMode` counts them (matmuls, convolutions, attention), in total
     ("total") and per part of `PARTS`; and that forward's outputs."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    register_onednn_linear_flops()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         outputs = model(pixel_values, pixel_mask=pixel_mask)
     counts = counter.get_flop_counts()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.backbone_utils import load_backbone
 
 from maskdino_hf import MaskDINOForUniversalSegmentation
@@ -18,6 +19,7 @@ from maskdino_hf.modeling_maskdino import (
     MaskDINOConvNormLayer,
     MaskDINOFrozenBatchNorm2d,
     MaskDINOPixelDecoderEncoderLayer,
+    inference_linear,
     is_channels_last,
 )
 
@@ -304,3 +306,61 @@ def test_autocast_takes_the_folded_path(dtype):
         assert is_channels_last(ours)
         error = _max_error(ours, official) / official.abs().max().item()
         assert error < 0.05
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the ATen / oneDNN ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+needs_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+    reason="this PyTorch build has no oneDNN (mkldnn._linear_pointwise)",
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.GELU()])
+def test_inference_linear_takes_onednn_in_float32_on_the_cpu_with_the_plain_values(activation):
+    """At float32 CPU inference the feed-forward's linears run oneDNN's matmul (the ReLU fused into it), with the
+    values of `activation(linear(x))` up to float32 summation order."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    rows = torch.randn(300, 64)
+    with torch.no_grad():
+        expected = linear(rows) if activation is None else activation(linear(rows))
+    with torch.inference_mode(), _OpLog() as log:
+        output = inference_linear(rows, linear, activation)
+    assert "mkldnn._linear_pointwise.default" in log.ops
+    assert ("aten.relu_.default" in log.ops) is False  # the ReLU is fused, nothing runs after the matmul for it
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["autocast", "bfloat16", "gradients"])
+def test_inference_linear_keeps_the_plain_expression_outside_float32_cpu_inference(case):
+    """Under autocast (bfloat16 matmuls), in another dtype, and when gradients flow (the oneDNN op has no backward),
+    the plain linear runs, with its values and gradients."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    rows = torch.randn(300, 64)
+    if case == "bfloat16":
+        linear, rows = linear.to(torch.bfloat16), rows.to(torch.bfloat16)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else contextlib.nullcontext()
+    grad_mode = torch.enable_grad() if case == "gradients" else torch.no_grad()
+    with grad_mode, context:
+        expected = torch.relu(linear(rows))
+        with _OpLog() as log:
+            output = inference_linear(rows, linear, nn.ReLU())
+    assert not any("mkldnn._linear_pointwise" in op for op in log.ops)
+    assert torch.equal(output, expected) and output.dtype == expected.dtype
+    if case == "gradients":
+        output.sum().backward()
+        assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
