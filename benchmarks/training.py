@@ -91,9 +91,10 @@ def training_step(model, pixel_values, mask_labels, class_labels, device: torch.
 
 
 def count_step_flops(step) -> float:
-    """FLOPs of one step (forward, loss and backward) as `FlopCounterMode` counts them."""
+    """FLOPs of one step (forward, loss and backward) as `FlopCounterMode` counts them (oneDNN's linear included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    bench.register_onednn_linear_flops()
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())

@@ -176,6 +176,50 @@ def test_chunked_relu_feed_forward_equals_autograd(frozen):
             torch.testing.assert_close(grads[name], expected_grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+
+@pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+    reason="this PyTorch build has no oneDNN (mkldnn._linear_pointwise)",
+)
+def test_chunked_relu_feed_forward_in_float32_runs_its_products_through_onednn():
+    """In float32 on the CPU the training feed-forward's six products per chunk (two forward, four backward, on
+    transposed operands) go through oneDNN's matmul, with autograd's output and gradients to float32 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from maskdino_hf.modeling_maskdino import ChunkedReluFeedForward
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "rows": torch.randn(300, 32, generator=generator),
+        "weight1": torch.randn(128, 32, generator=generator) * 0.2,
+        "bias1": torch.randn(128, generator=generator),
+        "weight2": torch.randn(32, 128, generator=generator) * 0.1,
+        "bias2": torch.randn(32, generator=generator),
+    }
+    grad_output = torch.randn(300, 32, generator=generator)
+    leaves = {name: value.clone().requires_grad_() for name, value in inputs.items()}
+    with OpLog() as log:
+        output = ChunkedReluFeedForward.apply(*leaves.values(), 64)
+        output.backward(grad_output)
+    assert log.ops.count("mkldnn._linear_pointwise.default") == 5 * 6  # 5 chunks of 64 rows over 300
+    assert not any(op.startswith(("aten.mm", "aten.addmm")) for op in log.ops)
+    reference = {name: value.double().requires_grad_() for name, value in inputs.items()}
+    expected = torch.relu(reference["rows"] @ reference["weight1"].T + reference["bias1"])
+    expected = expected @ reference["weight2"].T + reference["bias2"]
+    expected.backward(grad_output.double())
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+    for name, leaf in leaves.items():
+        torch.testing.assert_close(leaf.grad.double(), reference[name].grad, rtol=1e-5, atol=1e-4, msg=name)
+
 def test_encoder_layer_trains_through_the_chunked_feed_forward(monkeypatch):
     """An encoder layer in training takes the chunked feed-forward (several chunks here) and gives the plain
     expression's states and gradients; under autocast it keeps the plain expression."""

@@ -556,32 +556,45 @@ def activate_in_place(activation: nn.Module, hidden_states: torch.Tensor) -> tor
     return hidden_states.relu_() if isinstance(activation, nn.ReLU) else activation(hidden_states)
 
 
-def inference_linear(hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None) -> torch.Tensor:
-    """`activation(linear(hidden_states))` at inference, through oneDNN's matmul for float32 on the CPU.
+def float32_linear(
+    hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
+) -> torch.Tensor:
+    """`hidden_states @ weight.T (+ bias)`, then a ReLU when `relu`, outside autograd; through oneDNN's matmul for
+    float32 on the CPU (operands may be transposed views).
 
     PyTorch hands float32 CPU matmuls to its BLAS (MKL), and oneDNN only its bfloat16 ones and the convolutions.
     oneDNN's float32 matmul (`mkldnn._linear_pointwise`, the op Inductor emits for CPU linears) ran 2.2x faster on
     the project's 2-core AVX-512 machine (370 against 165 GFLOP/s for the encoder feed-forward's 2048 x 256 x 2048
-    and 2048 x 2048 x 256 products; MKL takes a generic path on that AMD CPU) and applies a ReLU in the same pass.
-    The same float32 arithmetic in another summation order. Elsewhere (autocast, another dtype or device, gradients,
-    traced graphs, a build without oneDNN) the plain expression, a ReLU in place."""
+    and 2048 x 2048 x 256 products; MKL takes a generic path on that AMD CPU) and applies the ReLU in the same pass.
+    The same float32 arithmetic in another summation order. Elsewhere (another dtype or device, traced graphs, a
+    build without oneDNN) `addmm` / `mm`, the ReLU in place."""
+    if _onednn_float32_linear(hidden_states, weight):
+        return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, "relu" if relu else "none", [], "")
+    if bias is None:
+        output = torch.mm(hidden_states, weight.t())
+    else:
+        output = torch.addmm(bias, hidden_states, weight.t())
+    return output.relu_() if relu else output
+
+
+def inference_linear(hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None) -> torch.Tensor:
+    """`activation(linear(hidden_states))` for (tokens, features) rows at inference: `float32_linear` (oneDNN, the
+    ReLU fused) when nothing records gradients and autocast is off, else the plain expression, a ReLU in place."""
     is_relu = isinstance(activation, nn.ReLU)
-    if _onednn_float32_linear(hidden_states, linear):
-        output = torch.ops.mkldnn._linear_pointwise(
-            hidden_states, linear.weight, linear.bias, "relu" if is_relu else "none", [], ""
-        )
+    records = torch.is_grad_enabled() and (hidden_states.requires_grad or linear.weight.requires_grad)
+    if not (records or torch.is_autocast_enabled(hidden_states.device.type)):
+        output = float32_linear(hidden_states, linear.weight, linear.bias, relu=is_relu)
         return output if activation is None or is_relu else activation(output)
     output = linear(hidden_states)
     return output if activation is None else activate_in_place(activation, output)
 
 
-def _onednn_float32_linear(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether `inference_linear` may take oneDNN's float32 matmul for this call (the op has no autograd formula)."""
+def _onednn_float32_linear(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `float32_linear` may take oneDNN's float32 matmul for this call (the op has no autograd formula)."""
     return (
         hidden_states.device.type == "cpu"
-        and hidden_states.dtype == linear.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not (torch.is_grad_enabled() and (hidden_states.requires_grad or linear.weight.requires_grad))
+        and hidden_states.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
@@ -606,8 +619,8 @@ class ChunkedReluFeedForward(torch.autograd.Function):
         output = rows.new_empty(rows.shape[0], weight2.shape[0])
         hidden = []
         for chunk, output_chunk in zip(rows.split(chunk_size), output.split(chunk_size)):
-            hidden.append(torch.addmm(bias1, chunk, weight1.t()).relu_())
-            torch.addmm(bias2, hidden[-1], weight2.t(), out=output_chunk)
+            hidden.append(float32_linear(chunk, weight1, bias1, relu=True))
+            output_chunk.copy_(float32_linear(hidden[-1], weight2, bias2))
         ctx.save_for_backward(rows, weight1, weight2, *hidden)
         ctx.chunk_size = chunk_size
         return output
@@ -625,17 +638,17 @@ class ChunkedReluFeedForward(torch.autograd.Function):
             chunk = slice(start, start + ctx.chunk_size)
             grad_chunk = grad_output[chunk]
             if needs_weight2:
-                grad_weight2 = torch.addmm(grad_weight2, grad_chunk.t(), hidden_chunk)
+                grad_weight2 += float32_linear(grad_chunk.t(), hidden_chunk.t())
             if not (needs_rows or needs_weight1 or needs_bias1):
                 continue
             # ReLU's gradient, autograd's own op written over the product: zero where the output is not positive
             # (one pass; `masked_fill_` with a boolean mask took 0.2 s of a 512x512 step).
-            grad_hidden = torch.mm(grad_chunk, weight2)
+            grad_hidden = float32_linear(grad_chunk, weight2.t())
             torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden_chunk, 0, grad_input=grad_hidden)
             if needs_rows:
-                torch.mm(grad_hidden, weight1, out=grad_rows[chunk])
+                grad_rows[chunk] = float32_linear(grad_hidden, weight1.t())
             if needs_weight1:
-                grad_weight1 = torch.addmm(grad_weight1, grad_hidden.t(), rows[chunk])
+                grad_weight1 += float32_linear(grad_hidden.t(), rows[chunk].t())
             if needs_bias1:
                 grad_bias1 += grad_hidden.sum(0)
         return grad_rows, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None
