@@ -556,11 +556,11 @@ def activate_in_place(activation: nn.Module, hidden_states: torch.Tensor) -> tor
     return hidden_states.relu_() if isinstance(activation, nn.ReLU) else activation(hidden_states)
 
 
-def float32_linear(
+def onednn_linear(
     hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
-    """`hidden_states @ weight.T (+ bias)`, then a ReLU when `relu`, outside autograd; through oneDNN's matmul for
-    float32 on the CPU (operands may be transposed views).
+    """`hidden_states @ weight.T (+ bias)` for 2-D operands (transposed views allowed), then a ReLU when `relu`,
+    outside autograd: through oneDNN's matmul for float32 on the CPU, `addmm` / `mm` elsewhere.
 
     PyTorch hands float32 CPU matmuls to its BLAS (MKL), and oneDNN only its bfloat16 ones and the convolutions.
     oneDNN's float32 matmul (`mkldnn._linear_pointwise`, the op Inductor emits for CPU linears) ran 2.2x faster on
@@ -568,7 +568,7 @@ def float32_linear(
     and 2048 x 2048 x 256 products; MKL takes a generic path on that AMD CPU) and applies the ReLU in the same pass.
     The same float32 arithmetic in another summation order. Elsewhere (another dtype or device, traced graphs, a
     build without oneDNN) `addmm` / `mm`, the ReLU in place."""
-    if _onednn_float32_linear(hidden_states, weight):
+    if _takes_onednn(hidden_states, weight):
         return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, "relu" if relu else "none", [], "")
     if bias is None:
         output = torch.mm(hidden_states, weight.t())
@@ -577,20 +577,22 @@ def float32_linear(
     return output.relu_() if relu else output
 
 
-def inference_linear(hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None) -> torch.Tensor:
-    """`activation(linear(hidden_states))` for (tokens, features) rows at inference: `float32_linear` (oneDNN, the
+def inference_linear(
+    hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None
+) -> torch.Tensor:
+    """`activation(linear(hidden_states))` for (tokens, features) rows at inference: `onednn_linear` (oneDNN, the
     ReLU fused) when nothing records gradients and autocast is off, else the plain expression, a ReLU in place."""
     is_relu = isinstance(activation, nn.ReLU)
     records = torch.is_grad_enabled() and (hidden_states.requires_grad or linear.weight.requires_grad)
     if not (records or torch.is_autocast_enabled(hidden_states.device.type)):
-        output = float32_linear(hidden_states, linear.weight, linear.bias, relu=is_relu)
+        output = onednn_linear(hidden_states, linear.weight, linear.bias, relu=is_relu)
         return output if activation is None or is_relu else activation(output)
     output = linear(hidden_states)
     return output if activation is None else activate_in_place(activation, output)
 
 
-def _onednn_float32_linear(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `float32_linear` may take oneDNN's float32 matmul for this call (the op has no autograd formula)."""
+def _takes_onednn(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `onednn_linear` may take oneDNN's float32 matmul for this call (the op has no autograd formula)."""
     return (
         hidden_states.device.type == "cpu"
         and hidden_states.dtype == weight.dtype == torch.float32
@@ -610,8 +612,9 @@ class ChunkedReluFeedForward(torch.autograd.Function):
     ReLU output is what the backward pass keeps, as one tensor per chunk (the ReLU in place; 16 MB at the default
     2048 rows: glibc serves blocks that size from its heap, reused step after step, where it maps every block over
     32 MB afresh), and the backward pass forms the hidden gradient a chunk at a time, accumulating the weight
-    gradients chunk by chunk (out of place: weight-sized, and counted by FLOP counters). The same products as
-    autograd's, summed in chunks: equal to float rounding.
+    gradients chunk by chunk (a weight-sized product per chunk, added in place). Every product goes through
+    `onednn_linear` (oneDNN's matmul in float32 on the CPU). The same products as autograd's, summed in chunks:
+    equal to float rounding.
     """
 
     @staticmethod
@@ -619,8 +622,8 @@ class ChunkedReluFeedForward(torch.autograd.Function):
         output = rows.new_empty(rows.shape[0], weight2.shape[0])
         hidden = []
         for chunk, output_chunk in zip(rows.split(chunk_size), output.split(chunk_size)):
-            hidden.append(float32_linear(chunk, weight1, bias1, relu=True))
-            output_chunk.copy_(float32_linear(hidden[-1], weight2, bias2))
+            hidden.append(onednn_linear(chunk, weight1, bias1, relu=True))
+            output_chunk.copy_(onednn_linear(hidden[-1], weight2, bias2))
         ctx.save_for_backward(rows, weight1, weight2, *hidden)
         ctx.chunk_size = chunk_size
         return output
@@ -638,17 +641,17 @@ class ChunkedReluFeedForward(torch.autograd.Function):
             chunk = slice(start, start + ctx.chunk_size)
             grad_chunk = grad_output[chunk]
             if needs_weight2:
-                grad_weight2 += float32_linear(grad_chunk.t(), hidden_chunk.t())
+                grad_weight2 += onednn_linear(grad_chunk.t(), hidden_chunk.t())
             if not (needs_rows or needs_weight1 or needs_bias1):
                 continue
             # ReLU's gradient, autograd's own op written over the product: zero where the output is not positive
             # (one pass; `masked_fill_` with a boolean mask took 0.2 s of a 512x512 step).
-            grad_hidden = float32_linear(grad_chunk, weight2.t())
+            grad_hidden = onednn_linear(grad_chunk, weight2.t())
             torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden_chunk, 0, grad_input=grad_hidden)
             if needs_rows:
-                grad_rows[chunk] = float32_linear(grad_hidden, weight1.t())
+                grad_rows[chunk] = onednn_linear(grad_hidden, weight1.t())
             if needs_weight1:
-                grad_weight1 += float32_linear(grad_hidden.t(), rows[chunk].t())
+                grad_weight1 += onednn_linear(grad_hidden.t(), rows[chunk].t())
             if needs_bias1:
                 grad_bias1 += grad_hidden.sum(0)
         return grad_rows, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None
