@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 CASES = ["instance_r50_mask2box", "panoptic_r50_batch", "semantic_r50_ade", "instance_swin_4scale", "panoptic_decoupled_box"]
@@ -15,6 +16,23 @@ STUFF_LABELS = {"panoptic_r50_batch": [7, 8, 9, 10], "panoptic_decoupled_box": [
 # panoptic_r50_batch shares the weights file of instance_r50_mask2box.
 CHECKPOINTS = {"panoptic_r50_batch": FIXTURES / "instance_r50_mask2box" / "model.pth"}
 
+
+needs_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+    reason="this PyTorch build has no oneDNN (mkldnn._linear_pointwise)",
+)
+
+
+class OpLog(TorchDispatchMode):
+    """Records the names of the ATen / oneDNN ops dispatched inside it (`ops`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 def case_dir(case: str) -> Path:
     return FIXTURES / case

@@ -9,9 +9,8 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import OpLog, needs_onednn, tiny_config
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.backbone_utils import load_backbone
 
 from maskdino_hf import MaskDINOForUniversalSegmentation
@@ -308,24 +307,6 @@ def test_autocast_takes_the_folded_path(dtype):
         assert error < 0.05
 
 
-class _OpLog(TorchDispatchMode):
-    """Records the ATen / oneDNN ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-needs_onednn = pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
-    reason="this PyTorch build has no oneDNN (mkldnn._linear_pointwise)",
-)
-
-
 @needs_onednn
 @pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.GELU()])
 def test_inference_linear_takes_onednn_in_float32_on_the_cpu_with_the_plain_values(activation):
@@ -336,7 +317,7 @@ def test_inference_linear_takes_onednn_in_float32_on_the_cpu_with_the_plain_valu
     rows = torch.randn(300, 64)
     with torch.no_grad():
         expected = linear(rows) if activation is None else activation(linear(rows))
-    with torch.inference_mode(), _OpLog() as log:
+    with torch.inference_mode(), OpLog() as log:
         output = inference_linear(rows, linear, activation)
     assert "mkldnn._linear_pointwise.default" in log.ops
     assert ("aten.relu_.default" in log.ops) is False  # the ReLU is fused, nothing runs after the matmul for it
@@ -357,7 +338,7 @@ def test_inference_linear_keeps_the_plain_expression_outside_float32_cpu_inferen
     grad_mode = torch.enable_grad() if case == "gradients" else torch.no_grad()
     with grad_mode, context:
         expected = torch.relu(linear(rows))
-        with _OpLog() as log:
+        with OpLog() as log:
             output = inference_linear(rows, linear, nn.ReLU())
     assert not any("mkldnn._linear_pointwise" in op for op in log.ops)
     assert torch.equal(output, expected) and output.dtype == expected.dtype

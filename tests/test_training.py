@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import STUFF_LABELS, case_dir, checkpoint_path
+from conftest import STUFF_LABELS, OpLog, case_dir, checkpoint_path, needs_onednn
 from safetensors.torch import load_file
 
 from maskdino_hf.convert_maskdino_to_hf import convert_checkpoint
@@ -177,25 +177,11 @@ def test_chunked_relu_feed_forward_equals_autograd(frozen):
 
 
 
-@pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
-    reason="this PyTorch build has no oneDNN (mkldnn._linear_pointwise)",
-)
+@needs_onednn
 def test_chunked_relu_feed_forward_in_float32_runs_its_products_through_onednn():
     """In float32 on the CPU the training feed-forward's six products per chunk (two forward, four backward, on
     transposed operands) go through oneDNN's matmul, with autograd's output and gradients to float32 precision."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from maskdino_hf.modeling_maskdino import ChunkedReluFeedForward
-
-    class OpLog(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     generator = torch.Generator().manual_seed(0)
     inputs = {

@@ -653,12 +653,11 @@ class MaskDINOMultiscaleDeformableAttention(DeformableDetrMultiscaleDeformableAt
         # Each (query, head) becomes a query of a one-head op over all channels.
         locations = sampling_locations.reshape(batch_size, num_queries * heads, 1, self.n_levels, self.n_points, 2)
         weights = attention_weights.reshape(batch_size, num_queries * heads, 1, self.n_levels, self.n_points)
-        sample = [
+        sampled, coverage = (
             self.attn(table, spatial_shapes, spatial_shapes_list, level_start_index, locations, weights,
                       self.im2col_step).view(batch_size, num_queries, heads, -1)
             for table in (tokens, ones)
-        ]
-        sampled, coverage = sample
+        )
         # One (queries, hidden) x (hidden, head_dim) matmul per head; `matmul` (not `einsum`) so that autocast casts
         # both operands.
         per_head = sampled.permute(2, 0, 1, 3).reshape(heads, batch_size * num_queries, -1)
