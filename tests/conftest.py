@@ -17,9 +17,15 @@ STUFF_LABELS = {"panoptic_r50_batch": [7, 8, 9, 10], "panoptic_decoupled_box": [
 CHECKPOINTS = {"panoptic_r50_batch": FIXTURES / "instance_r50_mask2box" / "model.pth"}
 
 
+def _onednn_float32_matmul() -> bool:
+    from maskdino_hf.modeling_maskdino import _onednn_float32_matmul_on_this_cpu
+
+    return _onednn_float32_matmul_on_this_cpu()
+
+
 needs_onednn = pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
-    reason="this PyTorch build has no oneDNN (mkldnn._linear_pointwise)",
+    not _onednn_float32_matmul(),
+    reason="oneDNN's float32 linear is only taken on x86 CPUs with AVX2 or AVX-512 in PyTorch builds with oneDNN",
 )
 
 

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -598,9 +598,19 @@ def _takes_onednn(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
         and hidden_states.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
+        and _onednn_float32_matmul_on_this_cpu()
+    )
+
+
+@cache
+def _onednn_float32_matmul_on_this_cpu() -> bool:
+    """oneDNN's float32 linear is taken on x86 CPUs with AVX2 or AVX-512 (measured on AVX-512 only); builds without
+    oneDNN and other architectures (e.g. Arm, where PyTorch's oneDNN runs through the Compute Library) keep the BLAS."""
+    return (
+        torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     )
 
 
