@@ -559,15 +559,15 @@ def activate_in_place(activation: nn.Module, hidden_states: torch.Tensor) -> tor
 def onednn_linear(
     hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
-    """`hidden_states @ weight.T (+ bias)` for 2-D operands (transposed views allowed), then a ReLU when `relu`,
-    outside autograd: through oneDNN's matmul for float32 on the CPU, `addmm` / `mm` elsewhere.
+    """`hidden_states @ weight.T (+ bias)` for 2-D operands (transposed views allowed), then a ReLU when `relu`:
+    through oneDNN's matmul for float32 on the CPU, `addmm` / `mm` elsewhere.
 
     PyTorch hands float32 CPU matmuls to its BLAS (MKL), and oneDNN only its bfloat16 ones and the convolutions.
     oneDNN's float32 matmul (`mkldnn._linear_pointwise`, the op Inductor emits for CPU linears) ran 2.2x faster on
     the project's 2-core AVX-512 machine (370 against 165 GFLOP/s for the encoder feed-forward's 2048 x 256 x 2048
     and 2048 x 2048 x 256 products; MKL takes a generic path on that AMD CPU) and applies the ReLU in the same pass.
-    The same float32 arithmetic in another summation order. Elsewhere (another dtype or device, traced graphs, a
-    build without oneDNN) `addmm` / `mm`, the ReLU in place."""
+    The same float32 arithmetic in another summation order. Elsewhere (autocast, gradients, another dtype or device,
+    traced graphs, a build without oneDNN) `addmm` / `mm`, the ReLU in place."""
     if _takes_onednn(hidden_states, weight):
         return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, "relu" if relu else "none", [], "")
     if bias is None:
@@ -580,22 +580,20 @@ def onednn_linear(
 def inference_linear(
     hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None
 ) -> torch.Tensor:
-    """`activation(linear(hidden_states))` for (tokens, features) rows at inference: `onednn_linear` (oneDNN, the
-    ReLU fused) when nothing records gradients and autocast is off, else the plain expression, a ReLU in place."""
+    """`activation(linear(hidden_states))` for (tokens, features) rows: `onednn_linear`, the ReLU fused or in place,
+    another activation after it."""
     is_relu = isinstance(activation, nn.ReLU)
-    records = torch.is_grad_enabled() and (hidden_states.requires_grad or linear.weight.requires_grad)
-    if not (records or torch.is_autocast_enabled(hidden_states.device.type)):
-        output = onednn_linear(hidden_states, linear.weight, linear.bias, relu=is_relu)
-        return output if activation is None or is_relu else activation(output)
-    output = linear(hidden_states)
-    return output if activation is None else activate_in_place(activation, output)
+    output = onednn_linear(hidden_states, linear.weight, linear.bias, relu=is_relu)
+    return output if activation is None or is_relu else activation(output)
 
 
 def _takes_onednn(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `onednn_linear` may take oneDNN's float32 matmul for this call (the op has no autograd formula)."""
+    """Whether `onednn_linear` may take oneDNN's float32 matmul for this call: not under autocast (whose matmuls are
+    low-precision), nor when gradients flow (the op has no autograd formula)."""
     return (
         hidden_states.device.type == "cpu"
         and hidden_states.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.enabled
